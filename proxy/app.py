@@ -1,0 +1,114 @@
+"""The aiohttp application: routes, per-request context, and the services' lifecycle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from proxy.audit import Auditor
+from proxy.errors import error_response
+from proxy.policy import Policy
+from proxy.routes.chat import chat_completions
+from proxy.routes.incoming import request_id
+from proxy.routes.passthrough import forward
+from proxy.state import STATE, AppState
+from proxy.store import Store, open_store
+from proxy.upstream import Upstream
+
+log = structlog.get_logger("callgate.http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request_id(request)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=rid)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except web.HTTPRequestEntityTooLarge as exc:
+        status = 413
+        return error_response(
+            413, f"Request body too large: {exc.text}", "invalid_request_error", "request_too_large"
+        )
+    except web.HTTPException as exc:
+        status = exc.status
+        return error_response(exc.status, exc.reason, "invalid_request_error")
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        return error_response(
+            500,
+            "callgate internal error; see its log for request " + rid,
+            "server_error",
+            "internal_error",
+        )
+    finally:
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+    if not response.prepared:
+        response.headers["x-callgate-request-id"] = rid
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    try:
+        await state.store.ping()
+    except Exception as exc:
+        return web.json_response({"status": "store unreachable", "error": str(exc)}, status=503)
+    return web.json_response({"status": "ready", "policy": state.policy.source})
+
+
+def create_app(
+    policy: Policy,
+    *,
+    store: Store | None = None,
+    clock: Callable[[], float] | None = None,
+    config_path: str | None = None,
+) -> web.Application:
+    config = policy.config
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[request_context]
+    )
+    state = AppState(
+        policy=policy,
+        store=store if store is not None else open_store(config.store, clock),
+        auditor=Auditor(config.audit),
+        upstream=Upstream(config.upstream),
+        config_path=config_path,
+    )
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_route("*", "/v1/{tail:.*}", forward)
+
+    async def start(_: web.Application) -> None:
+        await state.upstream.start()
+        await state.auditor.start()
+
+    async def stop(_: web.Application) -> None:
+        await state.auditor.close()
+        await state.upstream.close()
+        await state.store.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app

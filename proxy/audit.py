@@ -1,0 +1,163 @@
+"""Audit: one structured record per decision, to structlog and to a hash-chained JSONL file.
+
+Each file record carries `prev` (the previous record's hash) and `hash` =
+sha256(prev + canonical JSON of the record without `hash`), so editing, dropping or reordering a
+record breaks the chain at that line (`callgate audit verify FILE`). File writes happen in a
+background task (never on the request path); `close()` flushes everything that was recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+
+from proxy.config import AuditConfig
+from proxy.gates.decision import Decision
+from proxy.toolcalls import CallContext
+
+GENESIS = "0" * 64
+REDACTED = "[REDACTED]"
+log = structlog.get_logger("callgate.audit")
+
+
+def redact(value: Any, keys: frozenset[str]) -> Any:
+    if not keys:
+        return value
+    if isinstance(value, dict):
+        return {k: REDACTED if k in keys else redact(v, keys) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, keys) for v in value]
+    return value
+
+
+def chain_hash(prev: str, record: dict[str, Any]) -> str:
+    body = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(prev.encode() + body).hexdigest()
+
+
+def _last_hash(path: str) -> str:
+    """The hash to chain from: the last record of an existing file (read once, at start-up)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            lines = [line for line in fh.read().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return GENESIS
+    if not lines:
+        return GENESIS
+    return str(orjson.loads(lines[-1])["hash"])
+
+
+class Auditor:
+    def __init__(self, config: AuditConfig) -> None:
+        self.config = config
+        self._redact = frozenset(config.redact)
+        self._pending: list[bytes] = []
+        self._prev = GENESIS
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.records = 0
+        # Called with every record (metrics, tests); must not block.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        if config.file:
+            self._prev = _last_hash(config.file)
+
+    async def start(self) -> None:
+        if self.config.file and self._task is None:
+            self._task = asyncio.create_task(self._flusher())
+
+    def record(
+        self, decision: Decision, ctx: CallContext, outcome: str, action: str | None
+    ) -> None:
+        block = decision.block
+        args = decision.args if decision.args is not None else decision.call.arguments
+        record: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "request_id": ctx.request_id,
+            "route": ctx.route,
+            "principal": ctx.principal,
+            "tool": decision.call.name,
+            "policy": decision.tool_policy,
+            "call_id": decision.call.id,
+            "decision": outcome,
+            "gate": block.gate if block else None,
+            "reason": block.reason if block else None,
+            "message": block.message if block else None,
+            "action": action,
+            "shadow": [
+                {"gate": b.gate, "reason": b.reason, "message": b.message} for b in decision.shadow
+            ],
+            "fail_open": decision.fail_open,
+            "arguments": redact(args, self._redact),
+            "latency_ms": round(decision.latency_ms, 3),
+        }
+        self.records += 1
+        for listener in self.listeners:
+            listener(record)
+        if self.config.log:
+            log.info("tool_call_decision", **record)
+        if self.config.file and not self._closed:
+            record["prev"] = self._prev
+            record["hash"] = self._prev = chain_hash(self._prev, record)
+            self._pending.append(orjson.dumps(record) + b"\n")
+            self._wake.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            if self._closed:
+                return
+
+    async def _flush(self) -> None:
+        if not self._pending or not self.config.file:
+            return
+        batch, self._pending = self._pending, []
+        await asyncio.to_thread(_append, self.config.file, b"".join(batch))
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task
+            self._task = None
+        await self._flush()
+
+
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+
+
+def verify_file(path: str) -> tuple[int, str | None]:
+    """(records checked, first problem or None)."""
+    prev = GENESIS
+    count = 0
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+                stated = record.pop("hash")
+            except (orjson.JSONDecodeError, KeyError, AttributeError):
+                return count, f"line {lineno}: not an audit record"
+            if record.get("prev") != prev:
+                return count, f"line {lineno}: chain broken (record removed or reordered before it)"
+            if chain_hash(prev, record) != stated:
+                return count, f"line {lineno}: hash mismatch (record edited)"
+            prev = stated
+            count += 1
+    return count, None

@@ -1,0 +1,195 @@
+"""Chat Completions shapes: reading tool calls out of a message and rewriting around blocks.
+
+Pure functions over the decoded JSON; the route (proxy.routes.chat) does the I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.gates.decision import Decision
+from proxy.toolcalls import ToolCall
+
+LEGACY_ID = "function_call"  # the id we give a legacy `function_call` (it has none on the wire)
+
+
+def calls_of(message: dict[str, Any]) -> list[ToolCall]:
+    calls = []
+    for raw in message.get("tool_calls") or []:
+        if not isinstance(raw, dict):
+            continue
+        if raw.get("type") == "custom" or "custom" in raw:
+            custom = raw.get("custom") or {}
+            calls.append(
+                ToolCall(
+                    str(raw.get("id", "")),
+                    str(custom.get("name", "")),
+                    str(custom.get("input", "")),
+                    "custom",
+                )
+            )
+        else:
+            fn = raw.get("function") or {}
+            args = fn.get("arguments")
+            calls.append(
+                ToolCall(
+                    str(raw.get("id", "")),
+                    str(fn.get("name", "")),
+                    args if isinstance(args, str) else orjson.dumps(args).decode(),
+                )
+            )
+    legacy = message.get("function_call")
+    # llama.cpp-style servers repeat a call as legacy function_call next to tool_calls.
+    if isinstance(legacy, dict) and not calls:
+        args = legacy.get("arguments")
+        calls.append(
+            ToolCall(
+                LEGACY_ID,
+                str(legacy.get("name", "")),
+                args if isinstance(args, str) else orjson.dumps(args).decode(),
+            )
+        )
+    return calls
+
+
+def error_content(decision: Decision) -> str:
+    return orjson.dumps(decision.error_result()).decode()
+
+
+def notice(blocked: list[Decision]) -> str:
+    parts = [f"{d.call.name} ({d.block.message})" for d in blocked if d.block]
+    return (
+        "[callgate] blocked tool call" + ("s" if len(parts) > 1 else "") + ": " + "; ".join(parts)
+    )
+
+
+def tool_result_messages(blocked: list[Decision]) -> list[dict[str, Any]]:
+    """What the model is told in place of each blocked call's output."""
+    out = []
+    for d in blocked:
+        if d.call.id == LEGACY_ID:
+            out.append({"role": "function", "name": d.call.name, "content": error_content(d)})
+        else:
+            out.append({"role": "tool", "tool_call_id": d.call.id, "content": error_content(d)})
+    return out
+
+
+def strip_calls(
+    choice: dict[str, Any], blocked: list[Decision], *, with_notice: bool
+) -> list[dict[str, Any]]:
+    """Remove blocked calls from a choice in place; return the removed raw tool_call objects."""
+    message = choice.get("message") or {}
+    blocked_ids = {d.call.id for d in blocked}
+    removed: list[dict[str, Any]] = []
+    if LEGACY_ID in blocked_ids and "function_call" in message:
+        removed.append({"legacy": message.pop("function_call")})
+    kept = []
+    for raw in message.get("tool_calls") or []:
+        (removed if isinstance(raw, dict) and raw.get("id") in blocked_ids else kept).append(raw)
+    if "tool_calls" in message:
+        if kept:
+            message["tool_calls"] = kept
+        else:
+            del message["tool_calls"]
+            # With no call left, the legacy mirror some servers add must go too.
+            message.pop("function_call", None)
+    if with_notice and blocked:
+        text = notice(blocked)
+        content = message.get("content")
+        message["content"] = f"{content}\n\n{text}" if content else text
+    if (
+        not kept
+        and "function_call" not in message
+        and choice.get("finish_reason") in ("tool_calls", "function_call")
+    ):
+        choice["finish_reason"] = "stop"
+    return removed
+
+
+def reinsert_stashed(messages: list[Any], stashes: dict[str, dict[str, Any]]) -> bool:
+    """Put stashed blocked calls and their error results back into the conversation.
+
+    `stashes` maps a visible call id to its stash. Returns True when anything changed.
+    """
+    changed = False
+    i = 0
+    while i < len(messages):
+        msg = messages[i]
+        i += 1
+        if not isinstance(msg, dict) or msg.get("role") != "assistant":
+            continue
+        calls = msg.get("tool_calls")
+        if not isinstance(calls, list):
+            continue
+        present = {c.get("id") for c in calls if isinstance(c, dict)}
+        seen_stashes: set[int] = set()
+        inserted: list[dict[str, Any]] = []
+        for call_id in list(present):
+            stash = stashes.get(call_id)  # type: ignore[arg-type]
+            if stash is None or id(stash) in seen_stashes:
+                continue
+            seen_stashes.add(id(stash))
+            for call, result in zip(stash["calls"], stash["results"], strict=True):
+                if call.get("id") in present:
+                    continue  # the client already carries it (idempotent re-insertion)
+                calls.append(call)
+                present.add(call.get("id"))
+                inserted.append(result)
+        if inserted:
+            messages[i:i] = inserted
+            i += len(inserted)
+            changed = True
+    return changed
+
+
+def visible_call_ids(messages: list[Any]) -> list[str]:
+    ids = []
+    for msg in messages:
+        if isinstance(msg, dict) and msg.get("role") == "assistant":
+            for call in msg.get("tool_calls") or []:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    ids.append(call["id"])
+    return ids
+
+
+def hide_tools(body: dict[str, Any], hidden: set[str]) -> bool:
+    """Drop tools the principal may never use, so the model cannot pick them. True if changed."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not hidden:
+        return False
+    kept = [t for t in tools if _tool_name(t) not in hidden]
+    if len(kept) == len(tools):
+        return False
+    if kept:
+        body["tools"] = kept
+    else:
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            body.pop(key, None)
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and _tool_name(choice) in hidden:
+        body["tool_choice"] = "auto"
+    return True
+
+
+def _tool_name(tool: Any) -> str | None:
+    if not isinstance(tool, dict):
+        return None
+    for key in ("function", "custom"):
+        inner = tool.get(key)
+        if isinstance(inner, dict):
+            return inner.get("name")
+    return tool.get("name")
+
+
+def add_usage(total: dict[str, Any] | None, usage: Any) -> dict[str, Any] | None:
+    """Sum token counts over reprompt rounds: the client is billed for all of them."""
+    if not isinstance(usage, dict):
+        return total
+    if total is None:
+        return dict(usage)
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if isinstance(usage.get(key), int):
+            total[key] = int(total.get(key) or 0) + usage[key]
+    return total

@@ -1,0 +1,162 @@
+"""`callgate serve | check | explain | audit verify`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+import orjson
+import yaml
+
+from proxy.audit import verify_file
+from proxy.config import ConfigError
+from proxy.gates import decide
+from proxy.gates.budget import cost_of, format_money
+from proxy.policy import Policy, load_policy
+from proxy.store.memory import MemoryStore
+from proxy.toolcalls import CallContext, ToolCall
+
+DEFAULT_CONFIG = "config/callgate.yaml"
+
+
+def _load(path: str) -> Policy | None:
+    try:
+        return load_policy(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid config", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return None
+
+
+def resolved(policy: Policy) -> dict[str, Any]:
+    data = policy.config.model_dump(mode="json", by_alias=True)
+    if data["upstream"].get("api_key"):
+        data["upstream"]["api_key"] = "***"  # set, but never printed
+    return data
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    policy = _load(args.config)
+    if policy is None:
+        return 1
+    print(f"# {args.config}: OK")
+    print(yaml.safe_dump(resolved(policy), sort_keys=False), end="")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.server import serve
+
+    policy = _load(args.config)
+    if policy is None:
+        return 1
+    return serve(policy, args.config, args.host, args.port, args.log_level)
+
+
+async def _explain(policy: Policy, tool: str, arguments: str, principal: str) -> list[str]:
+    store = MemoryStore()
+    ctx = CallContext(principal=principal, request_id="explain", route="explain")
+    call = ToolCall("call_explain", tool, arguments)
+    decision = await decide(call, policy, store, ctx)
+    tp = policy.for_tool(tool)
+    lines = [f"tool: {tool}  (policy entry: {tp.name!r}, principal: {principal})"]
+    blocked_at = decision.block.gate if decision.block else None
+    shadow = {b.gate: b for b in decision.shadow}
+    configured = {
+        "rules": True,  # the allow list is always in force
+        "rate_limit": tp.rate_limit is not None,
+        "budget": tp.budget is not None,
+    }
+    reached = True
+    for gate in ("rules", "rate_limit", "budget"):
+        if not configured[gate]:
+            lines.append(f"  {gate:<10} -        (not configured)")
+            continue
+        if not reached:
+            lines.append(f"  {gate:<10} skipped  (an earlier gate blocked)")
+            continue
+        if gate == blocked_at and decision.block is not None:
+            lines.append(f"  {gate:<10} BLOCK    {decision.block.message}")
+            reached = False
+        elif gate in shadow:
+            lines.append(f"  {gate:<10} shadow   would block: {shadow[gate].message}")
+        else:
+            detail = ""
+            if gate == "rate_limit" and tp.rate_limit:
+                rl = tp.rate_limit
+                detail = f"max_calls={rl.max_calls} window={rl.window:g}s cooldown={rl.cooldown:g}s"
+            elif gate == "budget" and tp.budget:
+                cost = cost_of(tp.budget, call, decision.args, ctx)
+                detail = (
+                    f"cost {format_money(cost)} against ledger {tp.budget.ledger!r} "
+                    f"({tp.budget.ledger_config.max_spend} per {tp.budget.ledger_config.window:g}s)"
+                )
+            elif gate == "rules":
+                detail = f"{len(tp.rules)} rule(s)" + (", schema" if tp.schema is not None else "")
+            lines.append(f"  {gate:<10} pass     {detail}")
+    verdict = "ALLOWED" if decision.allowed else f"BLOCKED (on_block: {tp.on_block})"
+    lines.append(f"decision: {verdict}")
+    if decision.block is not None:
+        lines.append("model sees: " + orjson.dumps(decision.error_result()).decode())
+    return lines
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    policy = _load(args.config)
+    if policy is None:
+        return 1
+    lines = asyncio.run(_explain(policy, args.tool, args.args, args.principal))
+    print("\n".join(lines))
+    # Scripts can branch on it: 0 allowed, 2 blocked.
+    return 0 if any(line == "decision: ALLOWED" for line in lines) else 2
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    try:
+        count, problem = verify_file(args.file)
+    except OSError as exc:
+        print(f"{args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if problem:
+        print(f"{args.file}: TAMPERED: {problem} ({count} records verified before it)")
+        return 1
+    print(f"{args.file}: OK, {count} records, chain intact")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", default=DEFAULT_CONFIG)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate a policy and print it resolved")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check)
+
+    explain = sub.add_parser("explain", help="dry-run one tool call against a policy")
+    explain.add_argument("config")
+    explain.add_argument("--tool", required=True)
+    explain.add_argument("--args", default="{}", help="the call's JSON arguments")
+    explain.add_argument("--principal", default="global")
+    explain.set_defaults(func=cmd_explain)
+
+    audit = sub.add_parser("audit", help="audit file tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check an audit file's hash chain")
+    verify.add_argument("file")
+    verify.set_defaults(func=cmd_audit_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,327 @@
+"""The YAML policy: its schema, loading, and error reporting with YAML line numbers.
+
+Validation is pydantic's: it gives every error a location path, which we map back to the
+line of the YAML file so `callgate check` can say `tools.search_web.budget.cost: ... (line 12)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Mode = Literal["enforce", "shadow"]
+OnStoreError = Literal["fail_closed", "fail_open"]
+OnBlock = Literal["reprompt", "strip", "error"]
+Scope = Literal["principal", "global"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+MICROS = Decimal("0.000001")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like "90", "1.5s", "5m", "1h", "1d"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration (seconds, or e.g. '5m', '1h')")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"invalid duration {value!r} (seconds, or e.g. '5m', '1h')")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds < 0:
+        raise ValueError("duration must not be negative")
+    return seconds
+
+
+def parse_money(value: Any) -> Decimal:
+    """An exact decimal amount with at most 6 places (money is kept in integer micro-units)."""
+    if isinstance(value, bool):
+        raise ValueError('expected a decimal amount such as "0.01"')
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"invalid decimal amount {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("amount must be a finite, non-negative decimal")
+    if amount != amount.quantize(MICROS):
+        raise ValueError("amount has more than 6 decimal places")
+    return amount
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Model):
+    base_url: str = "https://api.openai.com/v1"
+    api_key: str | None = None
+    connect_timeout: float = 10.0
+    timeout: float = 600.0
+    max_connections: int = Field(default=256, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @field_validator("connect_timeout", "timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class PrincipalConfig(_Model):
+    # Sources tried in order; the first that yields a value names the principal.
+    from_: list[str] = Field(
+        default_factory=lambda: ["header:x-callgate-principal", "body:user", "api_key"],
+        alias="from",
+    )
+
+    @field_validator("from_")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        for source in v:
+            kind, _, name = source.partition(":")
+            if kind == "api_key" and not name:
+                continue
+            if kind in ("header", "body", "metadata") and name:
+                continue
+            raise ValueError(
+                f"unknown principal source {source!r}: use header:NAME, body:FIELD, "
+                "metadata:KEY or api_key"
+            )
+        return v
+
+
+class RuleConfig(_Model):
+    name: str
+    deny_if: str | None = None
+    allow_if: str | None = None
+    message: str | None = None
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> RuleConfig:
+        if (self.deny_if is None) == (self.allow_if is None):
+            raise ValueError("a rule needs exactly one of deny_if or allow_if")
+        return self
+
+
+class RateLimitConfig(_Model):
+    max_calls: int | None = Field(default=None, ge=0)
+    window: float = 60.0
+    cooldown: float = 0.0
+    scope: Scope = "principal"
+    mode: Mode = "enforce"
+    on_store_error: OnStoreError = "fail_closed"
+
+    @field_validator("window", "cooldown", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _something_to_limit(self) -> RateLimitConfig:
+        if self.max_calls is None and not self.cooldown:
+            raise ValueError("rate_limit needs max_calls, cooldown, or both")
+        if self.max_calls is not None and self.window <= 0:
+            raise ValueError("window must be positive")
+        return self
+
+
+class BudgetUse(_Model):
+    ledger: str
+    # A decimal constant ("0.01") or a CEL expression over args ("0.001 * size(args.urls)").
+    cost: str | int | float = "0"
+    mode: Mode = "enforce"
+    on_store_error: OnStoreError = "fail_closed"
+
+
+class LedgerConfig(_Model):
+    max_spend: Decimal
+    window: float = 3600.0
+    scope: Scope = "principal"
+
+    @field_validator("max_spend", mode="before")
+    @classmethod
+    def _money(cls, v: Any) -> Decimal:
+        return parse_money(v)
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class ToolConfig(_Model):
+    allow: bool = True
+    namespace: str = "tools"
+    on_block: OnBlock | None = None
+    rules: list[RuleConfig] = Field(default_factory=list)
+    rules_mode: Mode = "enforce"
+    arguments_schema: dict[str, Any] | None = None
+    rate_limit: RateLimitConfig | None = None
+    budget: BudgetUse | None = None
+
+
+class AuditConfig(_Model):
+    log: bool = True
+    file: str | None = None
+    # Argument keys whose values are replaced by "[REDACTED]" in audit records, at any depth.
+    redact: list[str] = Field(default_factory=list)
+
+
+class StoreConfig(_Model):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 0.5
+    key_prefix: str = "callgate:"
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class ServerConfig(_Model):
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    stash_ttl: float = 86400.0
+    hide_denied_tools: bool = False
+
+    @field_validator("stash_ttl", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class Config(_Model):
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    principal: PrincipalConfig = Field(default_factory=PrincipalConfig)
+    on_block: OnBlock = "reprompt"
+    max_reprompts: int = Field(default=2, ge=0, le=10)
+    default: ToolConfig = Field(default_factory=ToolConfig)
+    budgets: dict[str, LedgerConfig] = Field(default_factory=dict)
+    tools: dict[str, ToolConfig] = Field(default_factory=dict)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+class ConfigError(Exception):
+    """Every problem found in a policy file, each as `path.to.field: message (line N)`."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: invalid config:\n  " + "\n  ".join(errors))
+
+
+def _expand_env(value: Any) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in strings (secrets stay out of the YAML)."""
+    if isinstance(value, str):
+        return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """The 1-based YAML line of the deepest node along `path` that exists."""
+    line = None
+    for part in path:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        nxt = None
+        if isinstance(node, yaml.MappingNode):
+            for key, val in node.value:
+                if key.value == str(part) or (part == "from_" and key.value == "from"):
+                    nxt = val
+                    line = key.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part < len(node.value):
+                nxt = node.value[part]
+        node = nxt
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join("from" if p == "from_" else str(p) for p in loc) or "(root)"
+
+
+def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node | None]:
+    """Parse and validate YAML text. Returns the model and the YAML node tree (for line numbers)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"(yaml): {problem}{where}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["(root): the policy must be a YAML mapping"])
+    raw = _expand_env(raw)
+    if os.environ.get("CALLGATE_UPSTREAM_URL") and isinstance(raw.get("upstream", {}), dict):
+        raw["upstream"] = {
+            **(raw.get("upstream") or {}),
+            "base_url": os.environ["CALLGATE_UPSTREAM_URL"],
+        }
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+            msg = err["msg"].removeprefix("Value error, ")
+            line = line_of(node, loc)
+            errors.append(f"{_format_loc(loc)}: {msg}" + (f" (line {line})" if line else ""))
+        raise ConfigError(source, errors) from None
+    for name, tool in config.tools.items():
+        if tool.budget and tool.budget.ledger not in config.budgets:
+            line = line_of(node, ("tools", name, "budget", "ledger"))
+            raise ConfigError(
+                source,
+                [
+                    f"tools.{name}.budget.ledger: unknown ledger {tool.budget.ledger!r}; "
+                    f"declare it under budgets" + (f" (line {line})" if line else "")
+                ],
+            )
+    return config, node
+
+
+def read_config_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(path, [f"(file): {exc.strerror or exc}"]) from None

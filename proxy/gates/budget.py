@@ -1,0 +1,61 @@
+"""The budget gate: a call's cost charged to a named ledger, exact to the micro-unit."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
+
+from proxy.config import MICROS
+from proxy.gates.decision import Block
+from proxy.gates.ratelimit import scope_key
+from proxy.policy import Budget, cel_context, to_micros
+from proxy.store import ChargeRequest, Outcome
+from proxy.toolcalls import CallContext, ToolCall
+
+GATE = "budget"
+CENTS = Decimal("0.01")
+
+
+def format_money(micros: int) -> str:
+    """4990000 -> "4.99"; at least two places, more only when the amount needs them."""
+    amount = (Decimal(micros) * MICROS).normalize()
+    if amount.as_tuple().exponent > -2:  # type: ignore[operator]
+        amount = amount.quantize(CENTS)
+    return f"{amount:f}"
+
+
+def cost_of(budget: Budget, call: ToolCall, args: Any, ctx: CallContext) -> int:
+    """The call's cost in micro-units. Raises ValueError when an expression cannot price it."""
+    if budget.cost_micros is not None:
+        return budget.cost_micros
+    assert budget.cost_program is not None
+    variables = {"args": args, "tool": call.name, "principal": ctx.principal}
+    try:
+        value = budget.cost_program.execute(cel_context(variables))
+    except Exception as exc:
+        raise ValueError(f"cost expression failed: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"cost expression returned {type(value).__name__}, not a number")
+    try:
+        amount = Decimal(repr(value)).quantize(MICROS, rounding=ROUND_HALF_UP)
+    except InvalidOperation:
+        raise ValueError(f"cost expression returned {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"cost expression returned {value!r}, not a non-negative amount")
+    return to_micros(amount)
+
+
+def charge_request(budget: Budget, principal: str, cost_micros: int) -> ChargeRequest:
+    ledger = budget.ledger_config
+    key = f"budget:{budget.ledger}@{scope_key(ledger.scope, principal)}"
+    return ChargeRequest(
+        key, to_micros(ledger.max_spend), ledger.window, cost_micros, budget.use.mode == "enforce"
+    )
+
+
+def block_for(outcome: Outcome, request: ChargeRequest) -> Block:
+    message = (
+        f"Budget exceeded: {format_money(outcome.spent_micros)} + "
+        f"{format_money(request.cost_micros)} > {format_money(request.max_micros)}"
+    )
+    return Block(GATE, "max_spend", message, outcome.retry_after)

@@ -1,0 +1,63 @@
+"""The rules gate: allow/deny, argument parsing, JSON Schema, and CEL expressions.
+
+Stateless, so it runs first and a rule block consumes no rate-limit slot or budget.
+A rule that raises blocks: a policy that cannot be evaluated fails closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.gates.decision import Block
+from proxy.policy import ToolPolicy, cel_context
+from proxy.toolcalls import CallContext, ToolCall
+
+GATE = "rules"
+
+
+def parse_arguments(call: ToolCall) -> tuple[Any, Block | None]:
+    if call.kind == "custom":
+        return {"input": call.arguments}, None
+    text = call.arguments.strip()
+    if not text:
+        return {}, None  # some servers send "" for a call without parameters
+    try:
+        return orjson.loads(text), None
+    except orjson.JSONDecodeError as exc:
+        return None, Block(GATE, "invalid_arguments", f"Invalid arguments: not valid JSON ({exc})")
+
+
+def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -> Block | None:
+    if not tool.allow:
+        return Block(
+            GATE, "tool_not_allowed", f"Policy violation: tool {call.name!r} is not allowed"
+        )
+    if tool.schema is not None:
+        error = next(iter(tool.schema.iter_errors(args)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path)
+            at = f" at {where}" if where else ""
+            return Block(GATE, "invalid_arguments", f"Invalid arguments{at}: {error.message}")
+    if not tool.rules:
+        return None
+    variables = {
+        "args": args,
+        "tool": call.name,
+        "principal": ctx.principal,
+        "request": ctx.request_vars(),
+    }
+    context = cel_context(variables)
+    for rule in tool.rules:
+        label = f"Policy violation: {rule.name}"
+        try:
+            result = rule.program.execute(context)
+        except Exception as exc:  # missing field, type error, ...: fail closed
+            return Block(GATE, "rule_error", f"{label} (rule error: {exc})")
+        if not isinstance(result, bool):
+            return Block(GATE, "rule_error", f"{label} (rule returned {type(result).__name__})")
+        if result is rule.deny:
+            message = f"{label}: {rule.message}" if rule.message else label
+            return Block(GATE, "rule", message)
+    return None

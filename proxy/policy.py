@@ -1,0 +1,169 @@
+"""The resolved policy: the config with every expression and schema compiled once, at load time.
+
+Nothing here runs per request except lookups; a bad CEL expression or JSON Schema is a load error
+(`callgate check` reports it with its YAML line), never a runtime crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import cel
+import jsonschema
+from cel.stdlib import STDLIB_FUNCTIONS
+
+from proxy.config import (
+    MICROS,
+    BudgetUse,
+    Config,
+    ConfigError,
+    LedgerConfig,
+    RateLimitConfig,
+    ToolConfig,
+    line_of,
+    parse_config,
+    parse_money,
+    read_config_text,
+)
+
+DEFAULT_TOOL = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    program: cel.Program
+    deny: bool  # True for deny_if, False for allow_if
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    ledger: str
+    ledger_config: LedgerConfig
+    cost_micros: int | None  # a constant cost, or None when `cost_program` computes it
+    cost_program: cel.Program | None
+    use: BudgetUse
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPolicy:
+    name: str
+    namespace: str
+    allow: bool
+    on_block: str
+    rules: tuple[Rule, ...]
+    rules_mode: str
+    schema: jsonschema.protocols.Validator | None
+    rate_limit: RateLimitConfig | None
+    budget: Budget | None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    config: Config
+    tools: dict[str, ToolPolicy]
+    default: ToolPolicy
+    source: str = "<string>"
+
+    def for_tool(self, name: str) -> ToolPolicy:
+        return self.tools.get(name) or self.default
+
+    def denied_tools(self) -> frozenset[str]:
+        return frozenset(name for name, tool in self.tools.items() if not tool.allow)
+
+
+def to_micros(amount: Decimal) -> int:
+    return int(amount.quantize(MICROS) / MICROS)
+
+
+def cel_context(variables: dict[str, Any]) -> cel.Context:
+    return cel.Context(variables=variables, functions=STDLIB_FUNCTIONS)
+
+
+def _compile_tool(
+    name: str,
+    tool: ToolConfig,
+    config: Config,
+    errors: list[tuple[tuple[Any, ...], str]],
+    section: tuple[Any, ...],
+) -> ToolPolicy:
+    rules = []
+    for i, rule in enumerate(tool.rules):
+        source = rule.deny_if if rule.deny_if is not None else rule.allow_if
+        field = "deny_if" if rule.deny_if is not None else "allow_if"
+        try:
+            program = cel.compile(source or "")
+        except Exception as exc:  # the CEL binding raises ValueError or RuntimeError
+            errors.append(((*section, "rules", i, field), f"invalid CEL expression: {exc}"))
+            continue
+        rules.append(Rule(rule.name, program, rule.deny_if is not None, rule.message))
+
+    schema = None
+    if tool.arguments_schema is not None:
+        try:
+            cls = jsonschema.validators.validator_for(tool.arguments_schema)
+            cls.check_schema(tool.arguments_schema)
+            schema = cls(tool.arguments_schema)
+        except jsonschema.SchemaError as exc:
+            errors.append(((*section, "arguments_schema"), f"invalid JSON Schema: {exc.message}"))
+
+    budget = None
+    if tool.budget is not None:
+        ledger = config.budgets.get(tool.budget.ledger)
+        cost_micros: int | None = None
+        cost_program = None
+        try:
+            cost_micros = to_micros(parse_money(tool.budget.cost))
+        except ValueError:
+            try:
+                cost_program = cel.compile(str(tool.budget.cost))
+            except Exception as exc:
+                errors.append(
+                    (
+                        (*section, "budget", "cost"),
+                        f"neither a decimal amount nor a valid CEL expression: {exc}",
+                    )
+                )
+        if ledger is not None:
+            budget = Budget(tool.budget.ledger, ledger, cost_micros, cost_program, tool.budget)
+
+    return ToolPolicy(
+        name=name,
+        namespace=tool.namespace,
+        allow=tool.allow,
+        on_block=tool.on_block or config.on_block,
+        rules=tuple(rules),
+        rules_mode=tool.rules_mode,
+        schema=schema,
+        rate_limit=tool.rate_limit,
+        budget=budget,
+    )
+
+
+def compile_policy(config: Config, node: Any = None, source: str = "<string>") -> Policy:
+    errors: list[tuple[tuple[Any, ...], str]] = []
+    tools = {
+        name: _compile_tool(name, tool, config, errors, ("tools", name))
+        for name, tool in config.tools.items()
+    }
+    default = _compile_tool(DEFAULT_TOOL, config.default, config, errors, ("default",))
+    if errors:
+        lines = []
+        for loc, msg in errors:
+            line = line_of(node, loc)
+            where = ".".join(str(p) for p in loc)
+            lines.append(f"{where}: {msg}" + (f" (line {line})" if line else ""))
+        raise ConfigError(source, lines)
+    return Policy(config=config, tools=tools, default=default, source=source)
+
+
+def load_policy_text(text: str, source: str = "<string>") -> Policy:
+    config, node = parse_config(text, source)
+    return compile_policy(config, node, source)
+
+
+def load_policy(path: str) -> Policy:
+    return load_policy_text(read_config_text(path), path)

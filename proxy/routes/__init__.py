@@ -1,0 +1,1 @@
+"""HTTP routes: the gated APIs and the verbatim pass-through for everything else."""

@@ -1,0 +1,186 @@
+"""`POST /v1/chat/completions`: re-insert stashed calls, forward, gate the answer, rewrite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from proxy import chat, stash
+from proxy.blocking import audit_plan, plan
+from proxy.errors import bad_gateway, error_response
+from proxy.gates import decide, release
+from proxy.gates.decision import Decision
+from proxy.policy import Policy
+from proxy.routes.incoming import BadRequest, call_context, read_json
+from proxy.routes.passthrough import relay, upstream_path
+from proxy.state import STATE, AppState
+from proxy.toolcalls import CallContext
+from proxy.upstream import UpstreamError, UpstreamReply, response_headers
+
+log = structlog.get_logger("callgate.chat")
+ROUTE = "chat.completions"
+
+
+async def prepare_request(state: AppState, policy: Policy, body: dict[str, Any]) -> bool:
+    """Request-side changes; True when the body must be re-serialized."""
+    changed = False
+    if policy.config.server.hide_denied_tools and isinstance(body.get("tools"), list):
+        names = {chat._tool_name(t) for t in body["tools"]}
+        hidden = {n for n in names if n and not policy.for_tool(n).allow}
+        changed |= chat.hide_tools(body, hidden)
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        ids = chat.visible_call_ids(messages)
+        if ids:
+            found = await stash.get_many(state.store, [stash.chat_key(i) for i in ids])
+            stashes = {i: s for i, s in zip(ids, found, strict=True) if s is not None}
+            if stashes:
+                changed |= chat.reinsert_stashed(messages, stashes)
+    return changed
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    policy = state.policy  # this request keeps the policy it started with
+    try:
+        raw, body = await read_json(request)
+    except BadRequest as exc:
+        return exc.response
+    ctx = call_context(request, body, policy, ROUTE)
+    if await prepare_request(state, policy, body):
+        raw = orjson.dumps(body)
+    path = upstream_path(request)
+    if body.get("stream") is True:
+        try:
+            resp = await state.upstream.open("POST", path, request.headers, raw, raw=True)
+        except UpstreamError as exc:
+            return error_response(exc.status, str(exc), "upstream_error", exc.code)
+        return await relay(request, resp)
+    return await _gate_completion(request, state, policy, body, raw, ctx)
+
+
+def _json_response(reply: UpstreamReply, data: Any) -> web.Response:
+    headers = response_headers(reply.headers, decoded=True)
+    headers.popall("Content-Type", None)
+    return web.Response(
+        status=reply.status,
+        headers=headers,
+        body=orjson.dumps(data),
+        content_type="application/json",
+    )
+
+
+def _raw_response(reply: UpstreamReply) -> web.Response:
+    return web.Response(
+        status=reply.status, headers=response_headers(reply.headers, decoded=True), body=reply.body
+    )
+
+
+def _assistant_turn(message: dict[str, Any]) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    for key in ("tool_calls", "function_call"):
+        if message.get(key):
+            turn[key] = message[key]
+    return turn
+
+
+async def _gate_completion(
+    request: web.Request,
+    state: AppState,
+    policy: Policy,
+    body: dict[str, Any],
+    payload: bytes,
+    ctx: CallContext,
+) -> web.StreamResponse:
+    path = upstream_path(request)
+    rounds = 0
+    usage: dict[str, Any] | None = None
+    while True:
+        try:
+            reply = await state.upstream.post(path, request.headers, payload)
+        except UpstreamError as exc:
+            return error_response(exc.status, str(exc), "upstream_error", exc.code)
+        if reply.status != 200:
+            return _raw_response(reply)  # upstream errors reach the client unchanged
+        try:
+            data = orjson.loads(reply.body)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            log.error("upstream_malformed_json", error=str(exc), bytes=len(reply.body))
+            return bad_gateway(
+                f"The upstream returned a malformed JSON body: {exc}", "upstream_malformed"
+            )
+        if rounds:
+            usage = chat.add_usage(usage, data.get("usage"))
+        choices = data.get("choices")
+        if not isinstance(choices, list):
+            choices = []
+        per_choice: list[tuple[dict[str, Any], list[Decision]]] = []
+        decisions: list[Decision] = []
+        for choice in choices:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if not isinstance(message, dict):
+                continue
+            # One at a time, in order: parallel calls to one tool take slots first-come.
+            ds = [await decide(c, policy, state.store, ctx) for c in chat.calls_of(message)]
+            per_choice.append((choice, ds))
+            decisions.extend(ds)
+        if not decisions:
+            if not rounds:
+                return _raw_response(reply)
+            data["usage"] = usage
+            return _json_response(reply, data)
+
+        p = plan(decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
+        audit_plan(state.auditor, p, ctx)
+        if p.action == "pass":
+            if not rounds:
+                return _raw_response(reply)  # byte for byte what the upstream sent
+            data["usage"] = usage
+            return _json_response(reply, data)
+        if p.action == "error":
+            await release(state.store, p.allowed)
+            first = p.blocked[0]
+            assert first.block is not None
+            return error_response(
+                403,
+                f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
+                "tool_call_blocked",
+                first.block.gate,
+            )
+        if p.action == "reprompt":
+            if not rounds:
+                usage = chat.add_usage(None, data.get("usage"))
+            message = per_choice[0][0]["message"]
+            messages = list(body.get("messages") or [])
+            messages.append(_assistant_turn(message))
+            messages.extend(chat.tool_result_messages(p.blocked))
+            body = {**body, "messages": messages}
+            payload = orjson.dumps(body)
+            rounds += 1
+            log.info("reprompt", round=rounds, blocked=len(p.blocked))
+            continue
+
+        for choice, ds in per_choice:
+            blocked = [d for d in ds if not d.allowed]
+            if not blocked:
+                continue
+            removed = chat.strip_calls(choice, blocked, with_notice=p.action == "strip")
+            kept = [d.call.id for d in ds if d.allowed and d.call.id != chat.LEGACY_ID]
+            calls = [c for c in removed if "legacy" not in c]
+            if kept and calls:
+                by_id = {d.call.id: d for d in blocked}
+                results = [chat.tool_result_messages([by_id[c.get("id")]])[0] for c in calls]
+                await stash.put(
+                    state.store,
+                    [stash.chat_key(i) for i in kept],
+                    {"calls": calls, "results": results},
+                    policy.config.server.stash_ttl,
+                )
+        if rounds:
+            data["usage"] = usage
+        return _json_response(reply, data)

@@ -1,0 +1,61 @@
+"""The client's request: its JSON body, its principal, and the context the gates see."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from proxy.errors import bad_request
+from proxy.policy import Policy
+from proxy.principal import resolve_principal
+from proxy.toolcalls import CallContext
+
+
+class BadRequest(Exception):
+    def __init__(self, response: web.Response):
+        self.response = response
+
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("callgate_request_id", str)
+
+
+def request_id(request: web.Request) -> str:
+    rid = request.get(REQUEST_ID)
+    if rid is None:
+        rid = request[REQUEST_ID] = "cg-" + uuid.uuid4().hex
+    return rid
+
+
+async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(
+            bad_request(f"We could not parse the JSON body of your request: {exc}")
+        ) from None
+    if not isinstance(body, dict):
+        raise BadRequest(bad_request("The request body must be a JSON object."))
+    return raw, body
+
+
+def call_context(
+    request: web.Request, body: dict[str, Any], policy: Policy, route: str
+) -> CallContext:
+    principal = resolve_principal(policy.config.principal.from_, request.headers, body)
+    metadata = body.get("metadata")
+    user = body.get("user")
+    ctx = CallContext(
+        principal=principal,
+        request_id=request_id(request),
+        route=route,
+        model=body.get("model") if isinstance(body.get("model"), str) else None,
+        metadata=metadata if isinstance(metadata, dict) else {},
+        user=user if isinstance(user, str) else None,
+    )
+    structlog.contextvars.bind_contextvars(principal=principal)
+    return ctx

@@ -1,0 +1,59 @@
+"""Every other `/v1/*` route: forwarded verbatim, bodies streamed both ways."""
+
+from __future__ import annotations
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.errors import error_response
+from proxy.state import STATE
+from proxy.upstream import UpstreamError, response_headers
+
+log = structlog.get_logger("callgate.passthrough")
+
+
+def upstream_path(request: web.Request) -> str:
+    """The path and query relative to /v1, as sent by the client."""
+    path_qs = request.rel_url.raw_path_qs
+    return path_qs[3:] if path_qs.startswith("/v1") else path_qs
+
+
+async def relay(
+    request: web.Request, resp: aiohttp.ClientResponse, *, decoded: bool = False
+) -> web.StreamResponse:
+    """Send an upstream response on as it arrives; the caller has not read its body."""
+    out = web.StreamResponse(status=resp.status, reason=resp.reason)
+    out.headers.extend(response_headers(resp.headers, decoded))
+    try:
+        await out.prepare(request)
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Headers are gone already: all we can do is cut the connection so the client sees it.
+        log.warning("upstream_stream_broken", error=f"{type(exc).__name__}: {exc}")
+        if request.transport is not None:
+            request.transport.close()
+    except ConnectionResetError:
+        log.info("client_disconnected")
+    finally:
+        resp.release()
+    return out
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    data = request.content.iter_any() if request.body_exists else None
+    try:
+        resp = await state.upstream.open(
+            request.method,
+            upstream_path(request),
+            request.headers,
+            data,
+            raw=True,
+            content_length=request.content_length,
+        )
+    except UpstreamError as exc:
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    return await relay(request, resp)

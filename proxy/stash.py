@@ -1,0 +1,47 @@
+"""Stashed blocked calls: what the model produced but the client never saw.
+
+When some calls of a response are allowed and some blocked, the client sees only the allowed
+ones. The model's conversation must still be complete, so the blocked calls and their error
+results are stashed under the ids the client *did* see, and re-inserted when the client sends
+its next turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+
+from proxy.store import Store
+
+log = structlog.get_logger("callgate.stash")
+
+
+def chat_key(call_id: str) -> str:
+    return f"stash:chat:{call_id}"
+
+
+def responses_key(response_id: str) -> str:
+    return f"stash:responses:{response_id}"
+
+
+async def put(store: Store, keys: list[str], value: dict[str, Any], ttl: float) -> None:
+    data = orjson.dumps(value)
+    try:
+        for key in keys:
+            await store.put_stash(key, data, ttl)
+    except Exception as exc:
+        # The response still goes out; the next turn may then lack the blocked call's result.
+        log.error("stash_write_failed", error=str(exc), keys=len(keys))
+
+
+async def get_many(store: Store, keys: list[str]) -> list[dict[str, Any] | None]:
+    if not keys:
+        return []
+    try:
+        raw = await store.get_stash_many(keys)
+    except Exception as exc:
+        log.error("stash_read_failed", error=str(exc), keys=len(keys))
+        return [None] * len(keys)
+    return [orjson.loads(r) if r is not None else None for r in raw]

@@ -1,0 +1,27 @@
+"""What the running app holds: the current policy and the long-lived services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.audit import Auditor
+from proxy.policy import Policy
+from proxy.store import Store
+from proxy.upstream import Upstream
+
+
+@dataclass
+class AppState:
+    # Swapped whole on reload; a request reads it once and keeps its policy to the end.
+    policy: Policy
+    store: Store
+    auditor: Auditor
+    upstream: Upstream
+    config_path: str | None = None
+    draining: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+STATE: web.AppKey[AppState] = web.AppKey("callgate_state", AppState)

@@ -1,0 +1,74 @@
+"""The store interface. Every backend implements the same all-or-nothing reservation.
+
+A reservation asks for a rate-limit slot and a budget charge together: either every enforced
+item is granted and recorded, or nothing is. Shadow items are checked and reported but never
+block; they are recorded only when they would have passed, so a shadow limit counts the calls
+it would have let through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """The store could not answer (down, slow, or broken); gates apply on_store_error."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRequest:
+    """One call against a sliding-window rate limit and/or a cooldown."""
+
+    key: str
+    max_calls: int | None
+    window: float
+    cooldown: float
+    enforce: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    """One charge of `cost` micro-units against a ledger of `max_spend` per sliding window."""
+
+    key: str
+    max_micros: int
+    window: float
+    cost_micros: int
+    enforce: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the store saw for one item. `limit` names which check failed, if any."""
+
+    ok: bool
+    limit: str = ""  # "" | "max_calls" | "cooldown" | "max_spend"
+    count: int = 0  # calls in window (rate limit)
+    elapsed: float = 0.0  # seconds since the last call (cooldown)
+    spent_micros: int = 0  # spend in window (budget)
+    retry_after: float | None = None
+
+
+@dataclass(slots=True)
+class Reservation:
+    """One outcome per requested item, in order. Nothing is recorded if an enforced item failed."""
+
+    outcomes: list[Outcome]
+    # (key, member) pairs recorded by this reservation, for rollback.
+    token: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Store(Protocol):
+    async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation: ...
+
+    async def release(self, token: list[tuple[str, str]]) -> None: ...
+
+    async def put_stash(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def get_stash_many(self, keys: list[str]) -> list[bytes | None]: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,117 @@
+"""In-process store: one replica, no set-up. Single-threaded asyncio makes each call atomic."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest
+
+Entry = tuple[float, str, int]  # (timestamp, member id, micro-units or 0)
+
+
+class MemoryStore:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.time
+        self._logs: dict[str, deque[Entry]] = {}
+        self._stash: dict[str, tuple[float, bytes]] = {}
+        self._ids = itertools.count(1)
+
+    def _log(self, key: str, horizon: float, now: float) -> deque[Entry]:
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = deque()
+        # An entry at t counts while t > now - horizon: exact at the boundary.
+        while log and log[0][0] <= now - horizon:
+            log.popleft()
+        return log
+
+    async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
+        now = self._clock()
+        outcomes: list[Outcome] = []
+        for item in items:
+            if isinstance(item, SlotRequest):
+                outcomes.append(self._check_slot(item, now))
+            else:
+                outcomes.append(self._check_charge(item, now))
+        if any(not o.ok for o, i in zip(outcomes, items, strict=True) if i.enforce):
+            return Reservation(outcomes)
+        token: list[tuple[str, str]] = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if not outcome.ok:
+                continue  # a shadow item that would have blocked records nothing
+            member = f"{next(self._ids)}"
+            amount = item.cost_micros if isinstance(item, ChargeRequest) else 0
+            self._logs[item.key].append((now, member, amount))
+            token.append((item.key, member))
+        return Reservation(outcomes, token)
+
+    def _check_slot(self, item: SlotRequest, now: float) -> Outcome:
+        log = self._log(item.key, max(item.window, item.cooldown), now)
+        in_window = (
+            [e for e in log if e[0] > now - item.window] if item.max_calls is not None else []
+        )
+        count = len(in_window)
+        if item.cooldown and log:
+            elapsed = now - log[-1][0]
+            if elapsed < item.cooldown:
+                return Outcome(
+                    False,
+                    "cooldown",
+                    count=count,
+                    elapsed=elapsed,
+                    retry_after=item.cooldown - elapsed,
+                )
+        if item.max_calls is not None and count >= item.max_calls:
+            retry = None
+            if item.max_calls > 0:
+                retry = in_window[count - item.max_calls][0] + item.window - now
+            return Outcome(False, "max_calls", count=count, retry_after=retry)
+        return Outcome(True, count=count)
+
+    def _check_charge(self, item: ChargeRequest, now: float) -> Outcome:
+        log = self._log(item.key, item.window, now)
+        spent = sum(e[2] for e in log)
+        if spent + item.cost_micros <= item.max_micros:
+            return Outcome(True, spent_micros=spent)
+        retry = None
+        if item.cost_micros <= item.max_micros:
+            freed = 0
+            for ts, _, amount in log:
+                freed += amount
+                if spent - freed + item.cost_micros <= item.max_micros:
+                    retry = ts + item.window - now
+                    break
+        return Outcome(False, "max_spend", spent_micros=spent, retry_after=retry)
+
+    async def release(self, token: list[tuple[str, str]]) -> None:
+        for key, member in token:
+            log = self._logs.get(key)
+            if log is None:
+                continue
+            for entry in log:
+                if entry[1] == member:
+                    log.remove(entry)
+                    break
+
+    async def put_stash(self, key: str, value: bytes, ttl: float) -> None:
+        self._stash[key] = (self._clock() + ttl, value)
+
+    async def get_stash_many(self, keys: list[str]) -> list[bytes | None]:
+        now = self._clock()
+        out: list[bytes | None] = []
+        for key in keys:
+            hit = self._stash.get(key)
+            if hit is not None and hit[0] <= now:
+                del self._stash[key]
+                hit = None
+            out.append(hit[1] if hit else None)
+        return out
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

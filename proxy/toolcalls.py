@@ -1,0 +1,30 @@
+"""The tool call as the gates see it, whichever API or wire format it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str
+    name: str
+    # Function calls: the JSON arguments string. Custom tools: the free-form input.
+    arguments: str
+    kind: str = "function"  # "function" | "custom"
+
+
+@dataclass(slots=True)
+class CallContext:
+    """Who is asking and about what: the request facts rules may look at."""
+
+    principal: str
+    request_id: str
+    route: str
+    model: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    user: str | None = None
+
+    def request_vars(self) -> dict[str, Any]:
+        return {"model": self.model or "", "metadata": self.metadata, "user": self.user or ""}

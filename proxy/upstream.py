@@ -1,0 +1,154 @@
+"""The upstream OpenAI-compatible server: a keep-alive pool, header hygiene, clear failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import UpstreamConfig
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes for us.
+_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+_CLIENT_ONLY = frozenset(("x-callgate-principal",))
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer in time."""
+
+    def __init__(self, message: str, status: int = 502, code: str = "upstream_unreachable"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+def response_headers(headers: Mapping[str, str], decoded: bool) -> CIMultiDict[str]:
+    """Upstream response headers to send on (x-request-id, x-ratelimit-*, retry-after, ...)."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in _HOP or (decoded and low == "content-encoding"):
+            continue
+        out.add(name, value)
+    return out
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.base_url = config.base_url
+        self._json: aiohttp.ClientSession | None = None
+        self._raw: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.connect_timeout, sock_read=self.config.timeout
+        )
+
+        def session(decompress: bool) -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+            )
+            return aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                auto_decompress=decompress,
+                skip_auto_headers=("User-Agent", "Content-Type"),
+            )
+
+        # Gated routes read the body, so aiohttp decodes it; everything else streams verbatim.
+        self._json = session(True)
+        self._raw = session(False)
+
+    async def close(self) -> None:
+        for s in (self._json, self._raw):
+            if s is not None:
+                await s.close()
+
+    def request_headers(self, headers: Mapping[str, str], raw: bool) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in headers.items():
+            low = name.lower()
+            if low in _HOP or low in _CLIENT_ONLY:
+                continue
+            out.add(name, value)
+        if not raw:
+            # Only encodings aiohttp can decode; the client's may include br or zstd.
+            out["Accept-Encoding"] = "gzip, deflate"
+        if self.config.api_key:
+            out.popall("Authorization", None)
+            out.popall("api-key", None)
+            out["Authorization"] = f"Bearer {self.config.api_key}"
+        return out
+
+    def url(self, path_qs: str) -> str:
+        # path_qs is relative to /v1 (e.g. "/chat/completions?x=1"); base_url ends in /v1.
+        return self.base_url + path_qs
+
+    async def open(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
+        data: object,
+        *,
+        raw: bool,
+        content_length: int | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request; the caller reads (or streams) the body and releases the response."""
+        session = self._raw if raw else self._json
+        assert session is not None, "Upstream.start() was not called"
+        out_headers = self.request_headers(headers, raw)
+        if content_length is not None:
+            # A streamed body keeps its length: some servers refuse chunked uploads.
+            out_headers["Content-Length"] = str(content_length)
+        try:
+            return await session.request(
+                method, self.url(path_qs), headers=out_headers, data=data, allow_redirects=False
+            )
+        except TimeoutError:
+            raise UpstreamError(
+                "upstream timed out before answering", 504, "upstream_timeout"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(f"upstream unreachable: {exc.os_error or exc}") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream request failed: {type(exc).__name__}: {exc}") from None
+
+    async def post(self, path_qs: str, headers: Mapping[str, str], body: bytes) -> UpstreamReply:
+        resp = await self.open("POST", path_qs, headers, body, raw=False)
+        try:
+            payload = await resp.read()
+        except TimeoutError:
+            raise UpstreamError(
+                "upstream timed out mid-response", 504, "upstream_timeout"
+            ) from None
+        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            raise UpstreamError(f"upstream disconnected mid-response: {exc}") from None
+        finally:
+            resp.release()
+        return UpstreamReply(resp.status, resp.headers, payload)

@@ -1,0 +1,219 @@
+"""Shared fixtures: a scripted upstream, callgate itself, a fake clock, and OpenAI clients.
+
+Everything runs on 127.0.0.1: a real aiohttp server for the upstream, the real callgate app in
+front of it, and the real `openai` SDK as the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import create_app
+from proxy.policy import load_policy_text
+from proxy.state import STATE, AppState
+
+
+class FakeClock:
+    """Wall-clock stand-in: tests move time instead of sleeping."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+Script = dict[str, Any] | Callable[[Received], Any] | web.StreamResponse
+
+
+@dataclass
+class ScriptedUpstream:
+    """An OpenAI-compatible server that answers from a queue and records what it received."""
+
+    replies: list[Any] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    url: str = ""
+
+    def push(self, *replies: Any) -> None:
+        self.replies.extend(replies)
+
+    def bodies(self, path: str = "/v1/chat/completions") -> list[Any]:
+        return [r.body for r in self.received if r.path == path]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        rec = Received(request.method, request.path, dict(request.headers), body)
+        self.received.append(rec)
+        if not self.replies:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "script exhausted",
+                        "type": "test",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=500,
+            )
+        reply = self.replies.pop(0)
+        if callable(reply):
+            reply = reply(rec)
+            if asyncio.iscoroutine(reply):
+                reply = await reply
+        if isinstance(reply, SSE):
+            return await reply.send(request)
+        if isinstance(reply, web.StreamResponse):
+            return reply
+        return web.json_response(reply)
+
+
+@dataclass
+class SSE:
+    """A scripted event stream: each item is a JSON-able event (or raw bytes), sent in order."""
+
+    events: list[Any]
+    done: bool = True
+    delay: float = 0.0
+
+    async def send(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in self.events:
+            if isinstance(event, bytes):
+                await resp.write(event)
+            else:
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        if self.done:
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def completion(
+    *calls: tuple[str, Any],
+    content: str | None = None,
+    ids: list[str] | None = None,
+    usage: dict[str, int] | None = None,
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    """A chat.completion with the given (name, arguments) tool calls."""
+    tool_calls = []
+    for i, (name, args) in enumerate(calls):
+        call_id = ids[i] if ids else f"call_{name}_{i}"
+        arguments = args if isinstance(args, str) else json.dumps(args)
+        tool_calls.append(
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        )
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "gpt-test",
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason or ("tool_calls" if tool_calls else "stop"),
+            }
+        ],
+        "usage": usage or {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+
+
+@dataclass
+class Proxy:
+    server: TestServer
+    state: AppState
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    @property
+    def root(self) -> str:
+        return str(self.server.make_url(""))
+
+    def client(self, **kw: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url, api_key="sk-test-key", max_retries=0, **kw)
+
+    def sync_client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="sk-test-key", max_retries=0, **kw)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> ScriptedUpstream:
+    scripted = ScriptedUpstream()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", scripted.handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    scripted.url = str(server.make_url("/v1"))
+    return scripted
+
+
+def policy_from(config: dict[str, Any] | str, upstream_url: str) -> Any:
+    data = yaml.safe_load(config) if isinstance(config, str) else dict(config)
+    data.setdefault("upstream", {})
+    data["upstream"] = {**data["upstream"], "base_url": upstream_url}
+    return load_policy_text(yaml.safe_dump(data), "<test>")
+
+
+@pytest.fixture
+def make_proxy(aiohttp_server: Any, upstream: ScriptedUpstream, clock: FakeClock, monkeypatch: Any):
+    monkeypatch.delenv("CALLGATE_UPSTREAM_URL", raising=False)
+
+    async def make(
+        config: dict[str, Any] | str, *, upstream_url: str | None = None, **kw: Any
+    ) -> Proxy:
+        policy = policy_from(config, upstream_url or upstream.url)
+        kw.setdefault("clock", clock)
+        app = create_app(policy, **kw)
+        server = await aiohttp_server(app, host="127.0.0.1")
+        return Proxy(server, app[STATE])
+
+    return make
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
