@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy import chat, stash
 from proxy.blocking import audit_plan, plan
+from proxy.chat_stream import ChatStream
 from proxy.errors import bad_gateway, error_response
 from proxy.gates import decide, release
 from proxy.gates.decision import Decision
@@ -52,14 +53,39 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = call_context(request, body, policy, ROUTE)
     if await prepare_request(state, policy, body):
         raw = orjson.dumps(body)
-    path = upstream_path(request)
     if body.get("stream") is True:
-        try:
-            resp = await state.upstream.open("POST", path, request.headers, raw, raw=True)
-        except UpstreamError as exc:
-            return error_response(exc.status, str(exc), "upstream_error", exc.code)
-        return await relay(request, resp)
+        return await _gate_stream(request, state, policy, body, raw, ctx)
     return await _gate_completion(request, state, policy, body, raw, ctx)
+
+
+async def _gate_stream(
+    request: web.Request,
+    state: AppState,
+    policy: Policy,
+    body: dict[str, Any],
+    payload: bytes,
+    ctx: CallContext,
+) -> web.StreamResponse:
+    try:
+        resp = await state.upstream.open(
+            "POST", upstream_path(request), request.headers, payload, raw=False
+        )
+    except UpstreamError as exc:
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    if resp.status != 200 or "event-stream" not in resp.headers.get("Content-Type", ""):
+        return await relay(request, resp, decoded=True)  # errors (and oddities) pass unchanged
+    out = web.StreamResponse(status=200)
+    out.headers.extend(response_headers(resp.headers, decoded=True))
+    out.headers["x-callgate-request-id"] = ctx.request_id
+    try:
+        await out.prepare(request)
+        await ChatStream(request, out, state, policy, body, ctx).run(resp)
+        await out.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        log.info("client_disconnected", stream=True)  # run() closed the upstream response
+    finally:
+        resp.close()
+    return out
 
 
 def _json_response(reply: UpstreamReply, data: Any) -> web.Response:

@@ -1,0 +1,476 @@
+"""Gating a streamed Chat Completion (`stream: true`) on the fly.
+
+Text passes through as the raw bytes the upstream sent. A tool call's deltas are held until its
+arguments are complete (the next call starts, or `finish_reason` arrives), then the call is
+decided and either emitted as one coalesced delta (contiguous `index` from 0; `id`, `type` and
+`name` exactly once) or withheld. At `finish_reason` the response's fate is settled like the
+non-streaming path: `error` ends the stream with an error event, `reprompt` asks the upstream
+again and continues this same client stream, `strip` appends a notice. A stream that ends or
+breaks while a call is held fails closed: the call is never emitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from proxy import chat, sse, stash
+from proxy.blocking import Plan, audit_plan, plan
+from proxy.errors import error_body
+from proxy.gates import decide, release
+from proxy.gates.decision import Block, Decision
+from proxy.policy import Policy
+from proxy.state import AppState
+from proxy.toolcalls import CallContext, ToolCall
+from proxy.upstream import UpstreamError
+
+log = structlog.get_logger("callgate.chat_stream")
+
+
+@dataclass(slots=True)
+class HeldCall:
+    index: int
+    id: str = ""
+    type: str = "function"
+    name: str = ""
+    args: list[str] = field(default_factory=list)
+    legacy: bool = False
+
+    def add(self, delta: dict[str, Any]) -> None:
+        if delta.get("id") and not self.id:
+            self.id = str(delta["id"])
+        if delta.get("type"):
+            self.type = str(delta["type"])
+        inner = delta.get("custom") if self.type == "custom" else delta.get("function", delta)
+        if not isinstance(inner, dict):
+            return
+        name = inner.get("name")
+        # Servers like llama.cpp repeat the full name in every delta: keep it once.
+        if name and name != self.name:
+            self.name = name if not self.name else self.name + name
+        piece = inner.get("input" if self.type == "custom" else "arguments")
+        if isinstance(piece, str):
+            self.args.append(piece)
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.args)
+
+    def tool_call(self) -> ToolCall:
+        kind = "custom" if self.type == "custom" else "function"
+        return ToolCall(self.id, self.name, self.arguments, kind)
+
+    def wire(self) -> dict[str, Any]:
+        """The call as a complete (non-streamed) `tool_calls` entry."""
+        if self.type == "custom":
+            return {
+                "id": self.id,
+                "type": "custom",
+                "custom": {"name": self.name, "input": self.arguments},
+            }
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    open: dict[int, HeldCall] = field(default_factory=dict)
+    calls: list[HeldCall] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    emitted: int = 0
+    saw_tool_calls: bool = False
+    finished: bool = False
+
+
+class StreamFailed(Exception):
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _meaningful(delta: dict[str, Any]) -> bool:
+    return any(v not in (None, "", [], {}) for v in delta.values())
+
+
+class ChatStream:
+    def __init__(
+        self,
+        request: web.Request,
+        out: web.StreamResponse,
+        state: AppState,
+        policy: Policy,
+        body: dict[str, Any],
+        ctx: CallContext,
+    ) -> None:
+        self.request = request
+        self.out = out
+        self.state = state
+        self.policy = policy
+        self.body = body
+        self.ctx = ctx
+        self.round = 0
+        self.single_choice = body.get("n") in (None, 1)
+        self.choices: dict[int, ChoiceState] = {}
+        self.envelope: dict[str, Any] | None = None  # id/created/model the client saw first
+        self.text: list[bytes | str] = []  # this round's text: raw events, or extracted strings
+        self.usage: dict[str, Any] | None = None  # summed over finished rounds
+        self.draining = False  # reprompt decided: read the rest of this round, emit nothing
+        self.ended = False  # an error event was sent: the client stream is over
+        self.reprompt_plan: Plan | None = None
+        self.reprompt_calls: list[HeldCall] = []
+
+    @property
+    def holding(self) -> bool:
+        """A call is in flight: every event is read, so a malformed one fails it closed."""
+        return any(st.open for st in self.choices.values())
+
+    # -- output ---------------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        await self.out.write(data)
+
+    def chunk(self, template: dict[str, Any], choice: dict[str, Any]) -> bytes:
+        obj = {k: v for k, v in template.items() if k != "choices"}
+        if "usage" in obj:
+            obj["usage"] = None
+        obj["choices"] = [choice]
+        return sse.encode(obj)
+
+    async def fail(self, message: str, code: str) -> None:
+        """Fail closed: drop every held call, tell the client, record why."""
+        for st in self.choices.values():
+            if not st.finished:
+                # Decided but unsettled calls: record what happened to each.
+                for d in st.decisions:
+                    self.state.auditor.record(
+                        d, self.ctx, "allowed" if d.allowed else "blocked", "fail_closed"
+                    )
+            for call in st.open.values():
+                d = Decision(call.tool_call(), self.policy.for_tool(call.name).name, "error")
+                d.block = Block("stream", code, message)
+                self.state.auditor.record(d, self.ctx, "blocked", "fail_closed")
+            st.open.clear()
+        log.warning("stream_failed", code=code, error=message)
+        body = error_body(message, "upstream_error", code)
+        try:
+            await self.write(b"data: " + body + b"\n\n")
+        except (ConnectionResetError, RuntimeError):
+            pass
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self, resp: aiohttp.ClientResponse) -> None:
+        while True:
+            try:
+                await self.pump(resp)
+            except StreamFailed as exc:
+                await self.fail(str(exc), exc.code)
+                return
+            finally:
+                resp.close()  # a no-op once read to the end; cancels the upstream otherwise
+            if self.reprompt_plan is None:
+                return
+            next_resp = await self.reprompt(self.reprompt_plan)
+            if next_resp is None:
+                return
+            resp = next_resp
+
+    async def pump(self, resp: aiohttp.ClientResponse) -> None:
+        splitter = sse.EventSplitter()
+        try:
+            async for data in resp.content.iter_any():
+                if (
+                    not self.round
+                    and not self.draining
+                    and not splitter.pending
+                    and not self.holding
+                    and data.endswith(b"\n\n")
+                    and not sse.may_hold_call(data)
+                ):
+                    self.text.append(data)
+                    await self.write(data)  # the fast path: text, untouched
+                    continue
+                for event in splitter.feed(data):
+                    if await self.event(event) or self.ended:
+                        return
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise StreamFailed(
+                f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
+            ) from None
+        except TimeoutError:
+            raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
+        rest = splitter.rest()
+        if rest.strip() and (await self.event(rest + b"\n\n") or self.ended):
+            return
+        if self.draining:
+            return
+        if any(st.open or (st.calls and not st.finished) for st in self.choices.values()):
+            raise StreamFailed(
+                "upstream stream ended before the tool call's arguments were complete",
+                "incomplete_tool_call",
+            )
+        if not any(st.finished for st in self.choices.values()):
+            raise StreamFailed(
+                "upstream stream ended before the response finished", "upstream_truncated"
+            )
+
+    async def event(self, event: bytes) -> bool:
+        """Handle one complete event. True when the stream is over (or this round is)."""
+        payload = sse.data_of(event)
+        if payload is None:
+            if not self.draining:
+                await self.write(event)  # comments, keep-alives, other fields
+            return False
+        if payload == sse.DONE:
+            if any(st.open or (st.calls and not st.finished) for st in self.choices.values()):
+                raise StreamFailed(
+                    "upstream stream ended before the tool call's arguments were complete",
+                    "incomplete_tool_call",
+                )
+            if not self.draining:
+                await self.write(event)
+            return True
+        if (
+            not self.round
+            and not self.draining
+            and not self.holding
+            and not sse.may_hold_call(payload)
+        ):
+            self.text.append(event)
+            await self.write(event)
+            return False
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise StreamFailed(
+                f"upstream sent a malformed stream event: {exc}", "upstream_malformed"
+            ) from None
+        if not isinstance(obj, dict):
+            raise StreamFailed(
+                "upstream sent a stream event that is not a JSON object", "upstream_malformed"
+            )
+        if "error" in obj and "choices" not in obj:
+            await self.write(event)  # the upstream's own error event passes through
+            return True
+        await self.handle_chunk(obj)
+        return False
+
+    async def handle_chunk(self, obj: dict[str, Any]) -> None:
+        if self.draining:
+            self.usage = chat.add_usage(self.usage, obj.get("usage"))
+            return
+        if self.round and self.envelope:
+            obj.update(self.envelope)  # a reprompt continues the stream the client already has
+            if isinstance(obj.get("usage"), dict):
+                obj["usage"] = chat.add_usage(dict(self.usage or {}), obj["usage"])
+        elif self.envelope is None:
+            self.envelope = {k: obj[k] for k in ("id", "created", "model") if k in obj}
+        out: list[bytes] = []
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or not choices:
+            await self.write(sse.encode(obj))  # usage-only chunk (include_usage)
+            return
+        for choice in choices:
+            if isinstance(choice, dict) and not self.ended:
+                await self.handle_choice(obj, choice, out)
+        if self.ended:
+            return
+        for data in out:
+            await self.write(data)
+
+    async def handle_choice(
+        self, obj: dict[str, Any], choice: dict[str, Any], out: list[bytes]
+    ) -> None:
+        ci = choice.get("index", 0)
+        st = self.choices.setdefault(ci, ChoiceState())
+        delta = dict(choice.get("delta") or {})
+        call_deltas = delta.pop("tool_calls", None)
+        legacy = delta.pop("function_call", None)
+        if self.round:
+            delta.pop("role", None)  # the client already has the role; SDKs concatenate repeats
+        if isinstance(delta.get("content"), str):
+            self.text.append(delta["content"])
+        finish = choice.get("finish_reason")
+        rest = {k: v for k, v in choice.items() if k not in ("delta", "finish_reason")}
+        if _meaningful(delta) or (rest.get("logprobs") not in (None, {})):
+            out.append(self.chunk(obj, {**rest, "delta": delta, "finish_reason": None}))
+
+        if isinstance(call_deltas, list) and call_deltas:
+            st.saw_tool_calls = True
+            for cd in call_deltas:
+                if not isinstance(cd, dict):
+                    continue
+                idx = cd.get("index", 0)
+                if idx not in st.open:
+                    # A new call starts: every other open call's arguments are complete.
+                    for other in sorted(st.open):
+                        await self.complete(obj, ci, st, st.open.pop(other), out)
+                    st.open[idx] = HeldCall(index=idx)
+                st.open[idx].add(cd)
+        elif isinstance(legacy, dict) and not st.saw_tool_calls:
+            # Legacy `functions` streaming. llama.cpp mirrors tool_calls here: ignored then.
+            held = st.open.get(-1)
+            if held is None:
+                held = st.open[-1] = HeldCall(index=-1, id=chat.LEGACY_ID, legacy=True)
+            held.add(legacy)
+
+        if finish:
+            for other in sorted(st.open):
+                await self.complete(obj, ci, st, st.open.pop(other), out)
+            st.finished = True
+            await self.finish(obj, ci, st, choice, str(finish), out)
+
+    async def complete(
+        self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall, out: list[bytes]
+    ) -> None:
+        if call.legacy and not call.id:
+            call.id = chat.LEGACY_ID
+        decision = await decide(call.tool_call(), self.policy, self.state.store, self.ctx)
+        st.calls.append(call)
+        st.decisions.append(decision)
+        if decision.allowed:
+            out.append(self.call_chunk(obj, ci, st, call))
+
+    def call_chunk(self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall) -> bytes:
+        if call.legacy:
+            delta: dict[str, Any] = {
+                "function_call": {"name": call.name, "arguments": call.arguments}
+            }
+        else:
+            entry = {"index": st.emitted, **call.wire()}
+            delta = {"tool_calls": [entry]}
+            st.emitted += 1
+        return self.chunk(
+            obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None}
+        )
+
+    async def finish(
+        self,
+        obj: dict[str, Any],
+        ci: int,
+        st: ChoiceState,
+        choice: dict[str, Any],
+        finish: str,
+        out: list[bytes],
+    ) -> None:
+        if not st.decisions:
+            out.append(self.chunk(obj, {**choice, "delta": {}, "finish_reason": finish}))
+            return
+        can_reprompt = self.single_choice and self.round < self.policy.config.max_reprompts
+        p = plan(st.decisions, can_reprompt)
+        audit_plan(self.state.auditor, p, self.ctx)
+        if p.action == "error":
+            await release(self.state.store, p.allowed)
+            for data in out:
+                await self.write(data)
+            out.clear()
+            first = p.blocked[0]
+            assert first.block is not None
+            message = f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}"
+            await self.write(
+                b"data: " + error_body(message, "tool_call_blocked", first.block.gate) + b"\n\n"
+            )
+            self.ended = True
+            return
+        if p.action == "reprompt":
+            self.reprompt_plan = p
+            self.reprompt_calls = list(st.calls)
+            self.usage = chat.add_usage(self.usage, obj.get("usage"))
+            self.draining = True
+            return
+        blocked = {d.call.id for d in p.blocked}
+        if p.action == "strip":
+            text = chat.notice(p.blocked)
+            sep = "\n\n" if self.round_content() else ""
+            delta = {"content": sep + text}
+            out.append(
+                self.chunk(
+                    obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None}
+                )
+            )
+        kept = [
+            c.id for c, d in zip(st.calls, st.decisions, strict=True) if d.allowed and not c.legacy
+        ]
+        stashed = [c for c in st.calls if c.id in blocked and not c.legacy]
+        if kept and stashed:
+            by_id = {d.call.id: d for d in p.blocked}
+            await stash.put(
+                self.state.store,
+                [stash.chat_key(i) for i in kept],
+                {
+                    "calls": [c.wire() for c in stashed],
+                    "results": [chat.tool_result_messages([by_id[c.id]])[0] for c in stashed],
+                },
+                self.policy.config.server.stash_ttl,
+            )
+        if p.allowed:
+            new_finish = "function_call" if any(c.legacy for c in st.calls) else finish
+        else:
+            new_finish = "stop"
+        out.append(self.chunk(obj, {**choice, "delta": {}, "finish_reason": new_finish}))
+
+    # -- reprompt -------------------------------------------------------------------------
+
+    def round_content(self) -> str | None:
+        parts: list[str] = []
+        for item in self.text:
+            if isinstance(item, str):
+                parts.append(item)
+                continue
+            for event in sse.EventSplitter().feed(
+                item if item.endswith(b"\n\n") else item + b"\n\n"
+            ):
+                payload = sse.data_of(event)
+                if not payload or payload == sse.DONE:
+                    continue
+                try:
+                    obj = orjson.loads(payload)
+                    for c in obj.get("choices") or []:
+                        content = (c.get("delta") or {}).get("content")
+                        if isinstance(content, str):
+                            parts.append(content)
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+        return "".join(parts) or None
+
+    async def reprompt(self, p: Plan) -> aiohttp.ClientResponse | None:
+        calls: list[HeldCall] = self.reprompt_calls
+        turn: dict[str, Any] = {"role": "assistant", "content": self.round_content()}
+        legacy = [c for c in calls if c.legacy]
+        if legacy:
+            turn["function_call"] = {"name": legacy[0].name, "arguments": legacy[0].arguments}
+        else:
+            turn["tool_calls"] = [c.wire() for c in calls]
+        messages = [*(self.body.get("messages") or []), turn, *chat.tool_result_messages(p.blocked)]
+        self.body = {**self.body, "messages": messages}
+        self.round += 1
+        self.choices.clear()
+        self.text = []
+        self.draining = False
+        self.reprompt_plan = None
+        log.info("reprompt", round=self.round, blocked=len(p.blocked), stream=True)
+        path = self.request.rel_url.raw_path_qs.removeprefix("/v1")
+        try:
+            resp = await self.state.upstream.open(
+                "POST", path, self.request.headers, orjson.dumps(self.body), raw=False
+            )
+        except UpstreamError as exc:
+            await self.fail(str(exc), exc.code)
+            return None
+        if resp.status != 200:
+            detail = (await resp.read())[:500].decode(errors="replace")
+            resp.release()
+            await self.fail(
+                f"upstream answered the reprompt with HTTP {resp.status}: {detail}",
+                "upstream_error",
+            )
+            return None
+        return resp

@@ -1,0 +1,74 @@
+"""Server-sent events: splitting a byte stream into events, and cheap checks on raw event bytes.
+
+The checks let a stream processor forward events that cannot carry a tool call as the raw bytes
+it received, without parsing them: only events that mention a tool call, a non-null
+`finish_reason`, or `[DONE]` are decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"[DONE]"
+_FINISH = b'"finish_reason"'
+
+
+class EventSplitter:
+    """Feeds on arbitrary network chunks, yields complete events (each ending in a blank line)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data if self._buf else data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._buf = buf
+            return []
+        self._buf = buf[end + 2 :]
+        return [ev + b"\n\n" for ev in buf[:end].split(b"\n\n") if ev.strip()]
+
+    def rest(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+def data_of(event: bytes) -> bytes | None:
+    """The event's data payload (multi-line data joined), or None for comments/other fields."""
+    if event.startswith(b"data:") and event.count(b"\n") <= 2:
+        payload = event[5:].strip()
+        return payload
+    parts = [
+        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+    ]
+    return b"\n".join(parts).strip() if parts else None
+
+
+def has_finish(data: bytes) -> bool:
+    """True when some `"finish_reason"` in the bytes is followed by a value other than null."""
+    start = data.find(_FINISH)
+    while start >= 0:
+        value = data[start + len(_FINISH) : start + len(_FINISH) + 12].lstrip(b": \t")
+        if not value.startswith(b"null"):
+            return True
+        start = data.find(_FINISH, start + len(_FINISH))
+    return False
+
+
+def may_hold_call(data: bytes) -> bool:
+    """Could these bytes carry a tool call, a finish, or the end marker? (False: pass raw.)"""
+    return b'"tool_calls"' in data or b'"function_call"' in data or DONE in data or has_finish(data)
+
+
+def encode(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
