@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.audit import Auditor
 from proxy.errors import error_response
 from proxy.policy import Policy
+from proxy.routes import responses
 from proxy.routes.chat import chat_completions
 from proxy.routes.incoming import request_id
 from proxy.routes.passthrough import forward
@@ -98,6 +99,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    responses.add_routes(app.router)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
 
     async def start(_: web.Application) -> None:
