@@ -101,20 +101,27 @@ class SSE:
     events: list[Any]
     done: bool = True
     delay: float = 0.0
+    sent: int = 0  # events written before the stream ended
+    aborted: bool = False  # the reader (callgate) went away mid-stream
 
     async def send(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for event in self.events:
-            if isinstance(event, bytes):
-                await resp.write(event)
-            else:
-                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-            if self.delay:
-                await asyncio.sleep(self.delay)
-        if self.done:
-            await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        try:
+            for event in self.events:
+                if isinstance(event, bytes):
+                    await resp.write(event)
+                else:
+                    await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                self.sent += 1
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+            if self.done:
+                await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.aborted = True
+            raise
         return resp
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -335,3 +336,21 @@ async def test_upstream_error_status_passes_on_stream(make_proxy, upstream):
         await proxy.client().chat.completions.create(model="m", messages=MSGS, stream=True)
     assert err.value.response.headers["retry-after"] == "3"
     assert BASE["object"] == "chat.completion.chunk"
+
+
+async def test_client_disconnect_cancels_upstream(make_proxy, upstream):
+    proxy = await make_proxy({})
+    slow = SSE(chat_stream(text=" ".join(["word"] * 200)), delay=0.01)
+    upstream.push(slow)
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(
+            proxy.url + "/chat/completions", json={"model": "m", "messages": MSGS, "stream": True}
+        )
+        await resp.content.readline()
+        resp.close()  # the client goes away after the first event
+    for _ in range(200):  # bounded: at most 2 s
+        if slow.aborted:
+            break
+        await asyncio.sleep(0.01)
+    assert slow.aborted
+    assert slow.sent < 200
