@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.audit import Auditor
 from proxy.errors import error_response
+from proxy.metrics import metrics_handler, observe
 from proxy.policy import Policy
 from proxy.routes import responses
 from proxy.routes.chat import chat_completions
@@ -62,6 +63,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+@web.middleware
+async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    return await observe(request.app[STATE].metrics, request, handler)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -86,7 +92,7 @@ def create_app(
 ) -> web.Application:
     config = policy.config
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[request_context]
+        client_max_size=config.server.max_body_bytes, middlewares=[measure, request_context]
     )
     state = AppState(
         policy=policy,
@@ -96,6 +102,8 @@ def create_app(
         config_path=config_path,
     )
     app[STATE] = state
+    state.auditor.listeners.append(state.metrics.on_audit)
+    app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -23,6 +23,7 @@ from proxy.gates.decision import Decision
 from proxy.toolcalls import CallContext
 
 GENESIS = "0" * 64
+RETRY_SECONDS = 1.0  # pause before retrying a failed audit file write
 REDACTED = "[REDACTED]"
 log = structlog.get_logger("callgate.audit")
 
@@ -42,19 +43,50 @@ def chain_hash(prev: str, record: dict[str, Any]) -> str:
     return hashlib.sha256(prev.encode() + body).hexdigest()
 
 
-def _last_hash(path: str) -> str:
-    """The hash to chain from: the last record of an existing file (read once, at start-up)."""
+def _last_line(path: str) -> tuple[bytes | None, bool]:
+    """The file's last non-empty line, and whether the file lacks a final newline.
+
+    Reads backwards in blocks, so a long last record (large arguments) is read whole.
+    """
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            lines = [line for line in fh.read().splitlines() if line.strip()]
+        fh = open(path, "rb")
     except FileNotFoundError:
-        return GENESIS
-    if not lines:
-        return GENESIS
-    return str(orjson.loads(lines[-1])["hash"])
+        return None, False
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end == 0:
+            return None, False
+        fh.seek(end - 1)
+        unterminated = fh.read(1) != b"\n"
+        buf = b""
+        pos = end
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            fh.seek(pos)
+            buf = fh.read(step) + buf
+            stripped = buf.rstrip()
+            if not stripped:
+                continue
+            cut = stripped.rfind(b"\n")
+            if cut >= 0:
+                return stripped[cut + 1 :], unterminated
+        stripped = buf.strip()
+        return (stripped or None), unterminated
+
+
+def _last_hash(path: str) -> tuple[str, bool]:
+    """The hash to chain from (the file's last record), and whether a newline must come first."""
+    line, unterminated = _last_line(path)
+    if line is None:
+        return GENESIS, unterminated
+    try:
+        return str(orjson.loads(line)["hash"]), unterminated
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        # A torn write (crash mid-line) or a foreign line: `audit verify` will point at it.
+        # Keep serving and keep auditing; the new records chain afresh after it.
+        log.error("audit_file_damaged", file=path, problem="last line is not an audit record")
+        return GENESIS, unterminated
 
 
 class Auditor:
@@ -69,8 +101,16 @@ class Auditor:
         self.records = 0
         # Called with every record (metrics, tests); must not block.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._lead = b""  # a newline to write first when the file ends mid-line
         if config.file:
-            self._prev = _last_hash(config.file)
+            self._prev, unterminated = _last_hash(config.file)
+            if unterminated:
+                self._lead = b"\n"
+
+    def reconfigure(self, config: AuditConfig) -> None:
+        """Apply a reloaded policy's audit settings (the file itself changes on restart)."""
+        self.config = config.model_copy(update={"file": self.config.file})
+        self._redact = frozenset(config.redact)
 
     async def start(self) -> None:
         if self.config.file and self._task is None:
@@ -114,17 +154,38 @@ class Auditor:
 
     async def _flusher(self) -> None:
         while True:
-            await self._wake.wait()
+            if self._pending and not self._closed:
+                # The last write failed: try again after a pause, or as soon as woken.
+                try:
+                    await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
+                except TimeoutError:
+                    pass
+            else:
+                await self._wake.wait()
             self._wake.clear()
             await self._flush()
             if self._closed:
                 return
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Write what is pending. False (records kept for the next try) if the write failed."""
         if not self._pending or not self.config.file:
-            return
+            return True
         batch, self._pending = self._pending, []
-        await asyncio.to_thread(_append, self.config.file, b"".join(batch))
+        data = self._lead + b"".join(batch)
+        try:
+            await asyncio.to_thread(_append, self.config.file, data)
+        except OSError as exc:
+            self._pending[:0] = batch  # keep order: these go before anything recorded since
+            log.error(
+                "audit_write_failed",
+                file=self.config.file,
+                error=exc.strerror or str(exc),
+                pending=len(self._pending),
+            )
+            return False
+        self._lead = b""
+        return True
 
     async def close(self) -> None:
         self._closed = True
@@ -132,7 +193,10 @@ class Auditor:
             self._wake.set()
             await self._task
             self._task = None
-        await self._flush()
+        if not await self._flush():
+            log.critical(
+                "audit_records_lost", file=self.config.file, records=len(self._pending)
+            )
 
 
 def _append(path: str, data: bytes) -> None:
@@ -151,8 +215,10 @@ def verify_file(path: str) -> tuple[int, str | None]:
                 continue
             try:
                 record = orjson.loads(line)
-                stated = record.pop("hash")
-            except (orjson.JSONDecodeError, KeyError, AttributeError):
+                stated = record.pop("hash") if isinstance(record, dict) else None
+            except (orjson.JSONDecodeError, KeyError):
+                stated = None
+            if not isinstance(stated, str):
                 return count, f"line {lineno}: not an audit record"
             if record.get("prev") != prev:
                 return count, f"line {lineno}: chain broken (record removed or reordered before it)"

@@ -456,6 +456,7 @@ class ChatStream:
         self.text = []
         self.draining = False
         self.reprompt_plan = None
+        self.state.metrics.reprompts.labels("chat.completions").inc()
         log.info("reprompt", round=self.round, blocked=len(p.blocked), stream=True)
         path = self.request.rel_url.raw_path_qs.removeprefix("/v1")
         try:

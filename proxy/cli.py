@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import yaml
+from yarl import URL
 
 from proxy.audit import verify_file
 from proxy.config import ConfigError
@@ -35,7 +36,22 @@ def resolved(policy: Policy) -> dict[str, Any]:
     data = policy.config.model_dump(mode="json", by_alias=True)
     if data["upstream"].get("api_key"):
         data["upstream"]["api_key"] = "***"  # set, but never printed
+    for section in ("upstream", "store"):
+        for key in ("base_url", "url"):
+            if isinstance(data[section].get(key), str):
+                data[section][key] = _mask_url(data[section][key])
     return data
+
+
+def _mask_url(url: str) -> str:
+    """A URL with its password (e.g. redis://:secret@host) replaced by ***."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return url
+    if not parsed.password:
+        return url
+    return str(parsed.with_password("***"))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -209,8 +209,15 @@ class ServerConfig(_Model):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     stash_ttl: float = 86400.0
     hide_denied_tools: bool = False
+    # SIGTERM: readiness goes false, requests keep being served for `drain_delay` seconds (so a
+    # load balancer stops sending), then no new connections and in-flight requests and streams
+    # get up to `shutdown_grace` seconds to finish.
+    drain_delay: float = 0.0
+    shutdown_grace: float = 30.0
+    # Poll the policy file every `reload_interval` seconds (0 disables; SIGHUP always works).
+    reload_interval: float = 1.0
 
-    @field_validator("stash_ttl", mode="before")
+    @field_validator("stash_ttl", "drain_delay", "shutdown_grace", "reload_interval", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)
@@ -234,8 +241,21 @@ class ConfigError(Exception):
 
     def __init__(self, source: str, errors: list[str]):
         self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: invalid config:\n  " + "\n  ".join(errors))
+        self.errors = [_one_line(e) for e in errors]
+        super().__init__(f"{source}: invalid config:\n  " + "\n  ".join(self.errors))
+
+
+_LINE_SUFFIX = re.compile(r" \(line \d+\)$")
+
+
+def _one_line(error: str) -> str:
+    """One error, one line: a multi-line message (CEL parse errors draw a caret diagram) keeps
+    its first line and its `(line N)` suffix, so every error reads `path: message (line N)`."""
+    if "\n" not in error:
+        return error
+    suffix = _LINE_SUFFIX.search(error)
+    head = error.split("\n", 1)[0].rstrip()
+    return head + (suffix.group(0) if suffix else "")
 
 
 def _expand_env(value: Any) -> Any:
@@ -299,23 +319,33 @@ def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        errors = []
+        located = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
             msg = err["msg"].removeprefix("Value error, ")
             line = line_of(node, loc)
-            errors.append(f"{_format_loc(loc)}: {msg}" + (f" (line {line})" if line else ""))
-        raise ConfigError(source, errors) from None
-    for name, tool in config.tools.items():
+            text = f"{_format_loc(loc)}: {msg}" + (f" (line {line})" if line else "")
+            located.append((line or 0, text))
+        # In the order of the file, not of the schema's fields.
+        located.sort(key=lambda item: item[0])
+        raise ConfigError(source, [text for _, text in located]) from None
+    errors: list[tuple[int, str]] = []
+    sections = [(("default",), config.default)]
+    sections += [(("tools", name), tool) for name, tool in config.tools.items()]
+    for section, tool in sections:
         if tool.budget and tool.budget.ledger not in config.budgets:
-            line = line_of(node, ("tools", name, "budget", "ledger"))
-            raise ConfigError(
-                source,
-                [
-                    f"tools.{name}.budget.ledger: unknown ledger {tool.budget.ledger!r}; "
-                    f"declare it under budgets" + (f" (line {line})" if line else "")
-                ],
+            loc = (*section, "budget", "ledger")
+            line = line_of(node, loc)
+            errors.append(
+                (
+                    line or 0,
+                    f"{_format_loc(loc)}: unknown ledger {tool.budget.ledger!r}; "
+                    f"declare it under budgets" + (f" (line {line})" if line else ""),
+                )
             )
+    if errors:
+        errors.sort(key=lambda item: item[0])
+        raise ConfigError(source, [text for _, text in errors])
     return config, node
 
 

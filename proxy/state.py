@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.audit import Auditor
+from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.store import Store
 from proxy.upstream import Upstream
@@ -19,6 +20,7 @@ class AppState:
     store: Store
     auditor: Auditor
     upstream: Upstream
+    metrics: Metrics = field(default_factory=Metrics)
     config_path: str | None = None
     draining: bool = False
     extra: dict[str, object] = field(default_factory=dict)

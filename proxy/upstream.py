@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.config import UpstreamConfig
 
@@ -61,8 +62,15 @@ class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.base_url = config.base_url
+        self._base_encoded = str(URL(config.base_url))
         self._json: aiohttp.ClientSession | None = None
         self._raw: aiohttp.ClientSession | None = None
+
+    def reconfigure(self, config: UpstreamConfig) -> None:
+        """Apply a reloaded policy's upstream URL and key; pool and timeouts stay until restart."""
+        sessions = (self._json, self._raw)
+        self.__init__(config)  # type: ignore[misc]  # re-derives every URL-dependent field
+        self._json, self._raw = sessions
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(
@@ -105,9 +113,11 @@ class Upstream:
             out["Authorization"] = f"Bearer {self.config.api_key}"
         return out
 
-    def url(self, path_qs: str) -> str:
+    def url(self, path_qs: str) -> URL:
         # path_qs is relative to /v1 (e.g. "/chat/completions?x=1"); base_url ends in /v1.
-        return self.base_url + path_qs
+        # It is the client's raw, already-encoded text: sent as is (yarl would otherwise
+        # re-quote it, e.g. turning "%2F" into "/", which can change what the upstream sees).
+        return URL(self._base_encoded + path_qs, encoded=True)
 
     async def open(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -14,6 +15,7 @@ from proxy.chat_stream import ChatStream
 from proxy.errors import bad_gateway, error_response
 from proxy.gates import decide, release
 from proxy.gates.decision import Decision
+from proxy.metrics import add_upstream_time
 from proxy.policy import Policy
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import relay, upstream_path
@@ -66,12 +68,15 @@ async def _gate_stream(
     payload: bytes,
     ctx: CallContext,
 ) -> web.StreamResponse:
+    started = time.perf_counter()
     try:
         resp = await state.upstream.open(
             "POST", upstream_path(request), request.headers, payload, raw=False
         )
     except UpstreamError as exc:
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    finally:
+        add_upstream_time(time.perf_counter() - started)
     if resp.status != 200 or "event-stream" not in resp.headers.get("Content-Type", ""):
         return await relay(request, resp, decoded=True)  # errors (and oddities) pass unchanged
     out = web.StreamResponse(status=200)
@@ -125,10 +130,13 @@ async def _gate_completion(
     rounds = 0
     usage: dict[str, Any] | None = None
     while True:
+        started = time.perf_counter()
         try:
             reply = await state.upstream.post(path, request.headers, payload)
         except UpstreamError as exc:
             return error_response(exc.status, str(exc), "upstream_error", exc.code)
+        finally:
+            add_upstream_time(time.perf_counter() - started)
         if reply.status != 200:
             return _raw_response(reply)  # upstream errors reach the client unchanged
         try:
@@ -188,6 +196,7 @@ async def _gate_completion(
             body = {**body, "messages": messages}
             payload = orjson.dumps(body)
             rounds += 1
+            state.metrics.reprompts.labels(ROUTE).inc()
             log.info("reprompt", round=rounds, blocked=len(p.blocked))
             continue
 

@@ -1,0 +1,142 @@
+"""Prometheus metrics, one registry per app (so tests and embedders never share counters).
+
+Decisions are counted from audit records, so a metric and an audit line can never disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+
+# Seconds spent waiting on the upstream during the current request (headers + body reads).
+upstream_time: ContextVar[list[float] | None] = ContextVar("callgate_upstream_time", default=None)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+def add_upstream_time(seconds: float) -> None:
+    acc = upstream_time.get()
+    if acc is not None:
+        acc[0] += seconds
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "callgate_requests", "HTTP requests served", ["route", "status"], registry=r
+        )
+        self.decisions = Counter(
+            "callgate_tool_call_decisions",
+            "Tool-call decisions by tool, deciding gate and outcome",
+            ["tool", "gate", "outcome"],
+            registry=r,
+        )
+        self.shadow_blocks = Counter(
+            "callgate_shadow_blocks",
+            "Blocks a shadow-mode gate would have made",
+            ["tool", "gate"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "callgate_store_errors",
+            "Decisions affected by a store failure",
+            ["gate", "handling"],
+            registry=r,
+        )
+        self.reprompts = Counter(
+            "callgate_reprompt_rounds",
+            "Reprompt rounds asked of the upstream",
+            ["route"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "callgate_policy_reloads", "Policy reload attempts", ["result"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "callgate_upstream_latency_seconds",
+            "Time waiting on the upstream per request (to headers, plus body for non-streams)",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "callgate_proxy_overhead_seconds",
+            "Time callgate added to a non-streaming request (total minus upstream)",
+            ["route"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+
+    def on_audit(self, record: dict[str, Any]) -> None:
+        tool = record["tool"]
+        self.decisions.labels(tool, record["gate"] or "none", record["decision"]).inc()
+        for shadow in record["shadow"]:
+            self.shadow_blocks.labels(tool, shadow["gate"]).inc()
+        if record["reason"] == "store_error":
+            self.store_errors.labels(record["gate"], "fail_closed").inc()
+        for gate in record["fail_open"]:
+            self.store_errors.labels(gate, "fail_open").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+STREAMED: web.RequestKey[bool] = web.RequestKey("callgate_streamed", bool)
+
+
+def _complete_body(request: web.Request, route: str) -> bool:
+    # A stream's duration is the model's, not ours: overhead is only meaningful for whole bodies.
+    return not request.get(STREAMED, True)
+
+
+def route_label(request: web.Request) -> str:
+    path = request.path
+    if path.startswith("/v1/chat/completions"):
+        return "chat.completions"
+    if path.startswith("/v1/responses"):
+        return "responses"
+    if path.startswith("/v1/"):
+        return "passthrough"
+    return path.strip("/") or "root"
+
+
+async def observe(
+    metrics: Metrics,
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Run the handler, then record its status, upstream wait and callgate's own share."""
+    acc = [0.0]
+    token = upstream_time.set(acc)
+    started = time.perf_counter()
+    status = 500
+    route = route_label(request)
+    try:
+        response = await handler(request)
+        status = response.status
+        request[STREAMED] = not isinstance(response, web.Response)
+        return response
+    finally:
+        upstream_time.reset(token)
+        total = time.perf_counter() - started
+        metrics.requests.labels(route, str(status)).inc()
+        if acc[0]:
+            metrics.upstream_latency.labels(route).observe(acc[0])
+            if status < 500 and _complete_body(request, route):
+                metrics.overhead.labels(route).observe(max(0.0, total - acc[0]))
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    from proxy.state import STATE
+
+    body = request.app[STATE].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,92 @@
+"""Hot reload: a changed policy file (or SIGHUP) swaps the policy atomically.
+
+Requests in flight keep the policy object they started with; new ones see the new one.
+Counters, ledgers and stashes live in the store and survive. An invalid file is refused with
+one log line and the running policy stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import structlog
+
+from proxy.config import ConfigError
+from proxy.policy import Policy, load_policy_text
+from proxy.state import AppState
+
+log = structlog.get_logger("callgate.reload")
+
+# Settings bound to long-lived resources: a change is logged, and applies after a restart.
+_RESTART_ONLY = ("store", "server")
+
+
+def _fingerprint(path: str) -> tuple[int, int, int, int] | None:
+    """Identity of the file the path resolves to now (a ConfigMap update swaps a symlink)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+async def reload_policy(state: AppState, reason: str) -> bool:
+    path = state.config_path
+    if path is None:
+        return False
+    try:
+        text = await asyncio.to_thread(_read, path)
+        policy = load_policy_text(text, path)
+    except ConfigError as exc:
+        log.error("policy_reload_refused", reason=reason, path=path, errors=exc.errors)
+        state.metrics.reloads.labels("refused").inc()
+        return False
+    except OSError as exc:
+        log.error("policy_reload_refused", reason=reason, path=path, errors=[str(exc)])
+        state.metrics.reloads.labels("refused").inc()
+        return False
+    apply(state, policy)
+    log.info("policy_reloaded", reason=reason, path=path, tools=len(policy.tools))
+    state.metrics.reloads.labels("ok").inc()
+    return True
+
+
+def apply(state: AppState, policy: Policy) -> None:
+    old = state.policy.config
+    new = policy.config
+    for section in _RESTART_ONLY:
+        if getattr(old, section) != getattr(new, section):
+            log.warning(
+                "policy_reload_partial",
+                section=section,
+                detail="this section applies after a restart",
+            )
+    if old.audit.file != new.audit.file:
+        log.warning(
+            "policy_reload_partial",
+            section="audit.file",
+            detail="the audit file changes after a restart",
+        )
+    state.auditor.reconfigure(new.audit)
+    state.upstream.reconfigure(new.upstream)
+    state.policy = policy  # one reference swap: atomic for every coroutine
+
+
+async def watch(state: AppState, interval: float = 1.0) -> None:
+    """Poll the policy file; reload when what the path resolves to changes."""
+    path = state.config_path
+    if path is None:
+        return
+    last = await asyncio.to_thread(_fingerprint, path)
+    while True:
+        await asyncio.sleep(interval)
+        current = await asyncio.to_thread(_fingerprint, path)
+        if current is not None and current != last:
+            last = current
+            await reload_policy(state, "file_changed")
