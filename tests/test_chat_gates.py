@@ -287,3 +287,47 @@ async def test_reprompt_bounded_by_max_reprompts(make_proxy, upstream):
     assert result.choices[0].message.tool_calls is None
     assert result.choices[0].finish_reason == "stop"
     assert [r["action"] for r in seen] == ["reprompt", "reprompt", "strip"]
+
+
+async def test_memory_store_forgets_stale_principals(clock):
+    from proxy.store import SlotRequest
+    from proxy.store.memory import SWEEP_EVERY, MemoryStore
+
+    store = MemoryStore(clock=clock)
+    for i in range(SWEEP_EVERY - 1):
+        await store.reserve([SlotRequest(f"rl:tools:t@p{i}", 5, 60.0, 0.0)])
+    await store.put_stash("stash:chat:x", b"{}", 10)
+    assert len(store._logs) == SWEEP_EVERY - 1
+    clock.advance(60)  # every entry is now exactly one window old: stale
+    await store.reserve([SlotRequest("rl:tools:t@fresh", 5, 60.0, 0.0)])
+    assert list(store._logs) == ["rl:tools:t@fresh"]
+    assert await store.get_stash_many(["stash:chat:x"]) == [None]
+
+
+async def test_hide_denied_tools_removes_them_from_the_request(make_proxy, upstream):
+    proxy = await make_proxy(
+        {
+            "server": {"hide_denied_tools": True},
+            "default": {"allow": False},
+            "tools": {"get_weather": {}, "delete_file": {"allow": False}},
+        }
+    )
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in ("get_weather", "delete_file", "unlisted")
+    ]
+    upstream.push(completion(content="hi"), completion(content="hi"))
+    client = proxy.client()
+    await client.chat.completions.create(
+        model="m",
+        messages=MSGS,
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "delete_file"}},
+    )
+    sent = upstream.bodies()[0]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather"]
+    assert sent["tool_choice"] == "auto"  # it named a hidden tool
+    await client.chat.completions.create(
+        model="m", messages=MSGS, tools=tools[1:], parallel_tool_calls=False
+    )
+    assert {"tools", "tool_choice", "parallel_tool_calls"}.isdisjoint(upstream.bodies()[1])

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest
 
 Entry = tuple[float, str, int]  # (timestamp, member id, micro-units or 0)
+SWEEP_EVERY = 4096  # reservations between sweeps of stale keys
 
 
 class MemoryStore:
@@ -18,18 +19,38 @@ class MemoryStore:
         self._logs: dict[str, deque[Entry]] = {}
         self._stash: dict[str, tuple[float, bytes]] = {}
         self._ids = itertools.count(1)
+        self._horizon: dict[str, float] = {}
+        self._until_sweep = SWEEP_EVERY
 
     def _log(self, key: str, horizon: float, now: float) -> deque[Entry]:
         log = self._logs.get(key)
         if log is None:
             log = self._logs[key] = deque()
+        self._horizon[key] = horizon
         # An entry at t counts while t > now - horizon: exact at the boundary.
         while log and log[0][0] <= now - horizon:
             log.popleft()
         return log
 
+    def _sweep(self, now: float) -> None:
+        """Forget keys whose every entry is stale, and expired stashes: memory stays bounded
+        by the principals active within a window, not by every principal ever seen."""
+        for key in [
+            k
+            for k, log in self._logs.items()
+            if not log or log[-1][0] <= now - self._horizon.get(k, 0.0)
+        ]:
+            del self._logs[key]
+            self._horizon.pop(key, None)
+        for key in [k for k, (expires, _) in self._stash.items() if expires <= now]:
+            del self._stash[key]
+
     async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
         now = self._clock()
+        self._until_sweep -= 1
+        if self._until_sweep <= 0:
+            self._until_sweep = SWEEP_EVERY
+            self._sweep(now)
         outcomes: list[Outcome] = []
         for item in items:
             if isinstance(item, SlotRequest):
