@@ -1,0 +1,314 @@
+"""Redis store: one set of limits, ledgers and stashes shared by every replica.
+
+Each reservation is one atomic round trip: a Lua script (loaded once, run with EVALSHA, reloaded
+on NOSCRIPT) checks every item against the Redis server's clock (`TIME`), records nothing if an
+enforced item fails and otherwise records every passing item. Semantics match MemoryStore exactly.
+
+Key layout (all under the configured prefix, e.g. `callgate:`):
+
+    <prefix><item key>          ZSET, the sliding-window log: one member per recorded call,
+                                score = server time in integer microseconds,
+                                member = "<reservation id>.<item index>:<micro-units>"
+    <prefix>sum:<item key>      STRING, the ledger's running total in integer micro-units
+                                (budgets only; INCRBY/DECRBY, never a Lua float for money)
+    <prefix>stash:...           STRING, a stashed blocked call (SET PX ttl)
+
+Both keys of a ledger get the same PEXPIRE (the window, or max(window, cooldown) for a rate
+limit) every time an entry is recorded, so a key vanishes once its newest entry is stale. A
+missing total next to a non-empty log (evicted, deleted by hand) is rebuilt from the log's
+members: the members are the truth. Timestamps and amounts are integers below 2**53, exact in
+Lua's doubles; numbers going back to Redis are formatted with `%d`, never `tostring` (which
+rounds to 14 digits).
+
+Every call is bounded by `timeout` (connect, read, and the whole call including one retry on a
+fresh connection, which is what lets the pool survive a Redis restart). A connection that dies
+after Redis ran a reservation but before the reply arrived makes that retry record the call
+twice: the error is on the strict side (a slot or charge too many), never a lost limit.
+
+Redis Cluster is not supported: the keys of one reservation (a rate-limit log and a ledger)
+usually hash to different slots. Use a single primary (with replicas / Sentinel for failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest, StoreError
+
+T = TypeVar("T")
+
+# Largest integer a Lua number (a double) holds exactly.
+MAX_EXACT = 2**53 - 1
+LIMITS = ("", "max_calls", "cooldown", "max_spend")
+
+# KEYS: two per item: the item's log (ZSET) and its ledger total (STRING, budgets only).
+# ARGV: now_us ("" = use the server's TIME), reservation id, item count, then six per item:
+#   kind ("s" slot | "c" charge), enforce ("1" | "0"), window_us, horizon_us,
+#   slot: max_calls (-1 = none), cooldown_us    charge: max_micros, cost_micros
+# Returns {outcomes, members}: outcomes is six integers per item
+#   ok (1|0), limit (0 none | 1 max_calls | 2 cooldown | 3 max_spend), count, elapsed_us,
+#   spent_micros, retry_us (-1 = none);
+# members is one string per item: the member recorded for it, or "" if nothing was recorded.
+RESERVE_LUA = r"""
+local function fmt(x) return string.format('%d', x) end
+local function amount_of(member) return tonumber(string.match(member, ':(%d+)$')) or 0 end
+
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local rid = ARGV[2]
+local n = tonumber(ARGV[3])
+local outcomes, members, passed = {}, {}, {}
+local blocked = false
+
+for i = 1, n do
+  local b = 3 + (i - 1) * 6
+  local kind, enforce = ARGV[b + 1], ARGV[b + 2] == '1'
+  local window, horizon = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local x, y = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6])
+  local key, sumkey = KEYS[2 * i - 1], KEYS[2 * i]
+  local ok, limit, count, elapsed, spent, retry = 1, 0, 0, 0, 0, -1
+
+  if kind == 's' then
+    local max_calls, cooldown = x, y
+    -- An entry at t counts while t > now - horizon: exact at the boundary.
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - horizon))
+    if max_calls >= 0 then
+      count = redis.call('ZCOUNT', key, '(' .. fmt(now - window), '+inf')
+    end
+    if cooldown > 0 then
+      local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      if last[2] then
+        local since = now - tonumber(last[2])
+        if since < cooldown then
+          ok, limit, elapsed, retry = 0, 2, since, cooldown - since
+        end
+      end
+    end
+    if ok == 1 and max_calls >= 0 and count >= max_calls then
+      ok, limit = 0, 1
+      if max_calls > 0 then
+        local e = redis.call('ZRANGEBYSCORE', key, '(' .. fmt(now - window), '+inf',
+          'WITHSCORES', 'LIMIT', count - max_calls, 1)
+        retry = tonumber(e[2]) + window - now
+      end
+    end
+  else
+    local max_micros, cost = x, y
+    local stale = redis.call('ZRANGEBYSCORE', key, '-inf', fmt(now - window))
+    if #stale > 0 then
+      local gone = 0
+      for _, m in ipairs(stale) do gone = gone + amount_of(m) end
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
+      if gone > 0 and redis.call('EXISTS', sumkey) == 1 then
+        redis.call('DECRBY', sumkey, fmt(gone))
+      end
+    end
+    if redis.call('ZCARD', key) == 0 then
+      redis.call('DEL', sumkey)
+    else
+      local total = redis.call('GET', sumkey)
+      if total then
+        spent = tonumber(total)
+      else
+        -- The total is gone (evicted, deleted by hand): rebuild it from the log.
+        for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do spent = spent + amount_of(m) end
+        redis.call('SET', sumkey, fmt(spent))
+        local ttl = redis.call('PTTL', key)
+        if ttl > 0 then redis.call('PEXPIRE', sumkey, ttl) end
+      end
+    end
+    if spent + cost > max_micros then
+      ok, limit = 0, 3
+      if cost <= max_micros then
+        -- When enough of the oldest charges have aged out for this one to fit.
+        local freed, start, found = 0, 0, false
+        while not found do
+          local page = redis.call('ZRANGE', key, start, start + 127, 'WITHSCORES')
+          if #page == 0 then break end
+          for j = 1, #page, 2 do
+            freed = freed + amount_of(page[j])
+            if spent - freed + cost <= max_micros then
+              retry = tonumber(page[j + 1]) + window - now
+              found = true
+              break
+            end
+          end
+          start = start + 128
+        end
+      end
+    end
+  end
+
+  if ok == 0 and enforce then blocked = true end
+  passed[i] = ok == 1
+  table.insert(outcomes, ok)
+  table.insert(outcomes, limit)
+  table.insert(outcomes, count)
+  table.insert(outcomes, elapsed)
+  table.insert(outcomes, spent)
+  table.insert(outcomes, retry)
+end
+
+for i = 1, n do
+  local member = ''
+  if not blocked and passed[i] then
+    local b = 3 + (i - 1) * 6
+    local kind, horizon = ARGV[b + 1], tonumber(ARGV[b + 4])
+    local amount = 0
+    if kind == 'c' then amount = tonumber(ARGV[b + 6]) end
+    local key, sumkey = KEYS[2 * i - 1], KEYS[2 * i]
+    local ttl = fmt(math.floor(horizon / 1000) + 1)
+    member = rid .. '.' .. i .. ':' .. fmt(amount)
+    redis.call('ZADD', key, fmt(now), member)
+    redis.call('PEXPIRE', key, ttl)
+    if kind == 'c' then
+      redis.call('INCRBY', sumkey, fmt(amount))
+      redis.call('PEXPIRE', sumkey, ttl)
+    end
+  end
+  members[i] = member
+end
+return {outcomes, members}
+"""
+
+# KEYS: two per entry: the log (ZSET) and its ledger total. ARGV: one member per entry.
+RELEASE_LUA = r"""
+for i = 1, #ARGV do
+  local key, sumkey, member = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i]
+  if redis.call('ZREM', key, member) == 1 then
+    local amount = tonumber(string.match(member, ':(%d+)$')) or 0
+    if redis.call('ZCARD', key) == 0 then
+      redis.call('DEL', sumkey)
+    elseif amount > 0 and redis.call('EXISTS', sumkey) == 1 then
+      redis.call('DECRBY', sumkey, string.format('%d', amount))
+    end
+  end
+end
+return 0
+"""
+
+
+def _micros(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+class RedisStore:
+    """The shared store. `clock` (tests only) replaces the server's TIME in reservations."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 0.5,
+        prefix: str = "callgate:",
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._prefix = prefix
+        self._clock = clock
+        # One quick retry on a fresh connection: after a Redis restart every pooled connection
+        # is dead, and the first command on each fails once. The whole call stays bounded by
+        # `timeout` (see _call), retries included.
+        self._redis = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
+        )
+        self._reserve = self._redis.register_script(RESERVE_LUA)
+        self._release = self._redis.register_script(RELEASE_LUA)
+
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await op()
+        except TimeoutError:
+            raise StoreError(f"redis {what}: no answer within {self._timeout:g}s") from None
+        except (RedisError, OSError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise StoreError(f"redis {what}: {detail}") from None
+
+    def _keys(self, key: str) -> tuple[str, str]:
+        return self._prefix + key, f"{self._prefix}sum:{key}"
+
+    async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
+        if not items:
+            return Reservation([])
+        keys: list[str] = []
+        now = "" if self._clock is None else str(_micros(self._clock()))
+        args: list[Any] = [now, secrets.token_hex(8), len(items)]
+        for item in items:
+            keys.extend(self._keys(item.key))
+            window = _micros(item.window)
+            if isinstance(item, SlotRequest):
+                cooldown = _micros(item.cooldown)
+                max_calls = -1 if item.max_calls is None else item.max_calls
+                args += ["s", int(item.enforce), window, max(window, cooldown), max_calls, cooldown]
+            else:
+                if max(item.max_micros, item.cost_micros) > MAX_EXACT:
+                    raise StoreError(f"redis reserve: amount too large for {item.key}")
+                args += ["c", int(item.enforce), window, window, item.max_micros, item.cost_micros]
+        raw = await self._call("reserve", lambda: self._reserve(keys=keys, args=args))
+        flat, members = raw
+        outcomes: list[Outcome] = []
+        for i in range(len(items)):
+            ok, limit, count, elapsed, spent, retry = flat[6 * i : 6 * i + 6]
+            outcomes.append(
+                Outcome(
+                    bool(ok),
+                    LIMITS[limit],
+                    count=count,
+                    elapsed=elapsed / 1_000_000,
+                    spent_micros=spent,
+                    retry_after=None if retry < 0 else retry / 1_000_000,
+                )
+            )
+        token = [
+            (item.key, member.decode())
+            for item, member in zip(items, members, strict=True)
+            if member
+        ]
+        return Reservation(outcomes, token)
+
+    async def release(self, token: list[tuple[str, str]]) -> None:
+        if not token:
+            return
+        keys: list[str] = []
+        for key, _member in token:
+            keys.extend(self._keys(key))
+        members = [member for _key, member in token]
+        await self._call("release", lambda: self._release(keys=keys, args=members))
+
+    async def put_stash(self, key: str, value: bytes, ttl: float) -> None:
+        px = max(1, math.ceil(ttl * 1000))
+        await self._call("stash write", lambda: self._redis.set(self._prefix + key, value, px=px))
+
+    async def get_stash_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        full = [self._prefix + k for k in keys]
+        return await self._call("stash read", lambda: self._redis.mget(full))
+
+    async def ping(self) -> None:
+        await self._call("ping", self._redis.ping)
+
+    async def close(self) -> None:
+        try:
+            await self._redis.aclose()
+        except (RedisError, OSError):
+            pass
