@@ -164,6 +164,7 @@ def completion(
 class Proxy:
     server: TestServer
     state: AppState
+    clients: list[Any] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -174,10 +175,23 @@ class Proxy:
         return str(self.server.make_url(""))
 
     def client(self, **kw: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url, api_key="sk-test-key", max_retries=0, **kw)
+        client = openai.AsyncOpenAI(base_url=self.url, api_key="sk-test-key", max_retries=0, **kw)
+        self.clients.append(client)
+        return client
 
     def sync_client(self, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key="sk-test-key", max_retries=0, **kw)
+        client = openai.OpenAI(base_url=self.url, api_key="sk-test-key", max_retries=0, **kw)
+        self.clients.append(client)
+        return client
+
+    async def close_clients(self) -> None:
+        # Closed while the loop runs: a client collected after it closes logs loop errors.
+        for client in self.clients:
+            if isinstance(client, openai.AsyncOpenAI):
+                await client.close()
+            else:
+                client.close()
+        self.clients.clear()
 
 
 @pytest.fixture
@@ -203,8 +217,11 @@ def policy_from(config: dict[str, Any] | str, upstream_url: str) -> Any:
 
 
 @pytest.fixture
-def make_proxy(aiohttp_server: Any, upstream: ScriptedUpstream, clock: FakeClock, monkeypatch: Any):
+async def make_proxy(
+    aiohttp_server: Any, upstream: ScriptedUpstream, clock: FakeClock, monkeypatch: Any
+):
     monkeypatch.delenv("CALLGATE_UPSTREAM_URL", raising=False)
+    made: list[Proxy] = []
 
     async def make(
         config: dict[str, Any] | str, *, upstream_url: str | None = None, **kw: Any
@@ -213,9 +230,13 @@ def make_proxy(aiohttp_server: Any, upstream: ScriptedUpstream, clock: FakeClock
         kw.setdefault("clock", clock)
         app = create_app(policy, **kw)
         server = await aiohttp_server(app, host="127.0.0.1")
-        return Proxy(server, app[STATE])
+        proxy = Proxy(server, app[STATE])
+        made.append(proxy)
+        return proxy
 
-    return make
+    yield make
+    for proxy in made:
+        await proxy.close_clients()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
