@@ -13,7 +13,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -49,30 +49,30 @@ def _last_line(path: str) -> tuple[bytes | None, bool]:
     Reads backwards in blocks, so a long last record (large arguments) is read whole.
     """
     try:
-        fh = open(path, "rb")
+        with open(path, "rb") as fh:
+            return _last_line_of(fh)
     except FileNotFoundError:
         return None, False
-    with fh:
-        end = fh.seek(0, os.SEEK_END)
-        if end == 0:
-            return None, False
-        fh.seek(end - 1)
-        unterminated = fh.read(1) != b"\n"
-        buf = b""
-        pos = end
-        while pos > 0:
-            step = min(65536, pos)
-            pos -= step
-            fh.seek(pos)
-            buf = fh.read(step) + buf
-            stripped = buf.rstrip()
-            if not stripped:
-                continue
-            cut = stripped.rfind(b"\n")
-            if cut >= 0:
-                return stripped[cut + 1 :], unterminated
-        stripped = buf.strip()
-        return (stripped or None), unterminated
+
+
+def _last_line_of(fh: BinaryIO) -> tuple[bytes | None, bool]:
+    end = fh.seek(0, os.SEEK_END)
+    if end == 0:
+        return None, False
+    fh.seek(end - 1)
+    unterminated = fh.read(1) != b"\n"
+    buf = b""
+    pos = end
+    while pos > 0:
+        step = min(65536, pos)
+        pos -= step
+        fh.seek(pos)
+        buf = fh.read(step) + buf
+        stripped = buf.rstrip()
+        cut = stripped.rfind(b"\n")
+        if cut >= 0:
+            return stripped[cut + 1 :], unterminated
+    return buf.strip() or None, unterminated
 
 
 def _last_hash(path: str) -> tuple[str, bool]:
@@ -194,9 +194,7 @@ class Auditor:
             await self._task
             self._task = None
         if not await self._flush():
-            log.critical(
-                "audit_records_lost", file=self.config.file, records=len(self._pending)
-            )
+            log.critical("audit_records_lost", file=self.config.file, records=len(self._pending))
 
 
 def _append(path: str, data: bytes) -> None:

@@ -201,6 +201,8 @@ class ChatStream:
                 for event in splitter.feed(data):
                     if await self.event(event) or self.ended:
                         return
+        except ConnectionResetError:
+            raise  # the client left (aiohttp's reset error is also a ClientConnectionError)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise StreamFailed(
                 f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
@@ -260,8 +262,29 @@ class ChatStream:
         if "error" in obj and "choices" not in obj:
             await self.write(event)  # the upstream's own error event passes through
             return True
+        if not self.round and not self.draining and self.untouched(obj):
+            # A finish with no tool call in play (a plain text answer): nothing to rewrite.
+            for choice in obj.get("choices") or []:
+                self.choices.setdefault(choice.get("index", 0), ChoiceState()).finished = True
+            await self.write(event)
+            return False
         await self.handle_chunk(obj)
         return False
+
+    def untouched(self, obj: dict[str, Any]) -> bool:
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                return False
+            delta = choice.get("delta") or {}
+            if delta.get("tool_calls") or delta.get("function_call"):
+                return False
+            st = self.choices.get(choice.get("index", 0))
+            if st is not None and (st.open or st.calls):
+                return False
+        return True
 
     async def handle_chunk(self, obj: dict[str, Any]) -> None:
         if self.draining:

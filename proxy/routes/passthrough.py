@@ -30,13 +30,16 @@ async def relay(
         async for chunk in resp.content.iter_any():
             await out.write(chunk)
         await out.write_eof()
+    except ConnectionResetError:
+        # First: aiohttp's ClientConnectionResetError (writing to a client that left) is also a
+        # ClientError, and must not be reported as the upstream's fault.
+        log.info("client_disconnected")
+        resp.close()  # stop reading the upstream: its connection cannot be reused mid-body
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone already: all we can do is cut the connection so the client sees it.
         log.warning("upstream_stream_broken", error=f"{type(exc).__name__}: {exc}")
         if request.transport is not None:
             request.transport.close()
-    except ConnectionResetError:
-        log.info("client_disconnected")
     finally:
         resp.release()
     return out
