@@ -202,7 +202,17 @@ class StoreConfig(_Model):
     @field_validator("timeout", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("timeout must be positive")
+        return seconds
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        return v
 
 
 class ServerConfig(_Model):

@@ -358,3 +358,14 @@ def test_explain_invalid_config_exits_1(tmp_path, capsys):
     assert main(["explain", path, "--tool", "t"]) == 1
     err = capsys.readouterr().err
     assert "max_reprompts: Input should be greater than or equal to 0 (line 1)" in err
+
+
+def test_check_rejects_bad_store_settings(tmp_path, capsys):
+    from proxy.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text("store:\n  backend: redis\n  url: http://x\n  timeout: 0\n")
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "store.url: url must start with redis://, rediss:// or unix:// (line 3)" in err
+    assert "store.timeout: timeout must be positive (line 4)" in err
