@@ -1,10 +1,417 @@
-"""`/v1/responses`: gated like Chat Completions (work in progress: forwarded for now)."""
+"""`/v1/responses`: gated like Chat Completions.
+
+- `POST /v1/responses`: request-side tool filtering (server-side tools a policy denies) and
+  completion of the conversation (error outputs of earlier blocked calls), forward, gate every
+  `function_call` / `custom_tool_call` item, rewrite (streaming: proxy.responses_stream).
+- `GET /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`: the client's view of a
+  stored response, without the calls callgate blocked or the items it added.
+- Everything else under /v1/responses/* is forwarded verbatim by the catch-all pass-through.
+"""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import orjson
+import structlog
 from aiohttp import web
+
+from proxy import responses, stash
+from proxy.blocking import audit_plan, plan
+from proxy.errors import bad_gateway, bad_request, error_response
+from proxy.gates import decide, release
+from proxy.metrics import add_upstream_time
+from proxy.policy import Policy
+from proxy.responses_stream import (
+    MAX_APPROVAL_ROUNDS,
+    ResponsesStream,
+    decide_approvals,
+    save_entry,
+    settle_approvals,
+)
+from proxy.routes.incoming import BadRequest, call_context, read_json
+from proxy.routes.passthrough import forward, relay, upstream_path
+from proxy.state import STATE, AppState
+from proxy.toolcalls import CallContext
+from proxy.upstream import UpstreamError, UpstreamReply, response_headers
+
+log = structlog.get_logger("callgate.responses")
+ROUTE = "responses"
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
     """Register the Responses API routes; called before the catch-all pass-through."""
-    return None
+    router.add_post("/v1/responses", create_response)
+    router.add_get("/v1/responses/{id}", get_response, allow_head=False)
+    router.add_get("/v1/responses/{id}/input_items", get_input_items, allow_head=False)
+
+
+# -- request side -------------------------------------------------------------------------
+
+
+def filter_tools(policy: Policy, body: dict[str, Any]) -> bool:
+    """Remove tools the policy denies: server-side ones always (they run at the upstream, where
+    callgate cannot stop a call), function/custom ones when `server.hide_denied_tools` is set."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return False
+    hide_client = policy.config.server.hide_denied_tools
+    removed = []
+    for tool in tools:
+        keys = responses.tool_keys(tool)
+        if not keys:
+            continue
+        if tool.get("type", "function") in responses.CLIENT_TOOL_TYPES:
+            if hide_client and not policy.for_tool(keys[0]).allow:
+                removed.append(tool)
+            continue
+        known = next((policy.tools[k] for k in keys if k in policy.tools), policy.default)
+        if not known.allow:
+            removed.append(tool)
+    if removed:
+        log.info("tools_removed", tools=[responses.tool_keys(t)[0] for t in removed])
+        responses.remove_tools(body, removed)
+    return bool(removed)
+
+
+async def prepare_request(state: AppState, body: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Complete the conversation the client sends, in place: error outputs for the blocked calls
+    of the response it continues, blocked calls put back into a full input. Returns (changed,
+    keys of the input items callgate added: the client must not see them read back)."""
+    changed = False
+    inserted: list[str] = []
+    prev = body.get("previous_response_id")
+    raw_input = body.get("input")
+    call_ids = responses.input_call_ids(raw_input) if isinstance(raw_input, list) else []
+    conversation = responses.conversation_id(body)
+    keys = ([responses.conversation_key(conversation)] if conversation else []) + (
+        [stash.responses_key(prev)] if isinstance(prev, str) else []
+    )
+    keys += [responses.call_key(c) for c in call_ids]
+    found = await stash.get_many(state.store, keys) if keys else []
+    items = responses.as_input_list(raw_input)
+    if conversation:
+        conv_entry, found = found[0] if found else None, found[1:]
+        if conv_entry and conv_entry.get("outputs"):
+            inserted += responses.add_outputs(items, conv_entry["outputs"])
+    if isinstance(prev, str):
+        prev_entry, found = found[0] if found else None, found[1:]
+        if prev_entry and prev_entry.get("target"):
+            # The client saw a reprompted stream under the first round's id; continue the last.
+            body["previous_response_id"] = prev_entry["target"]
+            changed = True
+        if prev_entry and prev_entry.get("outputs"):
+            inserted += responses.add_outputs(items, prev_entry["outputs"])
+    # The same entry is stored under each surviving call of its response: use it once.
+    unique = {orjson.dumps(e): e for e in found if e and e.get("groups")}
+    if unique:
+        inserted += responses.reinsert(items, list(unique.values()))
+    stripped = responses.strip_notice_ids(items)
+    if inserted or stripped:
+        body["input"] = items
+        changed = True
+    return changed, inserted
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    policy = state.policy  # this request keeps the policy it started with
+    try:
+        raw, body = await read_json(request)
+    except BadRequest as exc:
+        return exc.response
+    changed = filter_tools(policy, body)
+    gated = responses.gated_mcp_servers(policy, body)
+    if body.get("background") is True and (gated or responses.has_client_tools(body)):
+        # The calls of a background response are read later (GET, or a resumed stream) with no
+        # chance to rewrite or answer them first: refuse rather than let them through ungated.
+        return bad_request(
+            "callgate cannot gate the tool calls of a background response; send this request "
+            "without `background` (or without function/custom tools and gated MCP servers).",
+            "background",
+        )
+    ctx = call_context(request, body, policy, ROUTE)
+    prev = body.get("previous_response_id")
+    client_prev = prev if isinstance(prev, str) else None
+    completed, inserted = await prepare_request(state, body)
+    if changed or gated or completed:
+        raw = orjson.dumps(body)
+    if body.get("stream") is True:
+        return await _gate_stream(request, state, policy, body, raw, ctx, inserted, gated)
+    return await _gate_response(
+        request, state, policy, body, raw, ctx, inserted, client_prev, gated
+    )
+
+
+# -- non-streaming ------------------------------------------------------------------------
+
+
+def _json_response(reply: UpstreamReply, data: Any) -> web.Response:
+    headers = response_headers(reply.headers, decoded=True)
+    headers.popall("Content-Type", None)
+    return web.Response(
+        status=reply.status,
+        headers=headers,
+        body=orjson.dumps(data),
+        content_type="application/json",
+    )
+
+
+def _raw_response(reply: UpstreamReply) -> web.Response:
+    return web.Response(
+        status=reply.status, headers=response_headers(reply.headers, decoded=True), body=reply.body
+    )
+
+
+async def _post(
+    state: AppState, path: str, request: web.Request, payload: bytes
+) -> UpstreamReply | web.Response:
+    started = time.perf_counter()
+    try:
+        return await state.upstream.post(path, request.headers, payload)
+    except UpstreamError as exc:
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    finally:
+        add_upstream_time(time.perf_counter() - started)
+
+
+def _parse(reply: UpstreamReply) -> dict[str, Any] | web.Response:
+    try:
+        data = orjson.loads(reply.body)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        log.error("upstream_malformed_json", error=str(exc), bytes=len(reply.body))
+        return bad_gateway(
+            f"The upstream returned a malformed JSON body: {exc}", "upstream_malformed"
+        )
+    return data
+
+
+async def _gate_response(
+    request: web.Request,
+    state: AppState,
+    policy: Policy,
+    body: dict[str, Any],
+    payload: bytes,
+    ctx: CallContext,
+    inserted: list[str],
+    client_prev: str | None,
+    gated: set[str],
+) -> web.StreamResponse:
+    path = upstream_path(request)
+    rounds = reprompts = approval_rounds = 0
+    usage: dict[str, Any] | None = None
+    first_id: str | None = None
+    while True:
+        reply = await _post(state, path, request, payload)
+        if isinstance(reply, web.Response):
+            return reply
+        if reply.status != 200:
+            return _raw_response(reply)  # upstream errors reach the client unchanged
+        data = _parse(reply)
+        if isinstance(data, web.Response):
+            return data
+        if rounds:
+            usage = responses.add_usage(usage, data.get("usage"))
+        output = data.get("output") if isinstance(data.get("output"), list) else []
+        # One at a time, in order: parallel calls to one tool take slots first-come.
+        decisions = [await decide(c, policy, state.store, ctx) for c in responses.calls_of(output)]
+        approvals = await decide_approvals(
+            state, policy, ctx, responses.approvals_of(output, gated)
+        )
+        p = plan(decisions, reprompts < policy.config.max_reprompts)
+        p = settle_approvals(state, ctx, p, approvals)
+        if decisions:
+            audit_plan(state.auditor, p, ctx)
+        if p.action == "error":
+            await release(state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
+            first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
+            assert first.block is not None
+            return error_response(
+                403,
+                f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
+                "tool_call_blocked",
+                first.block.gate,
+            )
+        answers = [responses.approval_response(d) for d in approvals]
+        again = p.action == "reprompt" or (
+            approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
+        )
+        if again:
+            if not rounds:
+                usage = responses.add_usage(None, data.get("usage"))
+                first_id = data.get("id") if isinstance(data.get("id"), str) else None
+            outputs = [responses.error_output(d) for d in p.blocked] + answers
+            body = responses.next_round_body(body, data, outputs)
+            payload = orjson.dumps(body)
+            rounds += 1
+            if p.action == "reprompt":
+                reprompts += 1
+                state.metrics.reprompts.labels(ROUTE).inc()
+            else:
+                approval_rounds += 1
+            log.info("reprompt", round=rounds, blocked=len(p.blocked), approvals=len(answers))
+            continue
+
+        hide = list(inserted)
+        extra: dict[str, Any] = {}
+        changed = bool(rounds)
+        if p.blocked or approvals:
+            changed = True
+            blocked_ids = {d.call.id for d in [*p.blocked, *approvals]}
+            kept, groups, removed = responses.split_output(output, blocked_ids)
+            if p.action == "strip":
+                text = responses.notice_text(p.blocked, responses.has_text(kept))
+                note = responses.notice_item(text)
+                kept.append(note)
+                extra["extra"] = [note]
+            data["output"] = kept
+            if "output_text" in data:
+                data["output_text"] = responses.output_text(kept)
+            hide += removed
+            extra.update(
+                outputs=[responses.error_output(d) for d in p.blocked] + answers,
+                groups=groups,
+                calls=[d.call.id for d in p.allowed],
+            )
+        if rounds:
+            data["usage"] = usage
+            if "previous_response_id" in data:
+                data["previous_response_id"] = client_prev
+            if responses.stored(body, data):
+                extra["previous_response_id"] = client_prev or ""  # "" stands for null
+            if first_id and responses.stored(body, data) and body.get("conversation") is None:
+                extra["input_of"] = first_id  # the client's own input went with the first round
+        rid = data.get("id")
+        if isinstance(rid, str):
+            await save_entry(state, policy, rid, responses.entry(hide=hide, **extra), body)
+        if not changed:
+            return _raw_response(reply)  # byte for byte what the upstream sent
+        return _json_response(reply, data)
+
+
+# -- streaming ----------------------------------------------------------------------------
+
+
+async def _gate_stream(
+    request: web.Request,
+    state: AppState,
+    policy: Policy,
+    body: dict[str, Any],
+    payload: bytes,
+    ctx: CallContext,
+    inserted: list[str],
+    gated: set[str],
+) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        resp = await state.upstream.open(
+            "POST", upstream_path(request), request.headers, payload, raw=False
+        )
+    except UpstreamError as exc:
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    finally:
+        add_upstream_time(time.perf_counter() - started)
+    if resp.status != 200 or "event-stream" not in resp.headers.get("Content-Type", ""):
+        return await relay(request, resp, decoded=True)  # errors (and oddities) pass unchanged
+    out = web.StreamResponse(status=200)
+    out.headers.extend(response_headers(resp.headers, decoded=True))
+    out.headers["x-callgate-request-id"] = ctx.request_id
+    try:
+        await out.prepare(request)
+        await ResponsesStream(request, out, state, policy, body, ctx, inserted, gated).run(resp)
+        await out.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        log.info("client_disconnected", stream=True)
+    finally:
+        resp.close()
+    return out
+
+
+# -- reading stored responses back --------------------------------------------------------
+
+
+async def _lookup(state: AppState, response_id: str) -> dict[str, Any] | None:
+    found = await stash.get_many(state.store, [stash.responses_key(response_id)])
+    return found[0] if found else None
+
+
+async def _get(state: AppState, request: web.Request, path_qs: str) -> UpstreamReply | web.Response:
+    started = time.perf_counter()
+    try:
+        resp = await state.upstream.open("GET", path_qs, request.headers, None, raw=False)
+        try:
+            payload = await resp.read()
+        finally:
+            resp.release()
+    except UpstreamError as exc:
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    except Exception as exc:  # disconnect or timeout mid-body
+        return bad_gateway(f"upstream failed mid-response: {type(exc).__name__}: {exc}")
+    finally:
+        add_upstream_time(time.perf_counter() - started)
+    return UpstreamReply(resp.status, resp.headers, payload)
+
+
+def _with_query(request: web.Request, path: str) -> str:
+    qs = request.rel_url.raw_query_string
+    return f"{path}?{qs}" if qs else path
+
+
+async def get_response(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    rid = request.match_info["id"]
+    e = await _lookup(state, rid)
+    if not e or request.query.get("stream") == "true":
+        return await forward(request)  # nothing of ours in it: verbatim
+    target = e.get("target") or rid
+    reply = await _get(state, request, _with_query(request, "/responses/" + target))
+    if isinstance(reply, web.Response):
+        return reply
+    if reply.status != 200:
+        return _raw_response(reply)
+    data = _parse(reply)
+    if isinstance(data, web.Response):
+        return data
+    output = data.get("output") if isinstance(data.get("output"), list) else []
+    output = [*(e.get("prefix") or []), *responses.visible(output, set(e.get("hide") or []))]
+    output += e.get("extra") or []
+    data["output"] = output
+    if "output_text" in data:
+        data["output_text"] = responses.output_text(output)
+    data["id"] = rid
+    if "previous_response_id" in e:
+        data["previous_response_id"] = e["previous_response_id"] or None
+    return _json_response(reply, data)
+
+
+async def get_input_items(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    rid = request.match_info["id"]
+    e = await _lookup(state, rid)
+    if not e:
+        return await forward(request)
+    source = e.get("input_of") or rid
+    reply = await _get(state, request, _with_query(request, f"/responses/{source}/input_items"))
+    if isinstance(reply, web.Response):
+        return reply
+    if reply.status != 200:
+        return _raw_response(reply)
+    data = _parse(reply)
+    if isinstance(data, web.Response):
+        return data
+    items = data.get("data")
+    if isinstance(items, list):
+        shown = responses.visible(items, set(e.get("hide") or []))
+        data["data"] = shown
+        if "first_id" in data:
+            data["first_id"] = _item_id(shown[0]) if shown else None
+        if "last_id" in data:
+            data["last_id"] = _item_id(shown[-1]) if shown else None
+    return _json_response(reply, data)
+
+
+def _item_id(item: Any) -> Any:
+    return item.get("id") if isinstance(item, dict) else None

@@ -1,0 +1,541 @@
+"""Responses API shapes: reading tool calls out of `output`, rewriting around blocks, stashing.
+
+Pure functions over the decoded JSON; the route (proxy.routes.responses) and the stream gate
+(proxy.responses_stream) do the I/O.
+
+Items are identified by their *key*: `call:<call_id>` for function and custom tool calls (the
+call id is what outputs refer to, and clients that build their own input often drop item ids),
+`id:<id>` for everything else.
+
+What the stash keeps for a response the client saw (see `entry`):
+- `outputs`: the error outputs of its blocked calls (what the next turn must carry, so that the
+  upstream, which stored every call, finds an output for each);
+- `groups`: the removed items with the keys of their neighbours, to put them back in place when
+  the client sends its full input instead of `previous_response_id`;
+- `hide`: keys of items the client must never see (blocked calls and their reasoning, error
+  outputs callgate added) when it reads the stored response or its input items back;
+- `target` / `input_of` / `previous_response_id` / `prefix` / `extra`: how to show the client's
+  view of a stored response after a reprompt (the upstream's ids differ from the client's).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import orjson
+
+from proxy import stash
+from proxy.chat import notice
+from proxy.gates.decision import Decision
+from proxy.policy import Policy, ToolPolicy
+from proxy.toolcalls import ToolCall
+
+CALL_TYPES = {"function_call": "function", "custom_tool_call": "custom"}
+OUTPUT_TYPES = {"function_call_output", "custom_tool_call_output"}
+# Tool types the client runs itself, whose calls are gated item by item.
+CLIENT_TOOL_TYPES = {"function", "custom"}
+NOTICE_PREFIX = "msg_callgate_"
+APPROVAL = "mcp_approval_request"
+_FAMILY = re.compile(r"^(.*?)(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?$")
+
+
+def call_key(call_id: str) -> str:
+    """Stash key under which a surviving call finds its response's entry (full-input turns)."""
+    return stash.responses_key("call:" + call_id)
+
+
+def conversation_id(body: dict[str, Any]) -> str | None:
+    conv = body.get("conversation")
+    if isinstance(conv, dict):
+        conv = conv.get("id")
+    return conv if isinstance(conv, str) else None
+
+
+def conversation_key(conversation: str) -> str:
+    """Stash key for the error outputs a conversation's next turn must carry."""
+    return stash.responses_key("conversation:" + conversation)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def call_of(item: Any) -> ToolCall | None:
+    """The gated call an output item stands for, or None for any other item."""
+    if not isinstance(item, dict):
+        return None
+    kind = CALL_TYPES.get(item.get("type"))  # type: ignore[arg-type]
+    if kind is None:
+        return None
+    if kind == "custom":
+        raw = item.get("input")
+        text = raw if isinstance(raw, str) else ("" if raw is None else orjson.dumps(raw).decode())
+    else:
+        raw = item.get("arguments")
+        text = raw if isinstance(raw, str) else ("" if raw is None else orjson.dumps(raw).decode())
+    return ToolCall(
+        str(item.get("call_id") or item.get("id") or ""), str(item.get("name", "")), text, kind
+    )
+
+
+def calls_of(output: Any) -> list[ToolCall]:
+    if not isinstance(output, list):
+        return []
+    return [c for c in (call_of(item) for item in output) if c is not None]
+
+
+def key_of(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    if item.get("type") in CALL_TYPES or item.get("type") in OUTPUT_TYPES:
+        call_id = item.get("call_id")
+        if isinstance(call_id, str):
+            return "call:" + call_id
+    item_id = item.get("id")
+    return "id:" + item_id if isinstance(item_id, str) else None
+
+
+def output_key(item: Any) -> str | None:
+    """The key of the call an output item answers (None for anything else)."""
+    if isinstance(item, dict) and item.get("type") in OUTPUT_TYPES:
+        call_id = item.get("call_id")
+        if isinstance(call_id, str):
+            return "call:" + call_id
+    return None
+
+
+def as_input_list(value: Any) -> list[Any]:
+    """The request's `input` as a list of items (a string is one user message)."""
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return []
+
+
+# -- what the model is told ---------------------------------------------------------------
+
+
+def error_output(decision: Decision) -> dict[str, Any]:
+    """The output item that answers a blocked call: the error JSON in place of the tool's."""
+    kind = "custom_tool_call_output" if decision.call.kind == "custom" else "function_call_output"
+    return {
+        "type": kind,
+        "call_id": decision.call.id,
+        "output": orjson.dumps(decision.error_result()).decode(),
+    }
+
+
+def notice_text(blocked: list[Decision], after_text: bool) -> str:
+    return ("\n\n" if after_text else "") + notice(blocked)
+
+
+def notice_item(text: str, item_id: str | None = None) -> dict[str, Any]:
+    """An assistant message telling the user which calls were blocked (`strip` mode)."""
+    return {
+        "id": item_id or NOTICE_PREFIX + uuid.uuid4().hex,
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def has_text(output: list[Any]) -> bool:
+    for item in output:
+        if isinstance(item, dict) and item.get("type") == "message":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and part.get("text"):
+                    return True
+    return False
+
+
+def output_text(output: list[Any]) -> str:
+    parts = []
+    for item in output:
+        if isinstance(item, dict) and item.get("type") == "message":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and part.get("type") == "output_text":
+                    parts.append(str(part.get("text") or ""))
+    return "".join(parts)
+
+
+# -- rewriting ----------------------------------------------------------------------------
+
+
+def split_output(
+    output: list[Any], blocked_ids: set[str]
+) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
+    """Remove blocked calls, and every reasoning item whose following item goes with them.
+
+    Returns (kept items, groups of removed items with their neighbours' keys, removed keys).
+    A reasoning item must never be left without its following item: OpenAI refuses such an
+    input ("... was provided without its required following item").
+    """
+    removed = [
+        isinstance(item, dict)
+        and (
+            (
+                item.get("type") in CALL_TYPES
+                and str(item.get("call_id") or item.get("id") or "") in blocked_ids
+            )
+            or (item.get("type") == APPROVAL and item.get("id") in blocked_ids)
+        )
+        for item in output
+    ]
+    for i in range(len(output) - 2, -1, -1):
+        item = output[i]
+        if removed[i + 1] and isinstance(item, dict) and item.get("type") == "reasoning":
+            removed[i] = True
+    kept: list[Any] = []
+    groups: list[dict[str, Any]] = []
+    keys: list[str] = []
+    run: list[Any] = []
+    for item, gone in zip(output, removed, strict=True):
+        if gone:
+            run.append(item)
+            key = key_of(item)
+            if key:
+                keys.append(key)
+            continue
+        if run:
+            groups.append({"items": run, "after": key_of(kept[-1]) if kept else None})
+            run = []
+        if groups and "before" not in groups[-1]:
+            groups[-1]["before"] = key_of(item)
+        kept.append(item)
+    if run:
+        groups.append({"items": run, "after": key_of(kept[-1]) if kept else None})
+    for g in groups:
+        g.setdefault("before", None)
+    return kept, groups, keys
+
+
+def visible(items: list[Any], hide: set[str]) -> list[Any]:
+    """Items minus those the client must not see (by call or item key)."""
+    if not hide:
+        return items
+    out = []
+    for item in items:
+        key = key_of(item)
+        if key is not None and key in hide:
+            continue
+        if (
+            isinstance(item, dict)
+            and isinstance(item.get("id"), str)
+            and "id:" + item["id"] in hide
+        ):
+            continue
+        out.append(item)
+    return out
+
+
+def replayable(output: list[Any]) -> list[Any]:
+    """A response's output items as input for the next request when nothing is stored upstream.
+
+    Reasoning items without `encrypted_content` can only be referenced by id, which needs the
+    stored response: they are left out.
+    """
+    out = []
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "reasoning" and not item.get("encrypted_content"):
+            continue
+        out.append(item)
+    return out
+
+
+def entry(
+    *,
+    outputs: list[dict[str, Any]] | None = None,
+    groups: list[dict[str, Any]] | None = None,
+    calls: list[str] | None = None,
+    hide: list[str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A stash entry (see the module docstring); empty lists and None are left out."""
+    out: dict[str, Any] = {}
+    for name, value in (
+        ("outputs", outputs),
+        ("groups", groups),
+        ("calls", calls),
+        ("hide", hide),
+        *extra.items(),
+    ):
+        if value is not None and value != []:
+            out[name] = value
+    return out
+
+
+# -- reprompt --------------------------------------------------------------------------------
+
+
+def stored(body: dict[str, Any], data: dict[str, Any]) -> bool:
+    """Did the upstream keep the response (so `previous_response_id` can refer to it)?"""
+    return body.get("store") is not False and data.get("store") is not False
+
+
+def next_round_body(
+    body: dict[str, Any], data: dict[str, Any], outputs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The reprompt request: the blocked calls answered with their errors, same parameters."""
+    if body.get("conversation") is not None:
+        # The conversation already holds the response's items: only the outputs are new.
+        return {**body, "input": outputs}
+    if stored(body, data) and isinstance(data.get("id"), str):
+        return {**body, "previous_response_id": data["id"], "input": outputs}
+    output = data.get("output") if isinstance(data.get("output"), list) else []
+    items = [*as_input_list(body.get("input")), *replayable(output), *outputs]
+    return {**body, "input": items}
+
+
+# -- the client's next turn ---------------------------------------------------------------
+
+
+def add_outputs(items: list[Any], outputs: list[dict[str, Any]]) -> list[str]:
+    """Prepend the error outputs the input lacks (after `previous_response_id`). Returns keys."""
+    present = {k for k in (output_key(i) for i in items) if k}
+    missing = [o for o in outputs if output_key(o) not in present]
+    items[0:0] = missing
+    return [k for k in (output_key(o) for o in missing) if k]
+
+
+def reinsert(items: list[Any], entries: list[dict[str, Any]]) -> list[str]:
+    """Put stashed blocked calls (and their outputs) back into a client's full input, in place.
+
+    Each group goes before the kept item that followed it, else after the one before it, else
+    before the first surviving call of its response. Items already present are not repeated.
+    Returns the keys of everything inserted (the client must not see them read back).
+    """
+    inserted: list[str] = []
+    for e in entries:
+        present = {k for k in (key_of(i) for i in items) if k}
+        answered = {k for k in (output_key(i) for i in items) if k}
+        outputs = {output_key(o): o for o in e.get("outputs") or []}
+        for g in e.get("groups") or []:
+            add = [i for i in g["items"] if key_of(i) not in present]
+            add_out = [
+                outputs[key_of(i)]
+                for i in g["items"]
+                if key_of(i) in outputs and key_of(i) not in answered
+            ]
+            if not add and not add_out:
+                continue
+            pos = _anchor(items, g, e.get("calls") or [])
+            if pos is None:
+                continue  # the client dropped this part of the conversation: nothing to complete
+            items[pos:pos] = add + add_out
+            for i in add + add_out:
+                key = key_of(i)
+                if key:
+                    present.add(key)
+                    inserted.append(key)
+                if output_key(i):
+                    answered.add(output_key(i))  # type: ignore[arg-type]
+    return inserted
+
+
+def _anchor(items: list[Any], group: dict[str, Any], calls: list[str]) -> int | None:
+    index = {}
+    for pos, item in enumerate(items):
+        key = key_of(item)
+        if key and key not in index and output_key(item) is None:
+            index[key] = pos
+    if group.get("before") in index:
+        return index[group["before"]]
+    if group.get("after") in index:
+        return index[group["after"]] + 1
+    for call_id in calls:
+        if "call:" + call_id in index:
+            return index["call:" + call_id]
+    return None
+
+
+def strip_notice_ids(items: list[Any]) -> bool:
+    """Notices callgate wrote have ids the upstream never issued: send them back without."""
+    changed = False
+    for item in items:
+        if (
+            isinstance(item, dict)
+            and isinstance(item.get("id"), str)
+            and item["id"].startswith(NOTICE_PREFIX)
+        ):
+            del item["id"]
+            changed = True
+    return changed
+
+
+def input_call_ids(items: list[Any]) -> list[str]:
+    ids = []
+    for item in items:
+        if isinstance(item, dict) and item.get("type") in CALL_TYPES:
+            call_id = item.get("call_id")
+            if isinstance(call_id, str):
+                ids.append(call_id)
+    return ids
+
+
+# -- request tools ------------------------------------------------------------------------
+
+
+def has_client_tools(body: dict[str, Any]) -> bool:
+    """Does the request offer tools whose calls the client runs (function, custom)?"""
+    tools = body.get("tools")
+    return isinstance(tools, list) and any(
+        isinstance(t, dict) and t.get("type", "function") in CLIENT_TOOL_TYPES for t in tools
+    )
+
+
+def tool_keys(tool: Any) -> list[str]:
+    """Policy names a tool definition answers to, most specific first.
+
+    Function and custom tools: their name. Server-side and other built-in tools: their type,
+    then its family (`web_search_preview_2025_03_11` -> `web_search`); MCP servers:
+    `mcp:<server_label>`, then `mcp`.
+    """
+    if not isinstance(tool, dict):
+        return []
+    kind = tool.get("type")
+    if kind in CLIENT_TOOL_TYPES or kind is None:
+        name = tool.get("name")
+        if name is None and isinstance(tool.get("function"), dict):
+            name = tool["function"].get("name")
+        return [name] if isinstance(name, str) else []
+    if not isinstance(kind, str):
+        return []
+    if kind == "mcp":
+        label = tool.get("server_label")
+        return ([f"mcp:{label}"] if isinstance(label, str) else []) + ["mcp"]
+    m = _FAMILY.match(kind)
+    family = m.group(1) if m else kind
+    return [kind] if family == kind else [kind, family]
+
+
+def remove_tools(body: dict[str, Any], removed: list[Any]) -> None:
+    """Take tool definitions out of a request, and every `tool_choice` that names them."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not removed:
+        return
+    gone = {id(t) for t in removed}
+    kept = [t for t in tools if id(t) not in gone]
+    gone_keys = {k for t in removed for k in tool_keys(t)[:1]}
+    if kept:
+        body["tools"] = kept
+    else:
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            body.pop(key, None)
+        return
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict):
+        return
+    if choice.get("type") == "allowed_tools" and isinstance(choice.get("tools"), list):
+        allowed = [t for t in choice["tools"] if not (set(tool_keys(t)[:1]) & gone_keys)]
+        if allowed:
+            choice["tools"] = allowed
+        else:
+            body["tool_choice"] = "auto"
+        return
+    if set(tool_keys(choice)[:1]) & gone_keys:
+        body["tool_choice"] = "auto"
+
+
+# -- usage --------------------------------------------------------------------------------
+
+
+def add_usage(total: dict[str, Any] | None, usage: Any) -> dict[str, Any] | None:
+    """Sum token counts (nested details too) over reprompt rounds: all of them are billed."""
+    if not isinstance(usage, dict):
+        return total
+    if total is None:
+        return orjson.loads(orjson.dumps(usage))
+    _sum_into(total, usage)
+    return total
+
+
+def _sum_into(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    for key, value in usage.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            prev = total.get(key)
+            total[key] = (prev if isinstance(prev, int) else 0) + value
+        elif isinstance(value, dict):
+            inner = total.get(key)
+            if not isinstance(inner, dict):
+                inner = total[key] = {}
+            _sum_into(inner, value)
+
+
+# -- MCP approvals ------------------------------------------------------------------------
+
+
+def _gated(tool: ToolPolicy) -> bool:
+    return bool(tool.rules or tool.schema or tool.rate_limit or tool.budget)
+
+
+def mcp_policy_key(policy: Policy, label: str, name: str | None = None) -> str | None:
+    """The policy entry for a call to an MCP server's tool: `mcp:<label>/<tool>`, `mcp:<label>`,
+    then `mcp`; None when none is configured."""
+    keys = ([f"mcp:{label}/{name}"] if name else []) + [f"mcp:{label}", "mcp"]
+    return next((k for k in keys if k in policy.tools), None)
+
+
+def gated_mcp_servers(policy: Policy, body: dict[str, Any]) -> set[str]:
+    """Force approval on the MCP servers whose calls a policy gates, in place; their labels.
+
+    A server is gated when its allowed policy entry (or one of its tools') has rules, a schema,
+    a rate limit or a budget: the upstream then asks before each call (`require_approval:
+    "always"`), and callgate answers by running the gates on the requested call.
+    """
+    labels: set[str] = set()
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return labels
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type") != "mcp":
+            continue
+        label = tool.get("server_label")
+        if not isinstance(label, str):
+            continue
+        prefix = f"mcp:{label}/"
+        entries = [policy.tools[k] for k in (f"mcp:{label}", "mcp") if k in policy.tools][:1]
+        entries += [t for k, t in policy.tools.items() if k.startswith(prefix)]
+        if any(_gated(t) or not t.allow for t in entries):
+            tool["require_approval"] = "always"
+            labels.add(label)
+    return labels
+
+
+def approval_call(policy: Policy, item: dict[str, Any]) -> ToolCall:
+    """The call an `mcp_approval_request` asks for, named by the policy entry that governs it."""
+    label = str(item.get("server_label", ""))
+    name = str(item.get("name", ""))
+    key = mcp_policy_key(policy, label, name) or f"mcp:{label}"
+    args = item.get("arguments")
+    text = args if isinstance(args, str) else orjson.dumps(args or {}).decode()
+    return ToolCall(str(item.get("id", "")), key, text)
+
+
+def approvals_of(output: Any, labels: set[str]) -> list[dict[str, Any]]:
+    if not isinstance(output, list) or not labels:
+        return []
+    return [
+        item
+        for item in output
+        if isinstance(item, dict)
+        and item.get("type") == APPROVAL
+        and item.get("server_label") in labels
+    ]
+
+
+def approval_response(decision: Decision) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": "mcp_approval_response",
+        "approval_request_id": decision.call.id,
+        "approve": decision.allowed,
+    }
+    if decision.block is not None:
+        out["reason"] = orjson.dumps(decision.error_result()).decode()
+    return out
