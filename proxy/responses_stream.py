@@ -35,8 +35,8 @@ from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.state import AppState
+from proxy.streaming import open_round
 from proxy.toolcalls import CallContext, ToolCall
-from proxy.upstream import UpstreamError
 
 log = structlog.get_logger("callgate.responses_stream")
 
@@ -669,20 +669,7 @@ class ResponsesStream:
         self.reset_round()
         self.activate()
         log.info("reprompt", round=self.round, outputs=len(outputs), stream=True)
-        path = self.request.rel_url.raw_path_qs.removeprefix("/v1")
-        try:
-            resp = await self.state.upstream.open(
-                "POST", path, self.request.headers, orjson.dumps(self.body), raw=False
-            )
-        except UpstreamError as exc:
-            await self.fail(str(exc), exc.code)
-            return None
-        if resp.status != 200:
-            detail = (await resp.read())[:500].decode(errors="replace")
-            resp.release()
-            await self.fail(
-                f"upstream answered the reprompt with HTTP {resp.status}: {detail}",
-                "upstream_error",
-            )
-            return None
+        resp, message, code = await open_round(self.state, self.request, self.body)
+        if resp is None:
+            await self.fail(message, code)
         return resp

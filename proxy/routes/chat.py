@@ -18,8 +18,9 @@ from proxy.gates.decision import Decision
 from proxy.metrics import add_upstream_time
 from proxy.policy import Policy
 from proxy.routes.incoming import BadRequest, call_context, read_json
-from proxy.routes.passthrough import relay, upstream_path
+from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
+from proxy.streaming import serve_stream
 from proxy.toolcalls import CallContext
 from proxy.upstream import UpstreamError, UpstreamReply, response_headers
 
@@ -68,29 +69,13 @@ async def _gate_stream(
     payload: bytes,
     ctx: CallContext,
 ) -> web.StreamResponse:
-    started = time.perf_counter()
-    try:
-        resp = await state.upstream.open(
-            "POST", upstream_path(request), request.headers, payload, raw=False
-        )
-    except UpstreamError as exc:
-        return error_response(exc.status, str(exc), "upstream_error", exc.code)
-    finally:
-        add_upstream_time(time.perf_counter() - started)
-    if resp.status != 200 or "event-stream" not in resp.headers.get("Content-Type", ""):
-        return await relay(request, resp, decoded=True)  # errors (and oddities) pass unchanged
-    out = web.StreamResponse(status=200)
-    out.headers.extend(response_headers(resp.headers, decoded=True))
-    out.headers["x-callgate-request-id"] = ctx.request_id
-    try:
-        await out.prepare(request)
-        await ChatStream(request, out, state, policy, body, ctx).run(resp)
-        await out.write_eof()
-    except (ConnectionResetError, ConnectionError):
-        log.info("client_disconnected", stream=True)  # run() closed the upstream response
-    finally:
-        resp.close()
-    return out
+    return await serve_stream(
+        request,
+        state,
+        ctx,
+        payload,
+        lambda out: ChatStream(request, out, state, policy, body, ctx),
+    )
 
 
 def _json_response(reply: UpstreamReply, data: Any) -> web.Response:

@@ -1,0 +1,104 @@
+"""What the two stream gates (Chat Completions and Responses) share: serving a gated stream
+to the client, and opening a further upstream round for a reprompt."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from proxy.errors import bad_gateway, error_response
+from proxy.metrics import add_upstream_time
+from proxy.routes.passthrough import relay, upstream_path
+from proxy.state import AppState
+from proxy.toolcalls import CallContext
+from proxy.upstream import UpstreamError, response_headers
+
+log = structlog.get_logger("callgate.streaming")
+
+
+class StreamGate(Protocol):
+    async def run(self, resp: aiohttp.ClientResponse) -> None: ...
+
+
+def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+    return "event-stream" in resp.headers.get("Content-Type", "")
+
+
+async def serve_stream(
+    request: web.Request,
+    state: AppState,
+    ctx: CallContext,
+    payload: bytes,
+    make_gate: Callable[[web.StreamResponse], StreamGate],
+) -> web.StreamResponse:
+    """Forward a `stream: true` request and run the gate over the upstream's events."""
+    started = time.perf_counter()
+    try:
+        resp = await state.upstream.open(
+            "POST", upstream_path(request), request.headers, payload, raw=False
+        )
+    except UpstreamError as exc:
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    finally:
+        add_upstream_time(time.perf_counter() - started)
+    if resp.status != 200:
+        return await relay(request, resp, decoded=True)  # upstream errors pass unchanged
+    if not is_event_stream(resp):
+        # A 200 that is not an event stream cannot be gated on the fly; relaying it would let
+        # its tool calls through ungated, so it fails closed.
+        content_type = resp.headers.get("Content-Type", "none")
+        resp.close()
+        log.error("upstream_not_a_stream", content_type=content_type)
+        return bad_gateway(
+            f"The upstream answered a streaming request with Content-Type {content_type!r} "
+            "instead of text/event-stream.",
+            "upstream_malformed",
+        )
+    out = web.StreamResponse(status=200)
+    out.headers.extend(response_headers(resp.headers, decoded=True))
+    out.headers["x-callgate-request-id"] = ctx.request_id
+    try:
+        await out.prepare(request)
+        await make_gate(out).run(resp)
+        await out.write_eof()
+    except ConnectionError:
+        log.info("client_disconnected", stream=True)  # the gate closed the upstream response
+    finally:
+        resp.close()
+    return out
+
+
+async def open_round(
+    state: AppState, request: web.Request, body: dict[str, Any]
+) -> tuple[aiohttp.ClientResponse | None, str, str]:
+    """Open the next round of a stream: (response, "", "") or (None, message, code)."""
+    started = time.perf_counter()
+    try:
+        resp = await state.upstream.open(
+            "POST", upstream_path(request), request.headers, orjson.dumps(body), raw=False
+        )
+    except UpstreamError as exc:
+        return None, str(exc), exc.code
+    finally:
+        add_upstream_time(time.perf_counter() - started)
+    if resp.status == 200 and is_event_stream(resp):
+        return resp, "", ""
+    try:
+        detail = (await resp.read())[:500].decode(errors="replace")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        detail = f"(body unreadable: {exc})"
+    finally:
+        resp.release()
+    if resp.status == 200:
+        return None, "upstream answered the reprompt without an event stream", "upstream_malformed"
+    return (
+        None,
+        f"upstream answered the reprompt with HTTP {resp.status}: {detail}",
+        "upstream_error",
+    )
