@@ -36,7 +36,7 @@ def plan(decisions: list[Decision], can_reprompt: bool) -> Plan:
     if "reprompt" in modes:
         if not allowed and can_reprompt:
             return Plan("reprompt", allowed, blocked)
-        if allowed:
+        if allowed and "strip" not in modes:
             # Some survive: the client gets them, the blocked ones go to the stash silently.
             return Plan("drop", allowed, blocked)
     return Plan("strip", allowed, blocked)

@@ -71,8 +71,13 @@ class Policy:
     def for_tool(self, name: str) -> ToolPolicy:
         return self.tools.get(name) or self.default
 
-    def denied_tools(self) -> frozenset[str]:
-        return frozenset(name for name, tool in self.tools.items() if not tool.allow)
+    @property
+    def has_error_mode(self) -> bool:
+        """Whether some tool fails the whole request on a block: streams then hold allowed calls
+        until the response is settled, so a request that fails has sent none of its calls."""
+        return self.default.on_block == "error" or any(
+            t.on_block == "error" for t in self.tools.values()
+        )
 
 
 def to_micros(amount: Decimal) -> int:
