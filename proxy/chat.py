@@ -10,46 +10,39 @@ from typing import Any
 import orjson
 
 from proxy.gates.decision import Decision
+from proxy.policy import ToolPolicy
 from proxy.toolcalls import ToolCall
 
 LEGACY_ID = "function_call"  # the id we give a legacy `function_call` (it has none on the wire)
 
 
+def _text(value: Any) -> str:
+    """Arguments as the JSON text the model meant (some servers send an object, not a string)."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else orjson.dumps(value).decode()
+
+
 def calls_of(message: dict[str, Any]) -> list[ToolCall]:
+    """The calls of a message, each with its position in `tool_calls` (ids can repeat)."""
     calls = []
-    for raw in message.get("tool_calls") or []:
+    raw_calls = message.get("tool_calls")
+    for position, raw in enumerate(raw_calls if isinstance(raw_calls, list) else []):
         if not isinstance(raw, dict):
             continue
+        call_id = str(raw.get("id") or "")
         if raw.get("type") == "custom" or "custom" in raw:
-            custom = raw.get("custom") or {}
-            calls.append(
-                ToolCall(
-                    str(raw.get("id", "")),
-                    str(custom.get("name", "")),
-                    str(custom.get("input", "")),
-                    "custom",
-                )
-            )
+            custom = raw.get("custom") if isinstance(raw.get("custom"), dict) else {}
+            name, text, kind = custom.get("name"), custom.get("input"), "custom"
         else:
-            fn = raw.get("function") or {}
-            args = fn.get("arguments")
-            calls.append(
-                ToolCall(
-                    str(raw.get("id", "")),
-                    str(fn.get("name", "")),
-                    args if isinstance(args, str) else orjson.dumps(args).decode(),
-                )
-            )
+            fn = raw.get("function") if isinstance(raw.get("function"), dict) else {}
+            name, text, kind = fn.get("name"), fn.get("arguments"), "function"
+        calls.append(ToolCall(call_id, str(name or ""), _text(text), kind, position))
     legacy = message.get("function_call")
     # llama.cpp-style servers repeat a call as legacy function_call next to tool_calls.
     if isinstance(legacy, dict) and not calls:
-        args = legacy.get("arguments")
         calls.append(
-            ToolCall(
-                LEGACY_ID,
-                str(legacy.get("name", "")),
-                args if isinstance(args, str) else orjson.dumps(args).decode(),
-            )
+            ToolCall(LEGACY_ID, str(legacy.get("name") or ""), _text(legacy.get("arguments")))
         )
     return calls
 
@@ -78,22 +71,28 @@ def tool_result_messages(blocked: list[Decision]) -> list[dict[str, Any]]:
 
 def strip_calls(
     choice: dict[str, Any], blocked: list[Decision], *, with_notice: bool
-) -> list[dict[str, Any]]:
-    """Remove blocked calls from a choice in place; return the removed raw tool_call objects."""
+) -> list[tuple[dict[str, Any], Decision]]:
+    """Remove blocked calls from a choice in place; return each removed `tool_calls` entry with
+    its decision (the legacy `function_call` is removed but not returned: it has no id)."""
     message = choice.get("message") or {}
-    blocked_ids = {d.call.id for d in blocked}
-    removed: list[dict[str, Any]] = []
-    if LEGACY_ID in blocked_ids and "function_call" in message:
-        removed.append({"legacy": message.pop("function_call")})
+    by_position = {d.call.position: d for d in blocked if d.call.id != LEGACY_ID}
+    removed: list[tuple[dict[str, Any], Decision]] = []
+    if any(d.call.id == LEGACY_ID for d in blocked):
+        message.pop("function_call", None)
     kept = []
-    for raw in message.get("tool_calls") or []:
-        (removed if isinstance(raw, dict) and raw.get("id") in blocked_ids else kept).append(raw)
+    raw_calls = message.get("tool_calls")
+    for position, raw in enumerate(raw_calls if isinstance(raw_calls, list) else []):
+        if position in by_position:
+            removed.append((raw, by_position[position]))
+        else:
+            kept.append(raw)
     if "tool_calls" in message:
         if kept:
             message["tool_calls"] = kept
         else:
             del message["tool_calls"]
-            # With no call left, the legacy mirror some servers add must go too.
+        if removed:
+            # The legacy mirror some servers add names the first call: it may be a removed one.
             message.pop("function_call", None)
     if with_notice and blocked:
         text = notice(blocked)
@@ -154,12 +153,17 @@ def visible_call_ids(messages: list[Any]) -> list[str]:
     return ids
 
 
+def never_allowed(tool: ToolPolicy) -> bool:
+    """An enforced `allow: false` (a shadow-mode rule only records, so it hides nothing)."""
+    return not tool.allow and tool.rules_mode == "enforce"
+
+
 def hide_tools(body: dict[str, Any], hidden: set[str]) -> bool:
     """Drop tools the principal may never use, so the model cannot pick them. True if changed."""
     tools = body.get("tools")
     if not isinstance(tools, list) or not hidden:
         return False
-    kept = [t for t in tools if _tool_name(t) not in hidden]
+    kept = [t for t in tools if tool_name(t) not in hidden]
     if len(kept) == len(tools):
         return False
     if kept:
@@ -168,12 +172,12 @@ def hide_tools(body: dict[str, Any], hidden: set[str]) -> bool:
         for key in ("tools", "tool_choice", "parallel_tool_calls"):
             body.pop(key, None)
     choice = body.get("tool_choice")
-    if isinstance(choice, dict) and _tool_name(choice) in hidden:
+    if isinstance(choice, dict) and tool_name(choice) in hidden:
         body["tool_choice"] = "auto"
     return True
 
 
-def _tool_name(tool: Any) -> str | None:
+def tool_name(tool: Any) -> str | None:
     if not isinstance(tool, dict):
         return None
     for key in ("function", "custom"):
@@ -184,12 +188,19 @@ def _tool_name(tool: Any) -> str | None:
 
 
 def add_usage(total: dict[str, Any] | None, usage: Any) -> dict[str, Any] | None:
-    """Sum token counts over reprompt rounds: the client is billed for all of them."""
+    """Sum token counts over reprompt rounds (nested *_details too): every round is billed."""
     if not isinstance(usage, dict):
         return total
     if total is None:
-        return dict(usage)
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        if isinstance(usage.get(key), int):
-            total[key] = int(total.get(key) or 0) + usage[key]
+        return orjson.loads(orjson.dumps(usage))  # a deep copy: totals must not alias a round
+    for key, value in usage.items():
+        current = total.get(key)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and isinstance(current, int) and not isinstance(current, bool):
+            total[key] = current + value
+        elif isinstance(value, dict) and isinstance(current, dict):
+            add_usage(current, value)
+        elif current is None:
+            total[key] = value
     return total

@@ -86,6 +86,7 @@ class ChoiceState:
     calls: list[HeldCall] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     emitted: int = 0
+    deferred: list[HeldCall] = field(default_factory=list)  # allowed, sent once settled
     saw_tool_calls: bool = False
     finished: bool = False
 
@@ -126,6 +127,9 @@ class ChatStream:
         self.ended = False  # an error event was sent: the client stream is over
         self.reprompt_plan: Plan | None = None
         self.reprompt_calls: list[HeldCall] = []
+        # With an error-mode tool in the policy, allowed calls wait for the response's fate:
+        # a request that fails must not have sent any of its calls (their slots are refunded).
+        self.defer_calls = policy.has_error_mode
 
     @property
     def holding(self) -> bool:
@@ -137,27 +141,37 @@ class ChatStream:
     async def write(self, data: bytes) -> None:
         await self.out.write(data)
 
-    def chunk(self, template: dict[str, Any], choice: dict[str, Any]) -> bytes:
+    def chunk(
+        self, template: dict[str, Any], choice: dict[str, Any], keep_usage: bool = False
+    ) -> bytes:
         obj = {k: v for k, v in template.items() if k != "choices"}
-        if "usage" in obj:
-            obj["usage"] = None
+        if "usage" in obj and not keep_usage:
+            obj["usage"] = None  # split-off chunks must not repeat the usage
         obj["choices"] = [choice]
         return sse.encode(obj)
 
-    async def fail(self, message: str, code: str) -> None:
-        """Fail closed: drop every held call, tell the client, record why."""
+    def settle_unfinished(self, message: str, code: str) -> None:
+        """The stream ends early: record every decided call once, and drop held ones (closed)."""
         for st in self.choices.values():
             if not st.finished:
                 # Decided but unsettled calls: record what happened to each.
-                for d in st.decisions:
+                for call, d in zip(st.calls, st.decisions, strict=True):
+                    sent = d.allowed and not any(call is c for c in st.deferred)
+                    if d.allowed and not sent:
+                        d.block = Block("stream", code, message)  # decided, never sent
                     self.state.auditor.record(
-                        d, self.ctx, "allowed" if d.allowed else "blocked", "fail_closed"
+                        d, self.ctx, "allowed" if sent else "blocked", "fail_closed"
                     )
             for call in st.open.values():
                 d = Decision(call.tool_call(), self.policy.for_tool(call.name).name, "error")
                 d.block = Block("stream", code, message)
                 self.state.auditor.record(d, self.ctx, "blocked", "fail_closed")
             st.open.clear()
+            st.finished = True
+
+    async def fail(self, message: str, code: str) -> None:
+        """Fail closed: drop every held call, tell the client, record why."""
+        self.settle_unfinished(message, code)
         log.warning("stream_failed", code=code, error=message)
         body = error_body(message, "upstream_error", code)
         try:
@@ -203,12 +217,12 @@ class ChatStream:
                         return
         except ConnectionResetError:
             raise  # the client left (aiohttp's reset error is also a ClientConnectionError)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise StreamFailed(
                 f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
             ) from None
-        except TimeoutError:
-            raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
         rest = splitter.rest()
         if rest.strip() and (await self.event(rest + b"\n\n") or self.ended):
             return
@@ -219,7 +233,7 @@ class ChatStream:
                 "upstream stream ended before the tool call's arguments were complete",
                 "incomplete_tool_call",
             )
-        if not any(st.finished for st in self.choices.values()):
+        if not self.choices or not all(st.finished for st in self.choices.values()):
             raise StreamFailed(
                 "upstream stream ended before the response finished", "upstream_truncated"
             )
@@ -260,6 +274,8 @@ class ChatStream:
                 "upstream sent a stream event that is not a JSON object", "upstream_malformed"
             )
         if "error" in obj and "choices" not in obj:
+            self.settle_unfinished("the upstream sent an error event", "upstream_error")
+            log.warning("upstream_error_event", error=str(obj.get("error"))[:300])
             await self.write(event)  # the upstream's own error event passes through
             return True
         if not self.round and not self.draining and self.untouched(obj):
@@ -314,7 +330,8 @@ class ChatStream:
     ) -> None:
         ci = choice.get("index", 0)
         st = self.choices.setdefault(ci, ChoiceState())
-        delta = dict(choice.get("delta") or {})
+        raw_delta = choice.get("delta")
+        delta = dict(raw_delta) if isinstance(raw_delta, dict) else {}
         call_deltas = delta.pop("tool_calls", None)
         legacy = delta.pop("function_call", None)
         if self.round:
@@ -354,13 +371,14 @@ class ChatStream:
     async def complete(
         self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall, out: list[bytes]
     ) -> None:
-        if call.legacy and not call.id:
-            call.id = chat.LEGACY_ID
         decision = await decide(call.tool_call(), self.policy, self.state.store, self.ctx)
         st.calls.append(call)
         st.decisions.append(decision)
         if decision.allowed:
-            out.append(self.call_chunk(obj, ci, st, call))
+            if self.defer_calls:
+                st.deferred.append(call)
+            else:
+                out.append(self.call_chunk(obj, ci, st, call))
 
     def call_chunk(self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall) -> bytes:
         if call.legacy:
@@ -385,7 +403,9 @@ class ChatStream:
         out: list[bytes],
     ) -> None:
         if not st.decisions:
-            out.append(self.chunk(obj, {**choice, "delta": {}, "finish_reason": finish}))
+            out.append(
+                self.chunk(obj, {**choice, "delta": {}, "finish_reason": finish}, keep_usage=True)
+            )
             return
         can_reprompt = self.single_choice and self.round < self.policy.config.max_reprompts
         p = plan(st.decisions, can_reprompt)
@@ -404,11 +424,15 @@ class ChatStream:
             self.ended = True
             return
         if p.action == "reprompt":
+            st.deferred.clear()
             self.reprompt_plan = p
             self.reprompt_calls = list(st.calls)
             self.usage = chat.add_usage(self.usage, obj.get("usage"))
             self.draining = True
             return
+        for call in st.deferred:
+            out.append(self.call_chunk(obj, ci, st, call))
+        st.deferred.clear()
         blocked = {d.call.id for d in p.blocked}
         if p.action == "strip":
             text = chat.notice(p.blocked)
@@ -427,7 +451,7 @@ class ChatStream:
             by_id = {d.call.id: d for d in p.blocked}
             await stash.put(
                 self.state.store,
-                [stash.chat_key(i) for i in kept],
+                [stash.chat_key(self.ctx.principal, i) for i in kept],
                 {
                     "calls": [c.wire() for c in stashed],
                     "results": [chat.tool_result_messages([by_id[c.id]])[0] for c in stashed],
@@ -438,7 +462,9 @@ class ChatStream:
             new_finish = "function_call" if any(c.legacy for c in st.calls) else finish
         else:
             new_finish = "stop"
-        out.append(self.chunk(obj, {**choice, "delta": {}, "finish_reason": new_finish}))
+        out.append(
+            self.chunk(obj, {**choice, "delta": {}, "finish_reason": new_finish}, keep_usage=True)
+        )
 
     # -- reprompt -------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 MICROS = Decimal("0.000001")
+MAX_MONEY = Decimal(2**53) * MICROS  # micro-units stay exact integers in Lua's doubles
+_NUMERIC = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
 def parse_duration(value: Any) -> float:
@@ -54,14 +56,23 @@ def parse_money(value: Any) -> Decimal:
     if isinstance(value, bool):
         raise ValueError('expected a decimal amount such as "0.01"')
     try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
+        amount = Decimal(str(value).strip())
+        if not amount.is_finite() or amount < 0:
+            raise ValueError("amount must be a finite, non-negative decimal")
+        if amount >= MAX_MONEY:
+            raise ValueError(f"amount must be below {MAX_MONEY}")
+        if amount != amount.quantize(MICROS):
+            raise ValueError("amount has more than 6 decimal places")
+    except (InvalidOperation, ArithmeticError):
         raise ValueError(f"invalid decimal amount {value!r}") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError("amount must be a finite, non-negative decimal")
-    if amount != amount.quantize(MICROS):
-        raise ValueError("amount has more than 6 decimal places")
     return amount
+
+
+def looks_numeric(value: Any) -> bool:
+    """Whether a `cost` is meant as a number (and must then be a valid amount), not CEL."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return True
+    return bool(_NUMERIC.match(str(value)))
 
 
 class _Model(BaseModel):
@@ -172,7 +183,10 @@ class LedgerConfig(_Model):
     @field_validator("window", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("window must be positive")
+        return seconds
 
 
 class ToolConfig(_Model):
@@ -365,3 +379,7 @@ def read_config_text(path: str) -> str:
             return fh.read()
     except OSError as exc:
         raise ConfigError(path, [f"(file): {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            path, [f"(file): not UTF-8 text ({exc.reason} at byte {exc.start})"]
+        ) from None

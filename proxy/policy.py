@@ -23,6 +23,7 @@ from proxy.config import (
     RateLimitConfig,
     ToolConfig,
     line_of,
+    looks_numeric,
     parse_config,
     parse_money,
     read_config_text,
@@ -120,16 +121,20 @@ def _compile_tool(
         ledger = config.budgets.get(tool.budget.ledger)
         cost_micros: int | None = None
         cost_program = None
-        try:
-            cost_micros = to_micros(parse_money(tool.budget.cost))
-        except ValueError:
+        if looks_numeric(tool.budget.cost):
+            try:
+                cost_micros = to_micros(parse_money(tool.budget.cost))
+            except ValueError as exc:
+                errors.append(((*section, "budget", "cost"), str(exc)))
+        else:
             try:
                 cost_program = cel.compile(str(tool.budget.cost))
             except Exception as exc:
                 errors.append(
                     (
                         (*section, "budget", "cost"),
-                        f"neither a decimal amount nor a valid CEL expression: {exc}",
+                        "neither a decimal amount nor a valid CEL expression: "
+                        + " ".join(str(exc).split()),
                     )
                 )
         if ledger is not None:

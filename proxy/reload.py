@@ -12,14 +12,23 @@ import os
 
 import structlog
 
-from proxy.config import ConfigError
+from proxy.config import ConfigError, read_config_text
 from proxy.policy import Policy, load_policy_text
 from proxy.state import AppState
 
 log = structlog.get_logger("callgate.reload")
 
 # Settings bound to long-lived resources: a change is logged, and applies after a restart.
-_RESTART_ONLY = ("store", "server")
+_RESTART_ONLY = (
+    ("store",),
+    ("server", "max_body_bytes"),
+    ("server", "drain_delay"),
+    ("server", "shutdown_grace"),
+    ("server", "reload_interval"),
+    ("upstream", "connect_timeout"),
+    ("upstream", "timeout"),
+    ("upstream", "max_connections"),
+)
 
 
 def _fingerprint(path: str) -> tuple[int, int, int, int] | None:
@@ -31,24 +40,19 @@ def _fingerprint(path: str) -> tuple[int, int, int, int] | None:
     return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
-
-
 async def reload_policy(state: AppState, reason: str) -> bool:
     path = state.config_path
     if path is None:
         return False
     try:
-        text = await asyncio.to_thread(_read, path)
+        text = await asyncio.to_thread(read_config_text, path)
         policy = load_policy_text(text, path)
     except ConfigError as exc:
         log.error("policy_reload_refused", reason=reason, path=path, errors=exc.errors)
         state.metrics.reloads.labels("refused").inc()
         return False
-    except OSError as exc:
-        log.error("policy_reload_refused", reason=reason, path=path, errors=[str(exc)])
+    except Exception as exc:  # never let a reload take the process (or the watcher) down
+        log.exception("policy_reload_refused", reason=reason, path=path, errors=[str(exc)])
         state.metrics.reloads.labels("refused").inc()
         return False
     apply(state, policy)
@@ -60,12 +64,13 @@ async def reload_policy(state: AppState, reason: str) -> bool:
 def apply(state: AppState, policy: Policy) -> None:
     old = state.policy.config
     new = policy.config
-    for section in _RESTART_ONLY:
-        if getattr(old, section) != getattr(new, section):
+    for path in _RESTART_ONLY:
+        before, after = old, new
+        for part in path:
+            before, after = getattr(before, part), getattr(after, part)
+        if before != after:
             log.warning(
-                "policy_reload_partial",
-                section=section,
-                detail="this section applies after a restart",
+                "policy_reload_partial", setting=".".join(path), detail="applies after a restart"
             )
     if old.audit.file != new.audit.file:
         log.warning(
@@ -86,7 +91,10 @@ async def watch(state: AppState, interval: float = 1.0) -> None:
     last = await asyncio.to_thread(_fingerprint, path)
     while True:
         await asyncio.sleep(interval)
-        current = await asyncio.to_thread(_fingerprint, path)
-        if current is not None and current != last:
-            last = current
-            await reload_policy(state, "file_changed")
+        try:
+            current = await asyncio.to_thread(_fingerprint, path)
+            if current is not None and current != last:
+                last = current
+                await reload_policy(state, "file_changed")
+        except Exception:
+            log.exception("policy_watch_error", path=path)  # keep watching

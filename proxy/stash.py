@@ -18,8 +18,9 @@ from proxy.store import Store
 log = structlog.get_logger("callgate.stash")
 
 
-def chat_key(call_id: str) -> str:
-    return f"stash:chat:{call_id}"
+def chat_key(principal: str, call_id: str) -> str:
+    # Scoped by principal: replaying someone else's call id must not pull in their calls.
+    return f"stash:chat:{principal}:{call_id}"
 
 
 def responses_key(response_id: str) -> str:
@@ -44,4 +45,14 @@ async def get_many(store: Store, keys: list[str]) -> list[dict[str, Any] | None]
     except Exception as exc:
         log.error("stash_read_failed", error=str(exc), keys=len(keys))
         return [None] * len(keys)
-    return [orjson.loads(r) if r is not None else None for r in raw]
+    out: list[dict[str, Any] | None] = []
+    for key, value in zip(keys, raw, strict=True):
+        try:
+            entry = orjson.loads(value) if value is not None else None
+        except orjson.JSONDecodeError:
+            entry = None
+        if value is not None and not isinstance(entry, dict):
+            log.error("stash_entry_corrupt", key=key)
+            entry = None
+        out.append(entry)
+    return out

@@ -13,6 +13,7 @@ class ToolCall:
     # Function calls: the JSON arguments string. Custom tools: the free-form input.
     arguments: str
     kind: str = "function"  # "function" | "custom"
+    position: int = -1  # index in the message's `tool_calls` (Chat), where ids may repeat
 
 
 @dataclass(slots=True)

@@ -28,6 +28,12 @@ async def decide(call: ToolCall, policy: Policy, store: Store, ctx: CallContext)
     decision = Decision(call=call, tool_policy=tool.name, on_block=tool.on_block)
     try:
         await _run(decision, tool, policy, store, ctx)
+    except Exception as exc:
+        # A gate that cannot decide blocks: the policy fails closed, the request carries on.
+        log.exception("gate_error", tool=call.name, call_id=call.id)
+        if decision.token:
+            await release(store, [decision])
+        decision.block = Block("rules", "gate_error", f"Gate error: {type(exc).__name__}: {exc}")
     finally:
         decision.latency_ms = (time.perf_counter() - started) * 1000
     return decision

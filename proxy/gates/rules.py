@@ -35,7 +35,10 @@ def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -
             GATE, "tool_not_allowed", f"Policy violation: tool {call.name!r} is not allowed"
         )
     if tool.schema is not None:
-        error = next(iter(tool.schema.iter_errors(args)), None)
+        try:
+            error = next(iter(tool.schema.iter_errors(args)), None)
+        except Exception as exc:  # e.g. an unresolvable $ref: the check cannot pass
+            return Block(GATE, "rule_error", f"Invalid arguments (schema error: {exc})")
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)
             at = f" at {where}" if where else ""

@@ -28,18 +28,21 @@ log = structlog.get_logger("callgate.chat")
 ROUTE = "chat.completions"
 
 
-async def prepare_request(state: AppState, policy: Policy, body: dict[str, Any]) -> bool:
+async def prepare_request(
+    state: AppState, policy: Policy, body: dict[str, Any], principal: str
+) -> bool:
     """Request-side changes; True when the body must be re-serialized."""
     changed = False
     if policy.config.server.hide_denied_tools and isinstance(body.get("tools"), list):
-        names = {chat._tool_name(t) for t in body["tools"]}
-        hidden = {n for n in names if n and not policy.for_tool(n).allow}
+        names = {chat.tool_name(t) for t in body["tools"]}
+        hidden = {n for n in names if n and chat.never_allowed(policy.for_tool(n))}
         changed |= chat.hide_tools(body, hidden)
     messages = body.get("messages")
     if isinstance(messages, list):
         ids = chat.visible_call_ids(messages)
         if ids:
-            found = await stash.get_many(state.store, [stash.chat_key(i) for i in ids])
+            keys = [stash.chat_key(principal, i) for i in ids]
+            found = await stash.get_many(state.store, keys)
             stashes = {i: s for i, s in zip(ids, found, strict=True) if s is not None}
             if stashes:
                 changed |= chat.reinsert_stashed(messages, stashes)
@@ -54,7 +57,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except BadRequest as exc:
         return exc.response
     ctx = call_context(request, body, policy, ROUTE)
-    if await prepare_request(state, policy, body):
+    if await prepare_request(state, policy, body, ctx.principal):
         raw = orjson.dumps(body)
     if body.get("stream") is True:
         return await _gate_stream(request, state, policy, body, raw, ctx)
@@ -190,15 +193,15 @@ async def _gate_completion(
             if not blocked:
                 continue
             removed = chat.strip_calls(choice, blocked, with_notice=p.action == "strip")
-            kept = [d.call.id for d in ds if d.allowed and d.call.id != chat.LEGACY_ID]
-            calls = [c for c in removed if "legacy" not in c]
-            if kept and calls:
-                by_id = {d.call.id: d for d in blocked}
-                results = [chat.tool_result_messages([by_id[c.get("id")]])[0] for c in calls]
+            kept = [d.call.id for d in ds if d.allowed and d.call.id not in ("", chat.LEGACY_ID)]
+            if kept and removed:
                 await stash.put(
                     state.store,
-                    [stash.chat_key(i) for i in kept],
-                    {"calls": calls, "results": results},
+                    [stash.chat_key(ctx.principal, i) for i in kept],
+                    {
+                        "calls": [raw for raw, _ in removed],
+                        "results": chat.tool_result_messages([d for _, d in removed]),
+                    },
                     policy.config.server.stash_ttl,
                 )
         if rounds:
