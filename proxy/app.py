@@ -22,6 +22,7 @@ from proxy.upstream import Upstream
 
 log = structlog.get_logger("callgate.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_QUIET_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
 
 
 @web.middleware
@@ -51,7 +52,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             "internal_error",
         )
     finally:
-        log.info(
+        # Probes and scrapes arrive every few seconds: keep them out of the info log.
+        emit = log.debug if request.path in _QUIET_PATHS else log.info
+        emit(
             "request",
             method=request.method,
             path=request.path,
