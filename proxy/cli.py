@@ -40,6 +40,10 @@ def resolved(policy: Policy) -> dict[str, Any]:
         for key in ("base_url", "url"):
             if isinstance(data[section].get(key), str):
                 data[section][key] = _mask_url(data[section][key])
+    # Resolved means what applies: each tool's effective on_block, not "inherit".
+    data["default"]["on_block"] = policy.default.on_block
+    for name, tool in data["tools"].items():
+        tool["on_block"] = policy.tools[name].on_block
     return data
 
 

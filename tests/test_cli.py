@@ -369,3 +369,17 @@ def test_check_rejects_bad_store_settings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "store.url: url must start with redis://, rediss:// or unix:// (line 3)" in err
     assert "store.timeout: timeout must be positive (line 4)" in err
+
+
+def test_check_prints_each_tools_effective_on_block(tmp_path, capsys):
+    import yaml
+
+    from proxy.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text("on_block: strip\ntools:\n  a: {}\n  b: {on_block: error}\n")
+    assert main(["check", str(path)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["tools"]["a"]["on_block"] == "strip"
+    assert printed["tools"]["b"]["on_block"] == "error"
+    assert printed["default"]["on_block"] == "strip"
