@@ -41,9 +41,11 @@ APPROVAL = "mcp_approval_request"
 _FAMILY = re.compile(r"^(.*?)(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?$")
 
 
-def call_key(call_id: str) -> str:
-    """Stash key under which a surviving call finds its response's entry (full-input turns)."""
-    return stash.responses_key("call:" + call_id)
+def call_key(principal: str, call_id: str) -> str:
+    """Stash key under which a surviving call finds its response's entry (full-input turns).
+
+    Scoped by principal: replaying someone else's call id must not pull in their calls."""
+    return stash.responses_key(f"call:{principal}:{call_id}")
 
 
 def conversation_id(body: dict[str, Any]) -> str | None:
@@ -61,11 +63,41 @@ def conversation_key(conversation: str) -> str:
 # -- reading ------------------------------------------------------------------------------
 
 
+def type_of(item: Any) -> str | None:
+    """An item's `type` when it is a string (anything else must never reach a set lookup)."""
+    kind = item.get("type") if isinstance(item, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def malformed_item(item: Any) -> str | None:
+    """Why an output item cannot be gated safely, or None when it can."""
+    if not isinstance(item, dict):
+        return f"an output item is a JSON {type(item).__name__}, not an object"
+    if "type" in item and not isinstance(item["type"], str):
+        return "an output item's `type` is not a string"
+    if item.get("type") in CALL_TYPES:
+        if not isinstance(item.get("name"), str):
+            return "a tool call's `name` is not a string"
+        for name in ("call_id", "id"):
+            if item.get(name) is not None and not isinstance(item[name], str):
+                return f"a tool call's `{name}` is not a string"
+    return None
+
+
+def malformed_output(output: Any) -> str | None:
+    """Why a response's `output` cannot be gated safely (None: it can, or it is absent)."""
+    if output is None:
+        return None
+    if not isinstance(output, list):
+        return f"`output` is a JSON {type(output).__name__}, not an array"
+    return next((m for m in map(malformed_item, output) if m), None)
+
+
 def call_of(item: Any) -> ToolCall | None:
     """The gated call an output item stands for, or None for any other item."""
     if not isinstance(item, dict):
         return None
-    kind = CALL_TYPES.get(item.get("type"))  # type: ignore[arg-type]
+    kind = CALL_TYPES.get(type_of(item) or "")
     if kind is None:
         return None
     if kind == "custom":
@@ -80,15 +112,36 @@ def call_of(item: Any) -> ToolCall | None:
 
 
 def calls_of(output: Any) -> list[ToolCall]:
+    """The calls of an output, each with its position in it (call ids may repeat, or be empty)."""
     if not isinstance(output, list):
         return []
-    return [c for c in (call_of(item) for item in output) if c is not None]
+    calls = []
+    for position, item in enumerate(output):
+        call = call_of(item)
+        if call is not None:
+            call.position = position
+            calls.append(call)
+    return calls
+
+
+def positions_of(output: list[Any], decisions: list[Decision]) -> set[int]:
+    """Where decided calls sit in `output`: at the call's own position when the item there is
+    that call, else wherever a call with its id is."""
+    out: set[int] = set()
+    for d in decisions:
+        pos = d.call.position
+        here = call_of(output[pos]) if 0 <= pos < len(output) else None
+        if here is not None and here.id == d.call.id:
+            out.add(pos)
+        else:
+            out |= {c.position for c in calls_of(output) if c.id == d.call.id}
+    return out
 
 
 def key_of(item: Any) -> str | None:
     if not isinstance(item, dict):
         return None
-    if item.get("type") in CALL_TYPES or item.get("type") in OUTPUT_TYPES:
+    if type_of(item) in CALL_TYPES or type_of(item) in OUTPUT_TYPES:
         call_id = item.get("call_id")
         if isinstance(call_id, str):
             return "call:" + call_id
@@ -98,7 +151,7 @@ def key_of(item: Any) -> str | None:
 
 def output_key(item: Any) -> str | None:
     """The key of the call an output item answers (None for anything else)."""
-    if isinstance(item, dict) and item.get("type") in OUTPUT_TYPES:
+    if type_of(item) in OUTPUT_TYPES:
         call_id = item.get("call_id")
         if isinstance(call_id, str):
             return "call:" + call_id
@@ -142,51 +195,48 @@ def notice_item(text: str, item_id: str | None = None) -> dict[str, Any]:
     }
 
 
+def _parts(item: Any) -> list[dict[str, Any]]:
+    """A message item's content parts (nothing, for any other item or an odd `content`)."""
+    if type_of(item) != "message" or not isinstance(item.get("content"), list):
+        return []
+    return [part for part in item["content"] if isinstance(part, dict)]
+
+
 def has_text(output: list[Any]) -> bool:
-    for item in output:
-        if isinstance(item, dict) and item.get("type") == "message":
-            for part in item.get("content") or []:
-                if isinstance(part, dict) and part.get("text"):
-                    return True
-    return False
+    return any(part.get("text") for item in output for part in _parts(item))
 
 
 def output_text(output: list[Any]) -> str:
-    parts = []
-    for item in output:
-        if isinstance(item, dict) and item.get("type") == "message":
-            for part in item.get("content") or []:
-                if isinstance(part, dict) and part.get("type") == "output_text":
-                    parts.append(str(part.get("text") or ""))
-    return "".join(parts)
+    return "".join(
+        str(part.get("text") or "")
+        for item in output
+        for part in _parts(item)
+        if part.get("type") == "output_text"
+    )
 
 
 # -- rewriting ----------------------------------------------------------------------------
 
 
 def split_output(
-    output: list[Any], blocked_ids: set[str]
+    output: list[Any], blocked: set[int], approvals: set[str] | None = None
 ) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
-    """Remove blocked calls, and every reasoning item whose following item goes with them.
+    """Remove blocked calls (by position, see `positions_of`) and answered approval requests
+    (by id), and every reasoning item whose following item goes with them.
 
     Returns (kept items, groups of removed items with their neighbours' keys, removed keys).
     A reasoning item must never be left without its following item: OpenAI refuses such an
     input ("... was provided without its required following item").
     """
+    approvals = approvals or set()
     removed = [
-        isinstance(item, dict)
-        and (
-            (
-                item.get("type") in CALL_TYPES
-                and str(item.get("call_id") or item.get("id") or "") in blocked_ids
-            )
-            or (item.get("type") == APPROVAL and item.get("id") in blocked_ids)
-        )
-        for item in output
+        (pos in blocked and type_of(item) in CALL_TYPES)
+        or (type_of(item) == APPROVAL and str(item.get("id")) in approvals)
+        for pos, item in enumerate(output)
     ]
     for i in range(len(output) - 2, -1, -1):
         item = output[i]
-        if removed[i + 1] and isinstance(item, dict) and item.get("type") == "reasoning":
+        if removed[i + 1] and type_of(item) == "reasoning":
             removed[i] = True
     kept: list[Any] = []
     groups: list[dict[str, Any]] = []
@@ -241,7 +291,7 @@ def replayable(output: list[Any]) -> list[Any]:
     for item in output:
         if not isinstance(item, dict):
             continue
-        if item.get("type") == "reasoning" and not item.get("encrypted_content"):
+        if type_of(item) == "reasoning" and not item.get("encrypted_content"):
             continue
         out.append(item)
     return out
@@ -267,6 +317,44 @@ def entry(
         if value is not None and value != []:
             out[name] = value
     return out
+
+
+def clean_entry(value: Any) -> dict[str, Any] | None:
+    """A stash entry read back, keeping only fields of the shape `entry` writes (a damaged or
+    foreign value must not break the request that reads it). None when nothing usable is left."""
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, Any] = {}
+    outputs = value.get("outputs")
+    if isinstance(outputs, list):
+        out["outputs"] = [o for o in outputs if output_key(o)]
+    groups = value.get("groups")
+    if isinstance(groups, list):
+        out["groups"] = [
+            {
+                "items": [i for i in g["items"] if isinstance(i, dict)],
+                "after": g.get("after") if isinstance(g.get("after"), str) else None,
+                "before": g.get("before") if isinstance(g.get("before"), str) else None,
+            }
+            for g in groups
+            if isinstance(g, dict)
+            and isinstance(g.get("items"), list)
+            and any(isinstance(i, dict) for i in g["items"])
+        ]
+    for name in ("calls", "hide"):
+        items = value.get(name)
+        if isinstance(items, list):
+            out[name] = [i for i in items if isinstance(i, str)]
+    for name in ("prefix", "extra"):
+        if isinstance(value.get(name), list):
+            out[name] = [i for i in value[name] if isinstance(i, dict)]
+    for name in ("target", "input_of"):
+        if isinstance(value.get(name), str) and value[name]:
+            out[name] = value[name]
+    if isinstance(value.get("previous_response_id"), str):
+        out["previous_response_id"] = value["previous_response_id"]
+    out = {k: v for k, v in out.items() if v != []}
+    return out or None
 
 
 # -- reprompt --------------------------------------------------------------------------------
@@ -370,7 +458,7 @@ def strip_notice_ids(items: list[Any]) -> bool:
 def input_call_ids(items: list[Any]) -> list[str]:
     ids = []
     for item in items:
-        if isinstance(item, dict) and item.get("type") in CALL_TYPES:
+        if type_of(item) in CALL_TYPES:
             call_id = item.get("call_id")
             if isinstance(call_id, str):
                 ids.append(call_id)
@@ -384,7 +472,7 @@ def has_client_tools(body: dict[str, Any]) -> bool:
     """Does the request offer tools whose calls the client runs (function, custom)?"""
     tools = body.get("tools")
     return isinstance(tools, list) and any(
-        isinstance(t, dict) and t.get("type", "function") in CLIENT_TOOL_TYPES for t in tools
+        isinstance(t, dict) and (type_of(t) or "function") in CLIENT_TOOL_TYPES for t in tools
     )
 
 
@@ -398,13 +486,13 @@ def tool_keys(tool: Any) -> list[str]:
     if not isinstance(tool, dict):
         return []
     kind = tool.get("type")
-    if kind in CLIENT_TOOL_TYPES or kind is None:
+    if kind is not None and not isinstance(kind, str):
+        return []
+    if kind is None or kind in CLIENT_TOOL_TYPES:
         name = tool.get("name")
         if name is None and isinstance(tool.get("function"), dict):
             name = tool["function"].get("name")
         return [name] if isinstance(name, str) else []
-    if not isinstance(kind, str):
-        return []
     if kind == "mcp":
         label = tool.get("server_label")
         return ([f"mcp:{label}"] if isinstance(label, str) else []) + ["mcp"]
@@ -524,9 +612,9 @@ def approvals_of(output: Any, labels: set[str]) -> list[dict[str, Any]]:
     return [
         item
         for item in output
-        if isinstance(item, dict)
-        and item.get("type") == APPROVAL
-        and item.get("server_label") in labels
+        if type_of(item) == APPROVAL
+        and isinstance(item.get("server_label"), str)
+        and item["server_label"] in labels
     ]
 
 

@@ -14,12 +14,18 @@ every item, is rewritten so a blocked call never leaks there.
 
 At the end of a round the response's fate is settled like the non-streaming path: `error`
 ends the stream with an `error` event, `reprompt` asks the upstream again and continues this
-same client stream (same response id), `strip` appends a notice message. A stream that ends or
-breaks while a call is held fails closed: the call is never emitted.
+same client stream (same response id), `strip` appends a notice message. When some tool's
+`on_block` is `error`, allowed calls are held until the round is settled too, so a request
+that fails has sent none of its calls (and their slots are given back).
+
+A round that ends unsettled (a stream that breaks, an upstream `error` event or
+`response.failed`, a client that leaves) fails closed: every decided call is recorded once,
+and a call the client did not receive is recorded as blocked, its slot given back, never sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +81,12 @@ async def decide_approvals(
 
 
 async def save_entry(
-    state: AppState, policy: Policy, response_id: str, value: dict[str, Any], body: dict[str, Any]
+    state: AppState,
+    policy: Policy,
+    principal: str,
+    response_id: str,
+    value: dict[str, Any],
+    body: dict[str, Any],
 ) -> None:
     """Stash a response's entry under its id and its surviving calls' ids; the outputs its
     conversation's next turn needs, under the conversation's id."""
@@ -83,7 +94,7 @@ async def save_entry(
         return
     ttl = policy.config.server.stash_ttl
     keys = [stash.responses_key(response_id)]
-    keys += [responses.call_key(c) for c in value.get("calls", [])]
+    keys += [responses.call_key(principal, c) for c in value.get("calls", [])]
     await stash.put(state.store, keys, value, ttl)
     conversation = responses.conversation_id(body)
     if conversation:
@@ -93,19 +104,35 @@ async def save_entry(
         await stash.put(state.store, [key], {"outputs": outputs} if outputs else {}, ttl)
 
 
-def settle_approvals(state: AppState, ctx: CallContext, p: Plan, approvals: list[Decision]) -> Plan:
-    """Audit the approval decisions; a blocked one whose mode is `error` fails the response."""
-    fail = p.action == "error" or any(not d.allowed and d.on_block == "error" for d in approvals)
-    if fail and p.action != "error":
-        p = Plan("error", p.allowed, p.blocked)
+def approval_plan(p: Plan, approvals: list[Decision]) -> Plan:
+    """A blocked approval whose mode is `error` fails the response."""
+    if p.action != "error" and any(not d.allowed and d.on_block == "error" for d in approvals):
+        return Plan("error", p.allowed, p.blocked)
+    return p
+
+
+def audit_round(
+    state: AppState, ctx: CallContext, p: Plan, decisions: list[Decision], approvals: list[Decision]
+) -> None:
+    """One record per decision of a settled round: the MCP approvals, then the calls."""
     for d in approvals:
-        if fail:
+        if p.action == "error":
             state.auditor.record(d, ctx, "blocked" if d.block else "withheld", "error")
         else:
             state.auditor.record(
                 d, ctx, "allowed" if d.allowed else "blocked", "approve" if d.allowed else "deny"
             )
-    return p
+    if decisions:
+        audit_plan(state.auditor, p, ctx)
+
+
+def error_message(obj: dict[str, Any]) -> str:
+    """The message of an upstream `error` event (flat, or under `error`)."""
+    error = obj.get("error")
+    message = obj.get("message")
+    if not message and isinstance(error, dict):
+        message = error.get("message")
+    return str(message or "no message")[:500]
 
 
 def may_matter(data: bytes) -> bool:
@@ -130,6 +157,12 @@ class Item:
     follower: int | None = None  # the next item's up index (for reasoning)
     pieces: list[str] = field(default_factory=list)  # streamed arguments / input
     added: dict[str, Any] = field(default_factory=dict)
+    call_id: str | None = None  # calls: the call id; approvals: the request's item id
+    decision: Decision | None = None
+    sent: bool = False  # its `output_item.done` reached the client
+
+
+_ITEM_EVENTS = ("response.output_item.", *_ARG_EVENTS)
 
 
 class StreamFailed(Exception):
@@ -138,15 +171,33 @@ class StreamFailed(Exception):
         self.code = code
 
 
-def _kind(item: Any, gated: set[str], hold_reasoning: bool) -> str:
-    if isinstance(item, dict):
-        if item.get("type") in responses.CALL_TYPES:
-            return "call"
-        if item.get("type") == "reasoning" and hold_reasoning:
-            return "reasoning"
-        if item.get("type") == responses.APPROVAL and item.get("server_label") in gated:
-            return "approval"  # callgate answers it: the client never sees it
+def _kind(item: dict[str, Any], gated: set[str], hold_reasoning: bool) -> str:
+    kind = responses.type_of(item)
+    if kind in responses.CALL_TYPES:
+        return "call"
+    if kind == "reasoning" and hold_reasoning:
+        return "reasoning"
+    label = item.get("server_label")
+    if kind == responses.APPROVAL and isinstance(label, str) and label in gated:
+        return "approval"  # callgate answers it: the client never sees it
     return "other"
+
+
+def _retyped(added: dict[str, Any], done: dict[str, Any]) -> bool:
+    """Does `output_item.done` give an item another type than its `added` did? (A call must
+    stay a call: one that turned into one at `done` was never held.)"""
+    before, after = responses.type_of(added), responses.type_of(done)
+    if after is None or before == after:
+        return False
+    return before is not None or after in responses.CALL_TYPES or after == responses.APPROVAL
+
+
+def _item_id(item: dict[str, Any], kind: str) -> str | None:
+    if kind == "call":
+        return str(item.get("call_id") or item.get("id") or "")
+    if kind == "approval":
+        return str(item.get("id", ""))
+    return None
 
 
 class ResponsesStream:
@@ -176,6 +227,9 @@ class ResponsesStream:
             or "prompt" in body  # a stored prompt may bring tools of its own
             or responses.has_client_tools(body)
         )
+        # With an error-mode tool in the policy, allowed calls wait for the round's fate: a
+        # request that fails must not have sent any of its calls (their slots are given back).
+        self.hold_calls = policy.has_error_mode
         client_prev = body.get("previous_response_id")
         self.client_prev = client_prev if isinstance(client_prev, str) else None
         self.round = 0
@@ -206,6 +260,7 @@ class ResponsesStream:
         self.approvals: list[Decision] = []
         self.round_items: list[Any] = []  # items the client saw this round (output_item.done)
         self.finished = False
+        self.settled = False  # this round's plan is made: held allowed calls may go out
 
     @property
     def holding(self) -> bool:
@@ -262,11 +317,14 @@ class ResponsesStream:
     async def emit(self, ev: Ev) -> None:
         if ev.type == "response.output_item.added" and ev.up is not None:
             self.client_index(ev.up)
+        await self.emit_raw(ev.raw)
         if ev.type == "response.output_item.done" and ev.obj is not None:
             item = ev.obj.get("item")
             if item is not None:
                 self.round_items.append(item)
-        await self.emit_raw(ev.raw)
+            held = self.items.get(ev.up) if ev.up is not None else None
+            if held is not None:
+                held.sent = True
 
     def encode(self, obj: dict[str, Any]) -> bytes:
         if self.renumber:
@@ -295,27 +353,92 @@ class ResponsesStream:
             pass
         self.ended = True
 
-    async def fail(self, message: str, code: str) -> None:
+    async def fail(self, message: str, code: str, type_: str = "upstream_error") -> None:
         """Fail closed: drop every held call, tell the client, record why."""
-        self.record_unsettled("fail_closed", message, code)
+        await self.abandon(message, code)
         log.warning("stream_failed", code=code, error=message)
-        await self.send_error(message, "upstream_error", code)
+        await self.send_error(message, type_, code)
 
-    def record_unsettled(self, action: str, message: str, code: str) -> None:
-        for d in self.decisions:
-            self.state.auditor.record(d, self.ctx, "allowed" if d.allowed else "blocked", action)
-        self.decisions = []
+    def blocked_now(self, call: ToolCall, code: str, message: str) -> Decision:
+        d = Decision(call, self.policy.for_tool(call.name).name, "error")
+        d.block = Block("stream", code, message)
+        return d
+
+    async def abandon(
+        self, message: str, code: str, action: str = "fail_closed"
+    ) -> tuple[list[Decision], list[Decision]]:
+        """The round ends unsettled: record every call once, and fail closed on what the client
+        has not received (recorded as blocked, slot given back, never sent).
+
+        Returns (calls the client received, calls it did not: each with a block)."""
+        decided = {id(d) for d in self.decisions}
+        delivered: list[Decision] = []
+        withheld: list[Decision] = []
+        refund: list[Decision] = []
         for item in self.items.values():
-            if item.kind == "call" and item.status == PENDING:
-                call = self.tool_call(item, item.added)
-                d = Decision(call, self.policy.for_tool(call.name).name, "error")
+            if item.kind != "call":
+                continue
+            d = item.decision
+            if d is None and item.status == PENDING:
+                d = item.decision = self.blocked_now(
+                    self.tool_call(item, item.added), code, message
+                )
+            elif d is None or id(d) not in decided:
+                continue  # settled already
+            if d.allowed and item.sent:
+                self.state.auditor.record(d, self.ctx, "allowed", action)
+                delivered.append(d)
+                continue
+            if d.allowed:
+                refund.append(d)
                 d.block = Block("stream", code, message)
-                self.state.auditor.record(d, self.ctx, "blocked", action)
+            self.state.auditor.record(d, self.ctx, "blocked", action)
+            item.status = DROP
+            withheld.append(d)
+        for d in self.approvals:  # never answered: the upstream runs nothing
+            if d.allowed:
+                refund.append(d)
+                d.block = Block("stream", code, message)
+            self.state.auditor.record(d, self.ctx, "blocked", action)
+        self.decisions = []
+        self.approvals = []
+        for item in self.items.values():
+            if item.kind == "approval":
                 item.status = DROP
+        await release(self.state.store, refund)
+        return delivered, withheld
 
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, resp: aiohttp.ClientResponse) -> None:
+        try:
+            await self.rounds(resp)
+        except ConnectionError:
+            # The client left (aiohttp's reset error is a ConnectionResetError): not the
+            # upstream's fault. What it did not receive is given back.
+            await self.abandon(
+                "the client disconnected", "client_disconnected", "client_disconnected"
+            )
+            raise
+        except asyncio.CancelledError:
+            # A server with handler cancellation cancels on a client disconnect; else shutdown.
+            transport = self.request.transport
+            if transport is None or transport.is_closing():
+                await self.abandon(
+                    "the client disconnected", "client_disconnected", "client_disconnected"
+                )
+            else:
+                await self.abandon("the stream was cancelled", "cancelled", "cancelled")
+            raise
+        except Exception as exc:
+            log.exception("stream_gate_error")
+            message = f"callgate could not process the upstream's stream ({type(exc).__name__})"
+            try:
+                await self.fail(message + "; see its log", "internal_error", "server_error")
+            except Exception:
+                log.exception("stream_gate_error_unrecorded")
+
+    async def rounds(self, resp: aiohttp.ClientResponse) -> None:
         while True:
             try:
                 await self.pump(resp)
@@ -337,6 +460,7 @@ class ResponsesStream:
             async for data in resp.content.iter_any():
                 if (
                     not self.renumber
+                    and not self.finished
                     and not self.holding
                     and not splitter.pending
                     and data.endswith(b"\n\n")
@@ -349,12 +473,12 @@ class ResponsesStream:
                         return
         except ConnectionResetError:
             raise  # the client left (aiohttp's reset error is also a ClientConnectionError)
+        except TimeoutError:  # aiohttp's ServerTimeoutError is also a ClientConnectionError
+            raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise StreamFailed(
                 f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
             ) from None
-        except TimeoutError:
-            raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
         rest = splitter.rest()
         if rest.strip() and (await self.event(rest + b"\n\n") or self.ended):
             return
@@ -382,6 +506,10 @@ class ResponsesStream:
                 await self.write(event)
             self.check_end()
             return True
+        if self.finished:
+            # The response is settled and its terminal event sent: nothing may follow it.
+            log.warning("upstream_event_after_end", bytes=len(event))
+            return False
         if not self.holding and not may_matter(event):
             match = _INDEX.search(event) if self.renumber else None
             await self.emit(Ev(event, up=int(match.group(1)) if match else None))
@@ -423,58 +551,91 @@ class ResponsesStream:
         if kind in _TERMINAL:
             return await self.terminal(ev)
         if kind == "error" or ("error" in obj and "type" not in obj):
-            # The upstream's own error event passes through; nothing held goes out.
-            self.record_unsettled(
-                "fail_closed", str(obj.get("message") or "upstream error"), "upstream_error"
-            )
+            # The upstream's own error event passes through, once every call is recorded;
+            # nothing held goes out.
+            message = error_message(obj)
+            await self.abandon(f"the upstream sent an error event: {message}", "upstream_error")
+            log.warning("upstream_error_event", error=message)
             await self.emit_raw(ev.raw)
             self.ended = True
             return True
-        if kind == "response.output_item.added" and ev.up is not None:
-            added = obj.get("item")
-            item = Item(
-                ev.up,
-                _kind(added, self.gated, self.hold_reasoning),
-                added=added if isinstance(added, dict) else {},
-            )
-            if item.kind == "other":
-                item.status = KEEP
-            if self.last_added is not None and self.last_added in self.items:
-                self.items[self.last_added].follower = ev.up
-            self.items[ev.up] = item
-            self.last_added = ev.up
-        elif kind.startswith(_ARG_EVENTS) and kind.endswith(".delta"):
-            item = self.items.get(ev.up) if ev.up is not None else None
-            if item is not None and isinstance(obj.get("delta"), str):
-                item.pieces.append(obj["delta"])
-        elif kind == "response.output_item.done" and ev.up is not None:
-            item = self.items.get(ev.up)
-            if item is not None and item.kind == "call" and item.status == PENDING:
-                done = obj.get("item") if isinstance(obj.get("item"), dict) else {}
-                decision = await decide(
-                    self.tool_call(item, {**item.added, **done}),
-                    self.policy,
-                    self.state.store,
-                    self.ctx,
-                )
-                self.decisions.append(decision)
-                item.status = KEEP if decision.allowed else DROP
-            elif item is not None and item.kind == "approval" and item.status == PENDING:
-                done = obj.get("item") if isinstance(obj.get("item"), dict) else {}
-                self.approvals += await decide_approvals(
-                    self.state, self.policy, self.ctx, [{**item.added, **done}]
-                )
-                item.status = DROP
+        if kind.startswith(_ITEM_EVENTS):
+            await self.item_event(ev, kind, obj)
         self.buffer.append(ev)
         await self.flush()
         return False
 
+    async def item_event(self, ev: Ev, kind: str, obj: dict[str, Any]) -> None:
+        """Track the items of this round; decide a call (or an approval) once it is done."""
+        if ev.up is None:
+            raise StreamFailed(
+                f"upstream sent {kind} without an output_index", "upstream_malformed"
+            )
+        item = self.items.get(ev.up)
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            raw = obj.get("item")
+            problem = responses.malformed_item(raw)
+            if problem is not None:
+                raise StreamFailed(f"upstream sent {kind} where {problem}", "upstream_malformed")
+            assert isinstance(raw, dict)
+            if kind == "response.output_item.added" and item is not None:
+                raise StreamFailed(
+                    f"upstream announced output_index {ev.up} twice", "upstream_malformed"
+                )
+            if item is None:  # announced now (an upstream may skip `added`)
+                item = self.add_item(ev.up, raw)
+            elif _retyped(item.added, raw):
+                raise StreamFailed(
+                    f"upstream changed the type of output item {ev.up}", "upstream_malformed"
+                )
+            if kind == "response.output_item.done":
+                await self.item_done(item, raw)
+            return
+        if item is None:
+            raise StreamFailed(
+                f"upstream sent {kind} for an item it never announced", "upstream_malformed"
+            )
+        if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
+            item.pieces.append(obj["delta"])
+
+    def add_item(self, up: int, raw: dict[str, Any]) -> Item:
+        kind = _kind(raw, self.gated, self.hold_reasoning)
+        item = Item(up, kind, added=raw, call_id=_item_id(raw, kind))
+        if item.kind == "other":
+            item.status = KEEP
+        if self.last_added is not None and self.last_added in self.items:
+            self.items[self.last_added].follower = up
+        self.items[up] = item
+        self.last_added = up
+        return item
+
+    async def item_done(self, item: Item, done: dict[str, Any]) -> None:
+        if item.status != PENDING or item.kind not in ("call", "approval"):
+            return
+        raw = {**item.added, **done}
+        if item.kind == "approval":
+            [decision] = await decide_approvals(self.state, self.policy, self.ctx, [raw])
+            self.approvals.append(decision)
+            item.status = DROP
+        else:
+            call = self.tool_call(item, raw)
+            decision = await decide(call, self.policy, self.state.store, self.ctx)
+            self.decisions.append(decision)
+            item.status = KEEP if decision.allowed else DROP
+        item.decision = decision
+        item.call_id = decision.call.id
+
     def tool_call(self, item: Item, raw: dict[str, Any]) -> ToolCall:
-        field_name = "input" if raw.get("type") == "custom_tool_call" else "arguments"
+        raw = {**raw, "type": item.added.get("type")}  # a call stays the kind it was announced as
+        field_name = "input" if raw["type"] == "custom_tool_call" else "arguments"
         if not isinstance(raw.get(field_name), str) or (not raw[field_name] and item.pieces):
             raw = {**raw, field_name: "".join(item.pieces)}
         call = responses.call_of(raw)
-        assert call is not None
+        if call is None:  # not reached: an item of kind "call" has a call type
+            raise StreamFailed(
+                "upstream sent a tool call callgate cannot read", "upstream_malformed"
+            )
+        call.position = item.up  # where it sits in the round's output
         return call
 
     def status(self, up: int) -> str:
@@ -485,7 +646,11 @@ class ResponsesStream:
                 return PENDING
             seen.add(item.follower)
             item = self.items.get(item.follower)
-        return KEEP if item is None else item.status
+        if item is None:
+            return KEEP
+        if item.kind == "call" and item.status == KEEP and self.hold_calls and not self.settled:
+            return PENDING  # allowed, held until the round is settled (error mode)
+        return item.status
 
     async def flush(self) -> None:
         """Send the held events whose item's fate is known, in order; stop at the first not."""
@@ -506,8 +671,18 @@ class ResponsesStream:
 
     async def terminal(self, ev: Ev) -> bool:
         obj = ev.obj or {}
-        kind = ev.type
-        response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+        kind = ev.type or ""
+        response = obj.get("response")
+        if not isinstance(response, dict):
+            raise StreamFailed(f"upstream sent {kind} without its response", "upstream_malformed")
+        problem = responses.malformed_output(response.get("output"))
+        if problem is not None:
+            raise StreamFailed(f"upstream sent {kind} where {problem}", "upstream_malformed")
+        output: list[Any] | None = response.get("output")
+        if self.round:
+            self.usage = responses.add_usage(self.usage, response.get("usage"))
+        if kind == "response.failed":
+            return await self.failed(obj, response, output)
         pending = [
             i for i in self.items.values() if i.kind in ("call", "approval") and i.status == PENDING
         ]
@@ -516,17 +691,120 @@ class ResponsesStream:
                 "upstream completed the response with a tool call still incomplete",
                 "incomplete_tool_call",
             )
-        if pending:
-            # Cut off mid-call (max_output_tokens, a failure): such a call never goes out.
-            for item in pending:
-                if item.kind == "approval":
-                    item.status = DROP  # unanswered: the upstream runs nothing without approval
-                    continue
-                call = self.tool_call(item, item.added)
-                d = Decision(call, self.policy.for_tool(call.name).name, "error")
-                d.block = Block("stream", "incomplete_tool_call", "the tool call was cut off")
+        # Cut off mid-call (max_output_tokens): such a call never goes out, nor into `output`.
+        cut: list[Decision] = []
+        for item in pending:
+            if item.kind == "call":
+                d = item.decision = self.blocked_now(
+                    self.tool_call(item, item.added),
+                    "incomplete_tool_call",
+                    "the tool call was cut off",
+                )
                 self.state.auditor.record(d, self.ctx, "blocked", "fail_closed")
-                item.status = DROP
+                cut.append(d)
+            item.status = DROP  # an approval unanswered: the upstream runs nothing without it
+        if output:
+            await self.decide_unseen(output)
+
+        can_reprompt = self.reprompts < self.policy.config.max_reprompts
+        approvals, self.approvals = self.approvals, []
+        decided, self.decisions = self.decisions, []
+        p = approval_plan(plan(decided, can_reprompt), approvals)
+        audit_round(self.state, self.ctx, p, decided, approvals)
+        if p.action == "error":
+            # Nothing of this round's calls went out (held, see `hold_calls`): all given back.
+            await release(self.state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
+            first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
+            assert first.block is not None
+            message = f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}"
+            await self.send_error(message, "tool_call_blocked", first.block.gate)
+            return True
+        self.settled = True
+        await self.flush_all()
+        self.finished = True
+        answers = [responses.approval_response(d) for d in approvals]
+        if p.action == "reprompt" or (
+            approvals and not decided and self.approval_rounds < MAX_APPROVAL_ROUNDS
+        ):
+            if not self.round:
+                self.usage = responses.add_usage(None, response.get("usage"))
+            outputs = [responses.error_output(d) for d in [*p.blocked, *cut]] + answers
+            self.next_round = (outputs, p.action == "reprompt")
+            self.round_data = response
+            return True
+
+        output = output if output else list(self.round_items)  # as streamed, if not given
+        withheld = [*p.blocked, *cut]
+        kept, groups, removed = responses.split_output(
+            output, responses.positions_of(output, withheld), {d.call.id for d in approvals}
+        )
+        extra: dict[str, Any] = {}
+        if p.action == "strip":
+            after_text = responses.has_text(self.prefix) or responses.has_text(kept)
+            note = responses.notice_item(responses.notice_text(p.blocked, after_text))
+            await self.send_notice(note)
+            kept.append(note)
+            extra["extra"] = [note]
+        await self.send_terminal(ev, response, kept, bool(withheld or approvals))
+        settled = Plan(p.action, p.allowed, withheld)
+        await self.save(settled, response, groups, removed, extra, answers)
+        return False
+
+    async def failed(
+        self, obj: dict[str, Any], response: dict[str, Any], output: list[Any] | None
+    ) -> bool:
+        """`response.failed`: the round ends unsettled. Calls the client has keep their place;
+        every other call is recorded as blocked and left out of the failed response."""
+        error = response.get("error")
+        why = error.get("message") if isinstance(error, dict) else None
+        message = "the upstream response failed" + (f": {str(why)[:300]}" if why else "")
+        delivered, withheld = await self.abandon(message, "upstream_failed")
+        for call in self.unseen(output or []):  # in the failed output only: never shown
+            d = self.blocked_now(call, "upstream_failed", message)
+            self.state.auditor.record(d, self.ctx, "blocked", "fail_closed")
+            withheld.append(d)
+        await self.flush_all()
+        self.finished = self.ended = True
+        approvals = {i.call_id for i in self.items.values() if i.kind == "approval" and i.call_id}
+        approvals |= {str(i.get("id")) for i in responses.approvals_of(output, self.gated)}
+        output = output if output else list(self.round_items)  # as streamed, if not given
+        kept, groups, removed = responses.split_output(
+            output, responses.positions_of(output, withheld), approvals
+        )
+        changed = len(kept) != len(output)
+        await self.send_terminal(Ev(b"", "response.failed", obj), response, kept, changed)
+        await self.save(Plan("fail_closed", delivered, withheld), response, groups, removed, {}, [])
+        return True
+
+    async def decide_unseen(self, output: list[Any]) -> None:
+        """Gate the calls (and approval requests) a terminal event's `output` carries that no
+        item event announced: the client's SDK builds its final response from that output."""
+        for call in self.unseen(output):
+            log.warning("unannounced_tool_call", call_id=call.id, tool=call.name)
+            self.decisions.append(await decide(call, self.policy, self.state.store, self.ctx))
+        seen = {i.call_id for i in self.items.values() if i.kind == "approval"}
+        for item in responses.approvals_of(output, self.gated):
+            if str(item.get("id", "")) not in seen:
+                seen.add(str(item.get("id", "")))
+                self.approvals += await decide_approvals(self.state, self.policy, self.ctx, [item])
+
+    def unseen(self, output: list[Any]) -> list[ToolCall]:
+        """The calls of a terminal event's `output` that no item event of this round announced
+        (matched by call id, or by item id)."""
+        calls = {i.call_id for i in self.items.values() if i.kind == "call"}
+        ids = {i.added.get("id") for i in self.items.values() if i.added.get("id")}
+        out = []
+        for call in responses.calls_of(output):
+            item_id = output[call.position].get("id")
+            if call.id in calls or (item_id and item_id in ids):
+                continue
+            calls.add(call.id)
+            out.append(call)
+        return out
+
+    async def flush_all(self) -> None:
+        """Send everything still held whose fate is known; a reasoning item that nothing
+        follows is kept."""
         for item in self.items.values():
             if (
                 item.kind == "reasoning"
@@ -535,50 +813,13 @@ class ResponsesStream:
             ):
                 item.status = KEEP  # the last item: nothing follows it
         await self.flush()
-        self.finished = True
-        output = response.get("output") if isinstance(response.get("output"), list) else []
-        if self.round:
-            self.usage = responses.add_usage(self.usage, response.get("usage"))
-        can_reprompt = (
-            kind != "response.failed" and self.reprompts < self.policy.config.max_reprompts
-        )
-        p = plan(self.decisions, can_reprompt)
-        approvals, self.approvals = self.approvals, []
-        p = settle_approvals(self.state, self.ctx, p, approvals)
-        if self.decisions:
-            audit_plan(self.state.auditor, p, self.ctx)
-        decided, self.decisions = self.decisions, []
-        if p.action == "error":
-            await release(self.state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
-            first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
-            assert first.block is not None
-            message = f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}"
-            await self.send_error(message, "tool_call_blocked", first.block.gate)
-            return True
-        answers = [responses.approval_response(d) for d in approvals]
-        if kind != "response.failed" and (
-            p.action == "reprompt"
-            or (approvals and not decided and self.approval_rounds < MAX_APPROVAL_ROUNDS)
-        ):
-            if not self.round:
-                self.usage = responses.add_usage(None, response.get("usage"))
-            outputs = [responses.error_output(d) for d in p.blocked] + answers
-            self.next_round = (outputs, p.action == "reprompt")
-            self.round_data = response
-            return True
 
-        blocked_ids = {d.call.id for d in [*p.blocked, *approvals]}
-        if not output:
-            output = list(self.round_items)  # a terminal event without the items: as streamed
-        kept, groups, removed = responses.split_output(output, blocked_ids)
-        extra: dict[str, Any] = {}
-        if p.action == "strip" and kind != "response.failed":
-            after_text = responses.has_text(self.prefix) or responses.has_text(kept)
-            note = responses.notice_item(responses.notice_text(p.blocked, after_text))
-            await self.send_notice(note)
-            kept.append(note)
-            extra["extra"] = [note]
-        changed = bool(self.round or p.blocked or approvals)
+    async def send_terminal(
+        self, ev: Ev, response: dict[str, Any], kept: list[Any], changed: bool
+    ) -> None:
+        """The round's terminal event, its `output` as the client saw the whole response."""
+        obj = ev.obj or {}
+        changed = changed or bool(self.round)
         if changed:
             response["output"] = [*self.prefix, *kept]
             if "output_text" in response:
@@ -590,14 +831,10 @@ class ResponsesStream:
                 response["usage"] = self.usage
             if "previous_response_id" in response:
                 response["previous_response_id"] = self.client_prev
-        if changed or self.renumber:
+        if changed or self.renumber or not ev.raw:
             await self.write(self.encode(obj))
         else:
             await self.emit_raw(ev.raw)
-        if kind == "response.failed":
-            self.ended = True
-        await self.save(p, response, groups, removed, extra, answers)
-        return kind == "response.failed"
 
     async def send_notice(self, note: dict[str, Any]) -> None:
         """A complete message item, event by event, as the upstream would stream it."""
@@ -648,7 +885,9 @@ class ResponsesStream:
             )
         value = responses.entry(hide=[*self.inserted, *removed], **extra)
         if self.visible_id:
-            await save_entry(self.state, self.policy, self.visible_id, value, self.body)
+            await save_entry(
+                self.state, self.policy, self.ctx.principal, self.visible_id, value, self.body
+            )
 
     # -- reprompt -------------------------------------------------------------------------
 

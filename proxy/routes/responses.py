@@ -18,17 +18,19 @@ import structlog
 from aiohttp import web
 
 from proxy import responses, stash
-from proxy.blocking import audit_plan, plan
+from proxy.blocking import plan
 from proxy.errors import bad_gateway, bad_request, error_response
 from proxy.gates import decide, release
+from proxy.gates.decision import Block, Decision
 from proxy.metrics import add_upstream_time
 from proxy.policy import Policy
 from proxy.responses_stream import (
     MAX_APPROVAL_ROUNDS,
     ResponsesStream,
+    approval_plan,
+    audit_round,
     decide_approvals,
     save_entry,
-    settle_approvals,
 )
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import forward, upstream_path
@@ -76,7 +78,9 @@ def filter_tools(policy: Policy, body: dict[str, Any]) -> bool:
     return bool(removed)
 
 
-async def prepare_request(state: AppState, body: dict[str, Any]) -> tuple[bool, list[str]]:
+async def prepare_request(
+    state: AppState, body: dict[str, Any], principal: str
+) -> tuple[bool, list[str]]:
     """Complete the conversation the client sends, in place: error outputs for the blocked calls
     of the response it continues, blocked calls put back into a full input. Returns (changed,
     keys of the input items callgate added: the client must not see them read back)."""
@@ -89,8 +93,8 @@ async def prepare_request(state: AppState, body: dict[str, Any]) -> tuple[bool, 
     keys = ([responses.conversation_key(conversation)] if conversation else []) + (
         [stash.responses_key(prev)] if isinstance(prev, str) else []
     )
-    keys += [responses.call_key(c) for c in call_ids]
-    found = await stash.get_many(state.store, keys) if keys else []
+    keys += [responses.call_key(principal, c) for c in call_ids]
+    found = [responses.clean_entry(e) for e in await stash.get_many(state.store, keys)]
     items = responses.as_input_list(raw_input)
     if conversation:
         conv_entry, found = found[0] if found else None, found[1:]
@@ -135,7 +139,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     ctx = call_context(request, body, policy, ROUTE)
     prev = body.get("previous_response_id")
     client_prev = prev if isinstance(prev, str) else None
-    completed, inserted = await prepare_request(state, body)
+    completed, inserted = await prepare_request(state, body, ctx.principal)
     if changed or gated or completed:
         raw = orjson.dumps(body)
     if body.get("stream") is True:
@@ -214,83 +218,117 @@ async def _gate_response(
         data = _parse(reply)
         if isinstance(data, web.Response):
             return data
+        problem = responses.malformed_output(data.get("output"))
+        if problem is not None:
+            log.error("upstream_malformed_output", error=problem)
+            return bad_gateway(
+                f"The upstream returned a response callgate cannot gate: {problem}",
+                "upstream_malformed",
+            )
         if rounds:
             usage = responses.add_usage(usage, data.get("usage"))
-        output = data.get("output") if isinstance(data.get("output"), list) else []
+        output: list[Any] = data.get("output") or []
         # One at a time, in order: parallel calls to one tool take slots first-come.
         decisions = [await decide(c, policy, state.store, ctx) for c in responses.calls_of(output)]
         approvals = await decide_approvals(
             state, policy, ctx, responses.approvals_of(output, gated)
         )
-        p = plan(decisions, reprompts < policy.config.max_reprompts)
-        p = settle_approvals(state, ctx, p, approvals)
-        if decisions:
-            audit_plan(state.auditor, p, ctx)
-        if p.action == "error":
-            await release(state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
-            first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
-            assert first.block is not None
-            return error_response(
-                403,
-                f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
-                "tool_call_blocked",
-                first.block.gate,
+        audited = False
+        try:
+            p = approval_plan(plan(decisions, reprompts < policy.config.max_reprompts), approvals)
+            if p.action == "error":
+                audited = True
+                audit_round(state, ctx, p, decisions, approvals)
+                await release(state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
+                first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
+                assert first.block is not None
+                return error_response(
+                    403,
+                    f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
+                    "tool_call_blocked",
+                    first.block.gate,
+                )
+            answers = [responses.approval_response(d) for d in approvals]
+            again = p.action == "reprompt" or (
+                approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
             )
-        answers = [responses.approval_response(d) for d in approvals]
-        again = p.action == "reprompt" or (
-            approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
-        )
-        if again:
-            if not rounds:
-                usage = responses.add_usage(None, data.get("usage"))
-                first_id = data.get("id") if isinstance(data.get("id"), str) else None
-            outputs = [responses.error_output(d) for d in p.blocked] + answers
-            body = responses.next_round_body(body, data, outputs)
-            payload = orjson.dumps(body)
-            rounds += 1
-            if p.action == "reprompt":
-                reprompts += 1
-                state.metrics.reprompts.labels(ROUTE).inc()
-            else:
-                approval_rounds += 1
-            log.info("reprompt", round=rounds, blocked=len(p.blocked), approvals=len(answers))
-            continue
+            if again:
+                if not rounds:
+                    usage = responses.add_usage(None, data.get("usage"))
+                    first_id = data.get("id") if isinstance(data.get("id"), str) else None
+                outputs = [responses.error_output(d) for d in p.blocked] + answers
+                body = responses.next_round_body(body, data, outputs)
+                payload = orjson.dumps(body)
+                audited = True
+                audit_round(state, ctx, p, decisions, approvals)
+                rounds += 1
+                if p.action == "reprompt":
+                    reprompts += 1
+                    state.metrics.reprompts.labels(ROUTE).inc()
+                else:
+                    approval_rounds += 1
+                log.info("reprompt", round=rounds, blocked=len(p.blocked), approvals=len(answers))
+                continue
 
-        hide = list(inserted)
-        extra: dict[str, Any] = {}
-        changed = bool(rounds)
-        if p.blocked or approvals:
-            changed = True
-            blocked_ids = {d.call.id for d in [*p.blocked, *approvals]}
-            kept, groups, removed = responses.split_output(output, blocked_ids)
-            if p.action == "strip":
-                text = responses.notice_text(p.blocked, responses.has_text(kept))
-                note = responses.notice_item(text)
-                kept.append(note)
-                extra["extra"] = [note]
-            data["output"] = kept
-            if "output_text" in data:
-                data["output_text"] = responses.output_text(kept)
-            hide += removed
-            extra.update(
-                outputs=[responses.error_output(d) for d in p.blocked] + answers,
-                groups=groups,
-                calls=[d.call.id for d in p.allowed],
-            )
-        if rounds:
-            data["usage"] = usage
-            if "previous_response_id" in data:
-                data["previous_response_id"] = client_prev
-            if responses.stored(body, data):
-                extra["previous_response_id"] = client_prev or ""  # "" stands for null
-            if first_id and responses.stored(body, data) and body.get("conversation") is None:
-                extra["input_of"] = first_id  # the client's own input went with the first round
-        rid = data.get("id")
-        if isinstance(rid, str):
-            await save_entry(state, policy, rid, responses.entry(hide=hide, **extra), body)
-        if not changed:
-            return _raw_response(reply)  # byte for byte what the upstream sent
-        return _json_response(reply, data)
+            hide = list(inserted)
+            extra: dict[str, Any] = {}
+            changed = bool(rounds)
+            if p.blocked or approvals:
+                changed = True
+                kept, groups, removed = responses.split_output(
+                    output,
+                    responses.positions_of(output, p.blocked),
+                    {d.call.id for d in approvals},
+                )
+                if p.action == "strip":
+                    text = responses.notice_text(p.blocked, responses.has_text(kept))
+                    note = responses.notice_item(text)
+                    kept.append(note)
+                    extra["extra"] = [note]
+                data["output"] = kept
+                if "output_text" in data:
+                    data["output_text"] = responses.output_text(kept)
+                hide += removed
+                extra.update(
+                    outputs=[responses.error_output(d) for d in p.blocked] + answers,
+                    groups=groups,
+                    calls=[d.call.id for d in p.allowed],
+                )
+            if rounds:
+                data["usage"] = usage
+                if "previous_response_id" in data:
+                    data["previous_response_id"] = client_prev
+                if responses.stored(body, data):
+                    extra["previous_response_id"] = client_prev or ""  # "" stands for null
+                if first_id and responses.stored(body, data) and body.get("conversation") is None:
+                    extra["input_of"] = first_id  # the client's own input went with round one
+            out = _raw_response(reply) if not changed else _json_response(reply, data)
+            audited = True
+            audit_round(state, ctx, p, decisions, approvals)
+            rid = data.get("id")
+            if isinstance(rid, str):
+                value = responses.entry(hide=hide, **extra)
+                await save_entry(state, policy, ctx.principal, rid, value, body)
+            return out  # unchanged: byte for byte what the upstream sent
+        except Exception as exc:
+            if audited:
+                raise
+            return await _fail_round(state, ctx, [*decisions, *approvals], exc)
+
+
+async def _fail_round(
+    state: AppState, ctx: CallContext, decided: list[Decision], exc: Exception
+) -> web.Response:
+    """A round callgate could not finish: nothing reaches the client, every call is recorded
+    as blocked and its slot given back (fail closed), and the client gets a 502."""
+    log.error("responses_gate_error", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+    message = f"callgate could not process the upstream's response ({type(exc).__name__})"
+    await release(state.store, [d for d in decided if d.allowed])
+    for d in decided:
+        if d.allowed:
+            d.block = Block("callgate", "internal_error", message)
+        state.auditor.record(d, ctx, "blocked", "fail_closed")
+    return bad_gateway(message + "; see its log", "internal_error")
 
 
 # -- streaming ----------------------------------------------------------------------------
@@ -320,7 +358,7 @@ async def _gate_stream(
 
 async def _lookup(state: AppState, response_id: str) -> dict[str, Any] | None:
     found = await stash.get_many(state.store, [stash.responses_key(response_id)])
-    return found[0] if found else None
+    return responses.clean_entry(found[0]) if found else None
 
 
 async def _get(state: AppState, request: web.Request, path_qs: str) -> UpstreamReply | web.Response:
@@ -333,7 +371,11 @@ async def _get(state: AppState, request: web.Request, path_qs: str) -> UpstreamR
             resp.release()
     except UpstreamError as exc:
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
-    except Exception as exc:  # disconnect or timeout mid-body
+    except TimeoutError:  # aiohttp's read timeout is also a ClientConnectionError
+        return error_response(
+            504, "upstream timed out mid-response", "upstream_error", "upstream_timeout"
+        )
+    except Exception as exc:  # disconnect mid-body
         return bad_gateway(f"upstream failed mid-response: {type(exc).__name__}: {exc}")
     finally:
         add_upstream_time(time.perf_counter() - started)
