@@ -11,6 +11,7 @@ breaks while a call is held fails closed: the call is never emitted.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from proxy.streaming import open_round
 from proxy.toolcalls import CallContext, ToolCall
 
 log = structlog.get_logger("callgate.chat_stream")
+_background: set[asyncio.Task[None]] = set()  # refunds scheduled from cancelled handlers
 
 
 @dataclass(slots=True)
@@ -150,8 +152,10 @@ class ChatStream:
         obj["choices"] = [choice]
         return sse.encode(obj)
 
-    def settle_unfinished(self, message: str, code: str) -> None:
-        """The stream ends early: record every decided call once, and drop held ones (closed)."""
+    def settle_unfinished(self, message: str, code: str, action: str = "fail_closed") -> None:
+        """The stream ends early: record every decided call once, drop held ones (closed), and
+        give back the reservations of allowed calls the client never received."""
+        unsent: list[Decision] = []
         for st in self.choices.values():
             if not st.finished:
                 # Decided but unsettled calls: record what happened to each.
@@ -159,15 +163,20 @@ class ChatStream:
                     sent = d.allowed and not any(call is c for c in st.deferred)
                     if d.allowed and not sent:
                         d.block = Block("stream", code, message)  # decided, never sent
-                    self.state.auditor.record(
-                        d, self.ctx, "allowed" if sent else "blocked", "fail_closed"
-                    )
+                        unsent.append(d)
+                    self.state.auditor.record(d, self.ctx, "allowed" if sent else "blocked", action)
             for call in st.open.values():
                 d = Decision(call.tool_call(), self.policy.for_tool(call.name).name, "error")
                 d.block = Block("stream", code, message)
-                self.state.auditor.record(d, self.ctx, "blocked", "fail_closed")
+                self.state.auditor.record(d, self.ctx, "blocked", action)
             st.open.clear()
             st.finished = True
+            st.deferred.clear()
+        if unsent:
+            # Not awaited: this also runs while the handler is being cancelled.
+            task = asyncio.get_running_loop().create_task(release(self.state.store, unsent))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     async def fail(self, message: str, code: str) -> None:
         """Fail closed: drop every held call, tell the client, record why."""
@@ -188,6 +197,12 @@ class ChatStream:
             except StreamFailed as exc:
                 await self.fail(str(exc), exc.code)
                 return
+            except (ConnectionResetError, asyncio.CancelledError):
+                # The client left mid-stream: what was decided is still recorded.
+                self.settle_unfinished(
+                    "the client disconnected", "client_disconnected", "client_disconnected"
+                )
+                raise
             finally:
                 resp.close()  # a no-op once read to the end; cancels the upstream otherwise
             if self.reprompt_plan is None:

@@ -3,6 +3,7 @@ to the client, and opening a further upstream round for a reprompt."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -12,7 +13,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from proxy.errors import bad_gateway, error_response
+from proxy.errors import bad_gateway, error_body, error_response
 from proxy.metrics import add_upstream_time
 from proxy.routes.passthrough import relay, upstream_path
 from proxy.state import AppState
@@ -69,6 +70,16 @@ async def serve_stream(
         await out.write_eof()
     except ConnectionError:
         log.info("client_disconnected", stream=True)  # the gate closed the upstream response
+    except Exception:
+        # Headers are sent: a 500 is impossible, so end the stream with an error event.
+        log.exception("stream_internal_error")
+        body = error_body(
+            f"callgate internal error; see its log for request {ctx.request_id}",
+            "server_error",
+            "internal_error",
+        )
+        with contextlib.suppress(Exception):
+            await out.write(b"data: " + body + b"\n\n")
     finally:
         resp.close()
     return out

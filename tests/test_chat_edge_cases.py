@@ -286,3 +286,66 @@ async def test_usage_is_summed_with_nested_details(make_proxy, upstream):
     result = await proxy.client().chat.completions.create(model="m", messages=MSGS)
     assert result.usage.total_tokens == 24
     assert result.usage.completion_tokens_details.reasoning_tokens == 2
+
+
+async def test_held_calls_refunded_when_an_error_mode_stream_breaks(make_proxy, upstream):
+    # Error mode in the policy holds allowed calls until the finish; the stream breaks first.
+    proxy = await make_proxy(
+        {
+            "tools": {
+                "ok": {"rate_limit": {"max_calls": 1, "window": 60}},
+                "bad": {"allow": False, "on_block": "error"},
+            }
+        }
+    )
+    seen = records(proxy)
+    upstream.push(
+        SSE([call(0, "c0", "ok", "{}"), call(1, "c1", "ok", '{"a":')], done=False),
+        completion(("ok", {}), ids=["c2"]),
+    )
+    client = proxy.client()
+    stream = await client.chat.completions.create(model="m", messages=MSGS, stream=True)
+    got = []
+    with pytest.raises(openai.APIError):
+        async for ch in stream:
+            for c in ch.choices:
+                got += [tc.id for tc in c.delta.tool_calls or []]
+    assert got == []
+    assert sorted((r["call_id"], r["decision"]) for r in seen) == [
+        ("c0", "blocked"),
+        ("c1", "blocked"),
+    ]
+    await asyncio.sleep(0)  # the refund runs as its own task
+    result = await client.chat.completions.create(model="m", messages=MSGS)
+    assert [c.id for c in result.choices[0].message.tool_calls] == ["c2"]
+
+
+async def test_client_disconnect_still_audits_decided_calls(make_proxy, upstream):
+    proxy = await make_proxy({})
+    seen = records(proxy)
+    slow = SSE(
+        [
+            call(0, "c0", "ok", "{}"),
+            call(1, "c1", "ok", "{}"),
+            *[chunk({"content": "x"}) for _ in range(200)],
+        ],
+        delay=0.01,
+    )
+    # Text after the calls keeps the stream going; the client leaves after the first call.
+    slow.events.insert(2, chunk({"tool_calls": [{"index": 1, "function": {"arguments": ""}}]}))
+    upstream.push(slow)
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(
+            proxy.url + "/chat/completions", json={"model": "m", "messages": MSGS, "stream": True}
+        )
+        first = await resp.content.readline()
+        assert b'"c0"' in first
+        resp.close()
+    for _ in range(200):  # bounded: 2 s
+        if slow.aborted and len(seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted((r["call_id"], r["decision"], r["action"]) for r in seen) == [
+        ("c0", "allowed", "client_disconnected"),
+        ("c1", "blocked", "client_disconnected"),
+    ]
