@@ -1,0 +1,495 @@
+"""callgate's load benchmark: one command, everything on loopback, bounded in time.
+
+    python -m bench.run                     # 5 s per measurement after 1 s of warm-up
+    python -m bench.run --quick             # ~1 s each (CI smoke)
+    python -m bench.run --uvloop            # every process on uvloop instead of asyncio
+    python bench/run.py --duration 10 --concurrency 64 --json results.json
+
+It starts, each in its own process: a fast mock upstream (a ~1 KB chat completion with one tool
+call, or a 20-chunk SSE stream), a bare aiohttp pass-through proxy (the physical floor for an
+aiohttp proxy), and callgate (`python -m proxy serve`) with a realistic policy: a CEL rule and an
+arguments schema, a rate limit and a budget that never block (huge max_calls and max_spend), and
+a hash-chained audit file. callgate's request log goes to a file, as a container's stdout would.
+A separate load-generator process then measures, at fixed concurrency and for a fixed time:
+direct to the upstream, through the bare proxy, through callgate, non-streaming and streaming;
+then the same at concurrency 1 for the latency callgate adds. It prints a table and the ratios
+against the targets (throughput >= 85% of the bare proxy non-streaming, >= 80% streaming; added
+p50 latency at low load < 1 ms). Exit status 1 if any measurement had errors or no requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+import orjson  # noqa: E402
+
+from bench.common import COMPLETION, STREAM, STREAM_CHUNKS, free_port  # noqa: E402
+
+POLICY = """\
+# The benchmark's policy: every gate runs on every call, none blocks.
+upstream:
+  base_url: "http://127.0.0.1:{upstream_port}/v1"
+  timeout: 60
+principal:
+  from: ["header:x-callgate-principal", "body:user", "api_key"]
+on_block: reprompt
+budgets:
+  research: {{max_spend: "1000000000.00", window: 3600}}
+tools:
+  search_web:
+    rules:
+      - name: no_pii
+        deny_if: 'args.query.lowerAscii().contains("ssn")'
+    arguments_schema: {{type: object, required: [query]}}
+    rate_limit: {{max_calls: 1000000000, window: 60}}
+    budget: {{ledger: research, cost: "0.001"}}
+  delete_file: {{allow: false}}
+audit:
+  log: false
+  file: "{audit_file}"
+  redact: [api_key, password]
+store: {{backend: memory}}
+"""
+
+# Run callgate's own CLI, with uvloop hidden so it runs on asyncio like the other processes.
+_NO_UVLOOP = "; ".join(
+    (
+        "import sys",
+        "sys.modules['uvloop'] = None",
+        "from proxy.cli import main",
+        "raise SystemExit(main())",
+    )
+)
+
+
+@dataclass
+class Scenario:
+    mode: str  # "non-streaming" | "streaming"
+    target: str  # "direct" | "bare" | "callgate"
+    concurrency: int
+
+    @property
+    def stream(self) -> bool:
+        return self.mode == "streaming"
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Servers:
+    """The three servers under test, each its own process; stopped on exit whatever happens."""
+
+    def __init__(self, workdir: Path, loop: str, chunk_delay_ms: float) -> None:
+        self.workdir = workdir
+        self.loop = loop
+        self.chunk_delay_ms = chunk_delay_ms
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports = {name: free_port() for name in ("direct", "bare", "callgate")}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("CALLGATE_UPSTREAM_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL")
+        }
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
+        self.audit_file = workdir / "audit.jsonl"
+        self.callgate_log = workdir / "callgate.log"
+        self.config = workdir / "callgate.yaml"
+
+    def url(self, target: str) -> str:
+        return f"http://127.0.0.1:{self.ports[target]}"
+
+    def _start(self, name: str, args: list[str], log: Path) -> None:
+        with open(log, "wb") as out:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def start(self) -> None:
+        loop = ["--loop", self.loop]
+        self._start(
+            "direct",
+            [
+                "-m",
+                "bench.mock_upstream",
+                "--port",
+                str(self.ports["direct"]),
+                "--chunk-delay-ms",
+                str(self.chunk_delay_ms),
+                *loop,
+            ],
+            self.workdir / "upstream.log",
+        )
+        self._start(
+            "bare",
+            [
+                "-m",
+                "bench.bare_proxy",
+                "--port",
+                str(self.ports["bare"]),
+                "--upstream",
+                self.url("direct"),
+                *loop,
+            ],
+            self.workdir / "bare.log",
+        )
+        self.config.write_text(
+            POLICY.format(upstream_port=self.ports["direct"], audit_file=self.audit_file)
+        )
+        serve = [
+            "serve",
+            "--config",
+            str(self.config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.ports["callgate"]),
+        ]
+        cli = ["-m", "proxy"] if self.loop == "uvloop" else ["-c", _NO_UVLOOP]
+        self._start("callgate", [*cli, *serve], self.callgate_log)
+        for name in ("direct", "bare", "callgate"):
+            self._wait_healthy(name)
+        self._wait_healthy("callgate", "/readyz")
+
+    def _wait_healthy(self, name: str, path: str = "/healthz", timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self.procs[name]
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            try:
+                with urllib.request.urlopen(self.url(name) + path, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not healthy after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        log = {
+            "direct": "upstream.log",
+            "bare": "bare.log",
+            "callgate": "callgate.log",
+        }[name]
+        try:
+            text = (self.workdir / log).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cpu(self, target: str) -> float | None:
+        proc = self.procs.get(target)
+        return _cpu_seconds(proc.pid) if proc is not None else None
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM every server (callgate flushes its audit file), SIGKILL what lingers."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        codes: dict[str, int | None] = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+
+def run_load(
+    servers: Servers,
+    sc: Scenario,
+    number: int,
+    duration: float,
+    warmup: float,
+    loop: str,
+    principals: int,
+) -> dict[str, Any]:
+    args = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--url",
+        servers.url(sc.target) + "/v1/chat/completions",
+        "--concurrency",
+        str(sc.concurrency),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--principals",
+        str(principals),
+        # Fresh principals per run: what one run records in the store does not slow the next.
+        "--principal-prefix",
+        f"run{number}-user-",
+        "--loop",
+        loop,
+    ]
+    if sc.stream:
+        args.append("--stream")
+    front = sc.target if sc.target != "direct" else None
+    cpu_before = servers.cpu(front) if front else None
+    proc = subprocess.run(
+        args,
+        cwd=ROOT,
+        env=servers.env,
+        capture_output=True,
+        text=True,
+        timeout=warmup + duration + 60,
+        check=False,
+    )
+    cpu_after = servers.cpu(front) if front else None
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{proc.stderr}")
+    result: dict[str, Any] = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(mode=sc.mode, target=sc.target)
+    result["cpu_us_per_req"] = (
+        (cpu_after - cpu_before) / result["total_requests"] * 1e6
+        if cpu_before is not None and cpu_after is not None and result["total_requests"]
+        else None
+    )
+    return result
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or value != value:  # None or NaN
+        return "-"
+    return format(value, spec)
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'mode':<14} {'target':<9} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'ttfb p50':>8} {'proxy CPU/req':>13} {'errors':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    last = None
+    for r in results:
+        group = (r["mode"], r["concurrency"])
+        if last is not None and group != last:
+            print()
+        last = group
+        ttfb = r["ttfb_p50_ms"] if r["stream"] else None
+        cpu = r["cpu_us_per_req"]
+        print(
+            f"{r['mode']:<14} {r['target']:<9} {r['concurrency']:>4} {r['rps']:>9.0f} "
+            f"{_fmt(r['p50_ms'], '.2f'):>8} {_fmt(r['p99_ms'], '.2f'):>8} "
+            f"{_fmt(ttfb, '.2f'):>8} {(_fmt(cpu, '.0f') + ' us') if cpu else '-':>13} "
+            f"{r['errors']:>6}"
+        )
+
+
+def summarize(results: list[dict[str, Any]], high: int) -> dict[str, Any]:
+    """The ratios against the targets, printed; returned as a dict for --json."""
+
+    def pick(mode: str, target: str, conc: int) -> dict[str, Any] | None:
+        for r in results:
+            if (r["mode"], r["target"], r["concurrency"]) == (mode, target, conc):
+                return r
+        return None
+
+    summary: dict[str, Any] = {}
+    lines: list[tuple[str, str, str]] = []
+    for mode, goal in (("non-streaming", 0.85), ("streaming", 0.80)):
+        cg, bare = pick(mode, "callgate", high), pick(mode, "bare", high)
+        if cg and bare and bare["rps"]:
+            ratio = cg["rps"] / bare["rps"]
+            summary[f"throughput_ratio_{mode}"] = ratio
+            verdict = "met" if ratio >= goal else "MISSED"
+            lines.append(
+                (f"callgate/bare throughput, {mode}", f"{ratio:.2f}", f">= {goal:.2f}: {verdict}")
+            )
+    for mode in ("non-streaming", "streaming"):
+        cg, bare = pick(mode, "callgate", 1), pick(mode, "bare", 1)
+        if cg and bare and cg["p50_ms"] is not None and bare["p50_ms"] is not None:
+            added = cg["p50_ms"] - bare["p50_ms"]
+            summary[f"added_p50_ms_{mode}"] = added
+            if mode == "non-streaming":
+                target = "< 1 ms: " + ("met" if added < 1.0 else "MISSED")
+            else:
+                target = "(whole stream; no target)"
+            lines.append((f"added p50 at concurrency 1, {mode}", f"{added:+.3f} ms", target))
+    for mode in ("non-streaming", "streaming"):
+        cg, bare = pick(mode, "callgate", high), pick(mode, "bare", high)
+        if cg and bare and cg["cpu_us_per_req"] and bare["cpu_us_per_req"]:
+            extra = cg["cpu_us_per_req"] - bare["cpu_us_per_req"]
+            summary[f"added_cpu_us_{mode}"] = extra
+            lines.append((f"callgate CPU per request over bare, {mode}", f"{extra:+.0f} us", ""))
+            # What the throughput ratio would be with a core to itself: less sensitive to other
+            # load on the machine than the req/s ratio.
+            cpu_ratio = bare["cpu_us_per_req"] / cg["cpu_us_per_req"]
+            summary[f"cpu_ratio_{mode}"] = cpu_ratio
+            lines.append((f"bare/callgate CPU per request, {mode}", f"{cpu_ratio:.2f}", ""))
+    for label, value, target in lines:
+        print(f"{label:<48} {value:>9}   {target}".rstrip())
+    return summary
+
+
+def audit_check(servers: Servers) -> str:
+    """`callgate audit verify` on the audit file written under load (after callgate stopped)."""
+    if not servers.audit_file.exists():
+        return "no audit file written"
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "audit", "verify", str(servers.audit_file)],
+        cwd=ROOT,
+        env=servers.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return (proc.stdout + proc.stderr).strip().replace(str(servers.audit_file), "audit.jsonl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="callgate load benchmark (loopback only, bounded in time)"
+    )
+    parser.add_argument("--duration", type=float, help="seconds measured per run (default 5)")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up per run (default 1)")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections (default 32)")
+    parser.add_argument("--principals", type=int, default=32, help="distinct principals")
+    parser.add_argument("--quick", action="store_true", help="~1 s per run (CI smoke)")
+    parser.add_argument("--uvloop", action="store_true", help="run every process on uvloop")
+    parser.add_argument(
+        "--chunk-delay-ms", type=float, default=0.0, help="pause between stream chunks"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    args = parser.parse_args(argv)
+
+    duration = args.duration if args.duration is not None else (1.0 if args.quick else 5.0)
+    warmup = args.warmup if args.warmup is not None else (0.25 if args.quick else 1.0)
+    loop = "asyncio"
+    if args.uvloop:
+        if importlib.util.find_spec("uvloop") is None:
+            print("--uvloop: uvloop is not installed (pip install uvloop)", file=sys.stderr)
+            return 2
+        loop = "uvloop"
+    high = args.concurrency
+    scenarios = [
+        Scenario(mode, target, conc)
+        for conc in (high, 1)
+        for mode in ("non-streaming", "streaming")
+        for target in ("direct", "bare", "callgate")
+    ]
+
+    server_src = (ROOT / "proxy" / "server.py").read_text()
+    callgate_loop = loop
+    if loop == "uvloop" and "uvloop" not in server_src:
+        callgate_loop = "asyncio (proxy/server.py does not use uvloop)"
+    print(
+        f"callgate benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"aiohttp {aiohttp.__version__}; loop: {loop} (callgate: {callgate_loop})"
+    )
+    print(
+        f"{duration:g} s measured per run after {warmup:g} s warm-up; concurrency {high} and 1; "
+        f"{args.principals} principals; loopback only; load average before: {_loadavg()}"
+    )
+    print(
+        f"mock upstream: {len(COMPLETION)}-byte completion with one tool call; "
+        f"{STREAM_CHUNKS}-chunk SSE stream ({sum(map(len, STREAM))} bytes with [DONE])"
+        + (f", {args.chunk_delay_ms:g} ms between chunks" if args.chunk_delay_ms else "")
+    )
+    print(
+        "callgate: rule (CEL) + arguments schema + rate limit + budget, memory store, "
+        "audit file on (audit.log off), request log lines to a file"
+    )
+    print()
+
+    results: list[dict[str, Any]] = []
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp:
+        servers = Servers(Path(tmp), loop, args.chunk_delay_ms)
+        try:
+            servers.start()
+            for number, sc in enumerate(scenarios):
+                result = run_load(servers, sc, number, duration, warmup, loop, args.principals)
+                results.append(result)
+                if result["errors"] or not result["requests"]:
+                    failed = True
+                    print(
+                        f"! {sc.mode} {sc.target} c={sc.concurrency}: {result['requests']} "
+                        f"requests, errors {result['error_kinds']}",
+                        file=sys.stderr,
+                    )
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"benchmark aborted: {exc}", file=sys.stderr)
+            failed = True
+        finally:
+            codes = servers.stop()
+        if results:
+            print_table(results)
+            print()
+            summary = summarize(results, high)
+        else:
+            summary = {}
+        log_bytes = servers.callgate_log.stat().st_size if servers.callgate_log.exists() else 0
+        audit = audit_check(servers)
+        print(f"callgate log: {log_bytes / 1e6:.1f} MB written; audit: {audit}")
+        print(f"load average after: {_loadavg()} (other work on the machine skews every figure)")
+        if codes.get("callgate") not in (0, None):
+            print(f"callgate exited with {codes['callgate']}:", file=sys.stderr)
+            print(servers.log_tail("callgate"), file=sys.stderr)
+            failed = True
+    if args.json:
+        with open(args.json, "wb") as fh:
+            fh.write(
+                orjson.dumps(
+                    {
+                        "loop": loop,
+                        "duration": duration,
+                        "warmup": warmup,
+                        "concurrency": high,
+                        "results": results,
+                        "summary": summary,
+                        "audit": audit,
+                    },
+                    option=orjson.OPT_INDENT_2,
+                )
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())

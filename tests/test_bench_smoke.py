@@ -1,0 +1,55 @@
+"""bench/run.py end to end, tiny and bounded: it starts the mock upstream, the bare proxy and
+callgate, measures every mode, and prints the table. No speed is asserted, only that each
+measurement completed requests without errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_quick_run_completes_every_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--quick",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0.1",
+            "--concurrency",
+            "8",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "req/s" in proc.stdout and "p99 ms" in proc.stdout
+    assert "callgate/bare throughput, non-streaming" in proc.stdout
+    assert "added p50 at concurrency 1, non-streaming" in proc.stdout
+    assert "chain intact" in proc.stdout  # the audit file written under load verifies
+
+    data = json.loads(out.read_text())
+    seen = {(r["mode"], r["target"], r["concurrency"]) for r in data["results"]}
+    assert seen == {
+        (mode, target, conc)
+        for mode in ("non-streaming", "streaming")
+        for target in ("direct", "bare", "callgate")
+        for conc in (8, 1)
+    }
+    for r in data["results"]:
+        label = f"{r['mode']} {r['target']} c={r['concurrency']}"
+        assert r["requests"] > 0, label
+        assert r["errors"] == 0, f"{label}: {r['error_kinds']}"
