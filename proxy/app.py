@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.audit import Auditor
 from proxy.errors import error_response
-from proxy.metrics import metrics_handler, observe
+from proxy.metrics import metrics_handler, route_label, upstream_time
 from proxy.policy import Policy
 from proxy.routes import responses
 from proxy.routes.chat import chat_completions
@@ -27,21 +27,47 @@ _QUIET_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per request: its id in every log line, errors in OpenAI's shape, one log line, metrics."""
     rid = request_id(request)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
+    waited = [0.0]
+    token = upstream_time.set(waited)
     started = time.perf_counter()
-    status = 500
+    response: web.StreamResponse | None = None
+    try:
+        response = await _answer(request, handler, rid)
+        return response
+    finally:
+        upstream_time.reset(token)
+        elapsed = time.perf_counter() - started
+        status = response.status if response is not None else 499  # cancelled: client left
+        request.app[STATE].metrics.observe_request(
+            route_label(request),
+            status,
+            elapsed,
+            waited[0],
+            streamed=not isinstance(response, web.Response),
+        )
+        # Probes and scrapes arrive every few seconds: keep them out of the info log.
+        emit = log.debug if request.path in _QUIET_PATHS else log.info
+        emit(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            ms=round(elapsed * 1000, 3),
+        )
+
+
+async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
     try:
         response = await handler(request)
-        status = response.status
     except web.HTTPRequestEntityTooLarge as exc:
-        status = 413
         return error_response(
             413, f"Request body too large: {exc.text}", "invalid_request_error", "request_too_large"
         )
     except web.HTTPException as exc:
-        status = exc.status
         return error_response(exc.status, exc.reason, "invalid_request_error")
     except Exception:
         log.exception("unhandled_error", path=request.path)
@@ -51,24 +77,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             "server_error",
             "internal_error",
         )
-    finally:
-        # Probes and scrapes arrive every few seconds: keep them out of the info log.
-        emit = log.debug if request.path in _QUIET_PATHS else log.info
-        emit(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=status,
-            ms=round((time.perf_counter() - started) * 1000, 3),
-        )
     if not response.prepared:
         response.headers["x-callgate-request-id"] = rid
     return response
-
-
-@web.middleware
-async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
-    return await observe(request.app[STATE].metrics, request, handler)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -95,7 +106,7 @@ def create_app(
 ) -> web.Application:
     config = policy.config
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[measure, request_context]
+        client_max_size=config.server.max_body_bytes, middlewares=[request_context]
     )
     state = AppState(
         policy=policy,

@@ -24,6 +24,7 @@ from proxy.toolcalls import CallContext
 
 GENESIS = "0" * 64
 RETRY_SECONDS = 1.0  # pause before retrying a failed audit file write
+BATCH_SECONDS = 0.02  # how long records may wait to share a file write
 REDACTED = "[REDACTED]"
 log = structlog.get_logger("callgate.audit")
 
@@ -162,6 +163,9 @@ class Auditor:
                     pass
             else:
                 await self._wake.wait()
+                if not self._closed:
+                    # Let a burst of decisions gather: one write (and one thread hop) for many.
+                    await asyncio.sleep(BATCH_SECONDS)
             self._wake.clear()
             await self._flush()
             if self._closed:

@@ -132,6 +132,7 @@ class ChatStream:
         # With an error-mode tool in the policy, allowed calls wait for the response's fate:
         # a request that fails must not have sent any of its calls (their slots are refunded).
         self.defer_calls = policy.has_error_mode
+        self.queued: list[bytes] = []
 
     @property
     def holding(self) -> bool:
@@ -141,7 +142,14 @@ class ChatStream:
     # -- output ---------------------------------------------------------------------------
 
     async def write(self, data: bytes) -> None:
-        await self.out.write(data)
+        # Queued, then sent once per upstream read: one socket write for many events.
+        self.queued.append(data)
+
+    async def flush(self) -> None:
+        if self.queued:
+            data = b"".join(self.queued) if len(self.queued) > 1 else self.queued[0]
+            self.queued.clear()
+            await self.out.write(data)
 
     def chunk(
         self, template: dict[str, Any], choice: dict[str, Any], keep_usage: bool = False
@@ -185,6 +193,7 @@ class ChatStream:
         body = error_body(message, "upstream_error", code)
         try:
             await self.write(b"data: " + body + b"\n\n")
+            await self.flush()
         except (ConnectionResetError, RuntimeError):
             pass
 
@@ -225,11 +234,16 @@ class ChatStream:
                     and not sse.may_hold_call(data)
                 ):
                     self.text.append(data)
-                    await self.write(data)  # the fast path: text, untouched
+                    await self.out.write(data)  # the fast path: text, untouched
                     continue
+                done = False
                 for event in splitter.feed(data):
                     if await self.event(event) or self.ended:
-                        return
+                        done = True
+                        break
+                await self.flush()
+                if done:
+                    return
         except ConnectionResetError:
             raise  # the client left (aiohttp's reset error is also a ClientConnectionError)
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -239,7 +253,9 @@ class ChatStream:
                 f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
             ) from None
         rest = splitter.rest()
-        if rest.strip() and (await self.event(rest + b"\n\n") or self.ended):
+        done = bool(rest.strip()) and (await self.event(rest + b"\n\n") or self.ended)
+        await self.flush()
+        if done:
             return
         if self.draining:
             return

@@ -5,8 +5,6 @@ Decisions are counted from audit records, so a metric and an audit line can neve
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -30,6 +28,7 @@ def add_upstream_time(seconds: float) -> None:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
         r = self.registry
         self.requests = Counter(
             "callgate_requests", "HTTP requests served", ["route", "status"], registry=r
@@ -76,6 +75,25 @@ class Metrics:
             registry=r,
         )
 
+    def observe_request(
+        self, route: str, status: int, total: float, upstream: float, *, streamed: bool
+    ) -> None:
+        """Record one request; callgate's own share is total minus the upstream wait."""
+        children = self._children.get((route, status))
+        if children is None:
+            children = self._children[(route, status)] = (
+                self.requests.labels(route, str(status)),
+                self.upstream_latency.labels(route),
+                self.overhead.labels(route),
+            )
+        requests, latency, overhead = children
+        requests.inc()
+        if upstream:
+            latency.observe(upstream)
+            # A stream's duration is the model's, not ours: overhead only for whole bodies.
+            if status < 500 and not streamed:
+                overhead.observe(max(0.0, total - upstream))
+
     def on_audit(self, record: dict[str, Any]) -> None:
         tool = record["tool"]
         self.decisions.labels(tool, record["gate"] or "none", record["decision"]).inc()
@@ -90,14 +108,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-STREAMED: web.RequestKey[bool] = web.RequestKey("callgate_streamed", bool)
-
-
-def _complete_body(request: web.Request, route: str) -> bool:
-    # A stream's duration is the model's, not ours: overhead is only meaningful for whole bodies.
-    return not request.get(STREAMED, True)
-
-
 def route_label(request: web.Request) -> str:
     path = request.path
     if path.startswith("/v1/chat/completions"):
@@ -107,32 +117,6 @@ def route_label(request: web.Request) -> str:
     if path.startswith("/v1/"):
         return "passthrough"
     return path.strip("/") or "root"
-
-
-async def observe(
-    metrics: Metrics,
-    request: web.Request,
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> web.StreamResponse:
-    """Run the handler, then record its status, upstream wait and callgate's own share."""
-    acc = [0.0]
-    token = upstream_time.set(acc)
-    started = time.perf_counter()
-    status = 500
-    route = route_label(request)
-    try:
-        response = await handler(request)
-        status = response.status
-        request[STREAMED] = not isinstance(response, web.Response)
-        return response
-    finally:
-        upstream_time.reset(token)
-        total = time.perf_counter() - started
-        metrics.requests.labels(route, str(status)).inc()
-        if acc[0]:
-            metrics.upstream_latency.labels(route).observe(acc[0])
-            if status < 500 and _complete_body(request, route):
-                metrics.overhead.labels(route).observe(max(0.0, total - acc[0]))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ Nothing here runs per request except lookups; a bad CEL expression or JSON Schem
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -33,9 +34,34 @@ DEFAULT_TOOL = "*"
 
 
 @dataclass(frozen=True, slots=True)
+class Expr:
+    """A compiled CEL expression, with what it needs from its environment worked out once.
+
+    Converting values into CEL dominates an evaluation, so only the variables the expression
+    names are passed, and only the extension functions it calls are registered.
+    """
+
+    program: cel.Program
+    variables: tuple[str, ...]
+    functions: dict[str, Callable[..., Any]]
+
+    @classmethod
+    def compile(cls, source: str) -> Expr:
+        program = cel.compile(source)
+        used = {n: STDLIB_FUNCTIONS[n] for n in program.functions() if n in STDLIB_FUNCTIONS}
+        return cls(program, tuple(program.variables()), used)
+
+    def run(self, env: dict[str, Any]) -> Any:
+        variables = {name: env[name] for name in self.variables if name in env}
+        if self.functions:
+            return self.program.execute(cel.Context(variables=variables, functions=self.functions))
+        return self.program.execute(variables)
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     name: str
-    program: cel.Program
+    program: Expr
     deny: bool  # True for deny_if, False for allow_if
     message: str | None
 
@@ -45,7 +71,7 @@ class Budget:
     ledger: str
     ledger_config: LedgerConfig
     cost_micros: int | None  # a constant cost, or None when `cost_program` computes it
-    cost_program: cel.Program | None
+    cost_program: Expr | None
     use: BudgetUse
 
 
@@ -85,10 +111,6 @@ def to_micros(amount: Decimal) -> int:
     return int(amount.quantize(MICROS) / MICROS)
 
 
-def cel_context(variables: dict[str, Any]) -> cel.Context:
-    return cel.Context(variables=variables, functions=STDLIB_FUNCTIONS)
-
-
 def _compile_tool(
     name: str,
     tool: ToolConfig,
@@ -101,7 +123,7 @@ def _compile_tool(
         source = rule.deny_if if rule.deny_if is not None else rule.allow_if
         field = "deny_if" if rule.deny_if is not None else "allow_if"
         try:
-            program = cel.compile(source or "")
+            program = Expr.compile(source or "")
         except Exception as exc:  # the CEL binding raises ValueError or RuntimeError
             errors.append(((*section, "rules", i, field), f"invalid CEL expression: {exc}"))
             continue
@@ -128,7 +150,7 @@ def _compile_tool(
                 errors.append(((*section, "budget", "cost"), str(exc)))
         else:
             try:
-                cost_program = cel.compile(str(tool.budget.cost))
+                cost_program = Expr.compile(str(tool.budget.cost))
             except Exception as exc:
                 errors.append(
                     (

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.logs import configure_logging
+from proxy.logs import configure_logging, flush_logs
 from proxy.policy import Policy
 from proxy.reload import reload_policy, watch
 from proxy.state import STATE
@@ -64,6 +64,7 @@ async def run(policy: Policy, config_path: str | None, host: str, port: int) -> 
     # then runs on_cleanup: the audit file is flushed and closed there.
     await runner.cleanup()
     log.info("stopped")
+    flush_logs()
 
 
 def serve(policy: Policy, config_path: str, host: str, port: int, log_level: str = "info") -> int:

@@ -8,7 +8,7 @@ from typing import Any
 from proxy.config import MICROS
 from proxy.gates.decision import Block
 from proxy.gates.ratelimit import scope_key
-from proxy.policy import Budget, cel_context, to_micros
+from proxy.policy import Budget, to_micros
 from proxy.store import ChargeRequest, Outcome
 from proxy.toolcalls import CallContext, ToolCall
 
@@ -31,7 +31,7 @@ def cost_of(budget: Budget, call: ToolCall, args: Any, ctx: CallContext) -> int:
     assert budget.cost_program is not None
     variables = {"args": args, "tool": call.name, "principal": ctx.principal}
     try:
-        value = budget.cost_program.execute(cel_context(variables))
+        value = budget.cost_program.run(variables)
     except Exception as exc:
         raise ValueError(f"cost expression failed: {exc}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):

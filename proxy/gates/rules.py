@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from proxy.gates.decision import Block
-from proxy.policy import ToolPolicy, cel_context
+from proxy.policy import ToolPolicy
 from proxy.toolcalls import CallContext, ToolCall
 
 GATE = "rules"
@@ -45,17 +45,16 @@ def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -
             return Block(GATE, "invalid_arguments", f"Invalid arguments{at}: {error.message}")
     if not tool.rules:
         return None
-    variables = {
+    env = {
         "args": args,
         "tool": call.name,
         "principal": ctx.principal,
         "request": ctx.request_vars(),
     }
-    context = cel_context(variables)
     for rule in tool.rules:
         label = f"Policy violation: {rule.name}"
         try:
-            result = rule.program.execute(context)
+            result = rule.program.run(env)
         except Exception as exc:  # missing field, type error, ...: fail closed
             return Block(GATE, "rule_error", f"{label} (rule error: {exc})")
         if not isinstance(result, bool):

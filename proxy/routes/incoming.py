@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 from typing import Any
 
 import orjson
@@ -23,10 +24,16 @@ class BadRequest(Exception):
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("callgate_request_id", str)
 
 
+# Unique across replicas and restarts without a system call per request: a random per-process
+# prefix and a counter.
+_ID_PREFIX = "cg-" + secrets.token_hex(6) + "-"
+_ids = itertools.count(1)
+
+
 def request_id(request: web.Request) -> str:
     rid = request.get(REQUEST_ID)
     if rid is None:
-        rid = request[REQUEST_ID] = "cg-" + uuid.uuid4().hex
+        rid = request[REQUEST_ID] = f"{_ID_PREFIX}{next(_ids):x}"
     return rid
 
 
