@@ -52,7 +52,12 @@ class Expr:
         return cls(program, tuple(program.variables()), used)
 
     def run(self, env: dict[str, Any]) -> Any:
-        variables = {name: env[name] for name in self.variables if name in env}
+        """Evaluate; an env value may be a zero-argument callable, called only if needed."""
+        variables = {}
+        for name in self.variables:
+            if name in env:
+                value = env[name]
+                variables[name] = value() if callable(value) else value
         if self.functions:
             return self.program.execute(cel.Context(variables=variables, functions=self.functions))
         return self.program.execute(variables)
@@ -73,6 +78,7 @@ class Budget:
     cost_micros: int | None  # a constant cost, or None when `cost_program` computes it
     cost_program: Expr | None
     use: BudgetUse
+    max_micros: int = 0  # the ledger's max_spend, converted once
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +166,14 @@ def _compile_tool(
                     )
                 )
         if ledger is not None:
-            budget = Budget(tool.budget.ledger, ledger, cost_micros, cost_program, tool.budget)
+            budget = Budget(
+                tool.budget.ledger,
+                ledger,
+                cost_micros,
+                cost_program,
+                tool.budget,
+                to_micros(ledger.max_spend),
+            )
 
     return ToolPolicy(
         name=name,

@@ -49,7 +49,7 @@ def charge_request(budget: Budget, principal: str, cost_micros: int) -> ChargeRe
     ledger = budget.ledger_config
     key = f"budget:{budget.ledger}@{scope_key(ledger.scope, principal)}"
     return ChargeRequest(
-        key, to_micros(ledger.max_spend), ledger.window, cost_micros, budget.use.mode == "enforce"
+        key, budget.max_micros, ledger.window, cost_micros, budget.use.mode == "enforce"
     )
 
 

@@ -49,7 +49,7 @@ def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -
         "args": args,
         "tool": call.name,
         "principal": ctx.principal,
-        "request": ctx.request_vars(),
+        "request": ctx.request_vars,  # built only for rules that read it
     }
     for rule in tool.rules:
         label = f"Policy violation: {rule.name}"
