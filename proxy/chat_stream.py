@@ -23,11 +23,11 @@ from aiohttp import web
 from proxy import chat, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.errors import error_body
+from proxy.forward import open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.state import AppState
-from proxy.streaming import open_round
 from proxy.toolcalls import CallContext, ToolCall
 
 log = structlog.get_logger("callgate.chat_stream")
@@ -538,7 +538,9 @@ class ChatStream:
         self.reprompt_plan = None
         self.state.metrics.reprompts.labels("chat.completions").inc()
         log.info("reprompt", round=self.round, blocked=len(p.blocked), stream=True)
-        resp, message, code = await open_round(self.state, self.request, self.body)
+        resp, message, code = await open_round(
+            self.state, self.request, self.body, self.policy.config.upstream
+        )
         if resp is None:
             await self.fail(message, code)
         return resp

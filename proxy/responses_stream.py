@@ -37,11 +37,11 @@ from aiohttp import web
 
 from proxy import responses, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
+from proxy.forward import open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.state import AppState
-from proxy.streaming import open_round
 from proxy.toolcalls import CallContext, ToolCall
 
 log = structlog.get_logger("callgate.responses_stream")
@@ -908,7 +908,9 @@ class ResponsesStream:
         self.reset_round()
         self.activate()
         log.info("reprompt", round=self.round, outputs=len(outputs), stream=True)
-        resp, message, code = await open_round(self.state, self.request, self.body)
+        resp, message, code = await open_round(
+            self.state, self.request, self.body, self.policy.config.upstream
+        )
         if resp is None:
             await self.fail(message, code)
         return resp

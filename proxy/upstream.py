@@ -97,7 +97,10 @@ class Upstream:
             if s is not None:
                 await s.close()
 
-    def request_headers(self, headers: Mapping[str, str], raw: bool) -> CIMultiDict[str]:
+    def request_headers(
+        self, headers: Mapping[str, str], raw: bool, target: UpstreamConfig | None = None
+    ) -> CIMultiDict[str]:
+        api_key = (target or self.config).api_key
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in headers.items():
             low = name.lower()
@@ -107,17 +110,20 @@ class Upstream:
         if not raw:
             # Only encodings aiohttp can decode; the client's may include br or zstd.
             out["Accept-Encoding"] = "gzip, deflate"
-        if self.config.api_key:
+        if api_key:
             out.popall("Authorization", None)
             out.popall("api-key", None)
-            out["Authorization"] = f"Bearer {self.config.api_key}"
+            out["Authorization"] = f"Bearer {api_key}"
         return out
 
-    def url(self, path_qs: str) -> URL:
+    def url(self, path_qs: str, target: UpstreamConfig | None = None) -> URL:
         # path_qs is relative to /v1 (e.g. "/chat/completions?x=1"); base_url ends in /v1.
         # It is the client's raw, already-encoded text: sent as is (yarl would otherwise
         # re-quote it, e.g. turning "%2F" into "/", which can change what the upstream sees).
-        return URL(self._base_encoded + path_qs, encoded=True)
+        base = self._base_encoded
+        if target is not None and target.base_url != self.base_url:
+            base = str(URL(target.base_url))
+        return URL(base + path_qs, encoded=True)
 
     async def open(
         self,
@@ -128,17 +134,23 @@ class Upstream:
         *,
         raw: bool,
         content_length: int | None = None,
+        target: UpstreamConfig | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a request; the caller reads (or streams) the body and releases the response."""
         session = self._raw if raw else self._json
         assert session is not None, "Upstream.start() was not called"
-        out_headers = self.request_headers(headers, raw)
+        # `target`: the upstream settings of the policy the request started under.
+        out_headers = self.request_headers(headers, raw, target)
         if content_length is not None:
             # A streamed body keeps its length: some servers refuse chunked uploads.
             out_headers["Content-Length"] = str(content_length)
         try:
             return await session.request(
-                method, self.url(path_qs), headers=out_headers, data=data, allow_redirects=False
+                method,
+                self.url(path_qs, target),
+                headers=out_headers,
+                data=data,
+                allow_redirects=False,
             )
         except TimeoutError:
             raise UpstreamError(
@@ -149,8 +161,17 @@ class Upstream:
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream request failed: {type(exc).__name__}: {exc}") from None
 
-    async def post(self, path_qs: str, headers: Mapping[str, str], body: bytes) -> UpstreamReply:
-        resp = await self.open("POST", path_qs, headers, body, raw=False)
+    async def fetch(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        target: UpstreamConfig | None = None,
+    ) -> UpstreamReply:
+        """Send a request and read the whole (decoded) answer."""
+        resp = await self.open(method, path_qs, headers, body, raw=False, target=target)
         try:
             payload = await resp.read()
         except TimeoutError:

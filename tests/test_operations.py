@@ -15,6 +15,7 @@ import aiohttp
 import openai
 import pytest
 import yaml
+from aiohttp import web
 
 from proxy.app import create_app
 from proxy.policy import load_policy
@@ -253,3 +254,45 @@ async def test_sigterm_finishes_stream_in_flight_and_flushes_audit(
     with pytest.raises(aiohttp.ClientError):
         async with aiohttp.ClientSession() as s, s.get(root + "/healthz"):
             pass
+
+
+async def test_request_in_flight_keeps_its_upstream_across_reload(
+    tmp_path, aiohttp_server, upstream
+):
+    from proxy.reload import apply
+    from tests.conftest import ScriptedUpstream
+
+    other = ScriptedUpstream()
+    app_b = web.Application()
+    app_b.router.add_route("*", "/{tail:.*}", other.handle)
+    server_b = await aiohttp_server(app_b, host="127.0.0.1")
+
+    def policy_text(url: str) -> str:
+        return yaml.safe_dump(
+            {
+                "upstream": {"base_url": url},
+                "on_block": "reprompt",
+                "tools": {"bad": {"allow": False}},
+            }
+        )
+
+    path = tmp_path / "callgate.yaml"
+    path.write_text(policy_text(upstream.url))
+    server, state = await start_app(path, aiohttp_server)
+    new_policy = tmp_path / "new.yaml"
+    new_policy.write_text(policy_text(str(server_b.make_url("/v1"))))
+
+    def first_round(_received: Any) -> dict[str, Any]:
+        apply(state, load_policy(str(new_policy)))  # a reload lands mid-request
+        return completion(("bad", {}))
+
+    upstream.push(first_round, completion(content="answer after reprompt"))
+    other.push(completion(content="new requests go here"))
+    async with openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key="sk-x", max_retries=0
+    ) as client:
+        result = await client.chat.completions.create(model="m", messages=MSGS)
+        assert result.choices[0].message.content == "answer after reprompt"
+        assert len(upstream.received) == 2  # the reprompt round went where the request began
+        later = await client.chat.completions.create(model="m", messages=MSGS)
+    assert later.choices[0].message.content == "new requests go here"

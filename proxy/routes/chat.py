@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -13,16 +12,15 @@ from proxy import chat, stash
 from proxy.blocking import audit_plan, plan
 from proxy.chat_stream import ChatStream
 from proxy.errors import bad_gateway, error_response
+from proxy.forward import fetch, serve_stream
 from proxy.gates import decide, release
 from proxy.gates.decision import Decision
-from proxy.metrics import add_upstream_time
 from proxy.policy import Policy
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
-from proxy.streaming import serve_stream
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamError, UpstreamReply, response_headers
+from proxy.upstream import UpstreamReply, response_headers
 
 log = structlog.get_logger("callgate.chat")
 ROUTE = "chat.completions"
@@ -77,6 +75,7 @@ async def _gate_stream(
         state,
         ctx,
         payload,
+        policy.config.upstream,
         lambda out: ChatStream(request, out, state, policy, body, ctx),
     )
 
@@ -118,13 +117,9 @@ async def _gate_completion(
     rounds = 0
     usage: dict[str, Any] | None = None
     while True:
-        started = time.perf_counter()
-        try:
-            reply = await state.upstream.post(path, request.headers, payload)
-        except UpstreamError as exc:
-            return error_response(exc.status, str(exc), "upstream_error", exc.code)
-        finally:
-            add_upstream_time(time.perf_counter() - started)
+        reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
+        if isinstance(reply, web.Response):
+            return reply  # the upstream could not be reached: an error in OpenAI's shape
         if reply.status != 200:
             return _raw_response(reply)  # upstream errors reach the client unchanged
         try:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -20,9 +19,9 @@ from aiohttp import web
 from proxy import responses, stash
 from proxy.blocking import plan
 from proxy.errors import bad_gateway, bad_request, error_response
+from proxy.forward import fetch, serve_stream
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
-from proxy.metrics import add_upstream_time
 from proxy.policy import Policy
 from proxy.responses_stream import (
     MAX_APPROVAL_ROUNDS,
@@ -35,9 +34,8 @@ from proxy.responses_stream import (
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import forward, upstream_path
 from proxy.state import STATE, AppState
-from proxy.streaming import serve_stream
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamError, UpstreamReply, response_headers
+from proxy.upstream import UpstreamReply, response_headers
 
 log = structlog.get_logger("callgate.responses")
 ROUTE = "responses"
@@ -169,18 +167,6 @@ def _raw_response(reply: UpstreamReply) -> web.Response:
     )
 
 
-async def _post(
-    state: AppState, path: str, request: web.Request, payload: bytes
-) -> UpstreamReply | web.Response:
-    started = time.perf_counter()
-    try:
-        return await state.upstream.post(path, request.headers, payload)
-    except UpstreamError as exc:
-        return error_response(exc.status, str(exc), "upstream_error", exc.code)
-    finally:
-        add_upstream_time(time.perf_counter() - started)
-
-
 def _parse(reply: UpstreamReply) -> dict[str, Any] | web.Response:
     try:
         data = orjson.loads(reply.body)
@@ -210,7 +196,7 @@ async def _gate_response(
     usage: dict[str, Any] | None = None
     first_id: str | None = None
     while True:
-        reply = await _post(state, path, request, payload)
+        reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
         if isinstance(reply, web.Response):
             return reply
         if reply.status != 200:
@@ -349,6 +335,7 @@ async def _gate_stream(
         state,
         ctx,
         payload,
+        policy.config.upstream,
         lambda out: ResponsesStream(request, out, state, policy, body, ctx, inserted, gated),
     )
 
@@ -362,24 +349,7 @@ async def _lookup(state: AppState, response_id: str) -> dict[str, Any] | None:
 
 
 async def _get(state: AppState, request: web.Request, path_qs: str) -> UpstreamReply | web.Response:
-    started = time.perf_counter()
-    try:
-        resp = await state.upstream.open("GET", path_qs, request.headers, None, raw=False)
-        try:
-            payload = await resp.read()
-        finally:
-            resp.release()
-    except UpstreamError as exc:
-        return error_response(exc.status, str(exc), "upstream_error", exc.code)
-    except TimeoutError:  # aiohttp's read timeout is also a ClientConnectionError
-        return error_response(
-            504, "upstream timed out mid-response", "upstream_error", "upstream_timeout"
-        )
-    except Exception as exc:  # disconnect mid-body
-        return bad_gateway(f"upstream failed mid-response: {type(exc).__name__}: {exc}")
-    finally:
-        add_upstream_time(time.perf_counter() - started)
-    return UpstreamReply(resp.status, resp.headers, payload)
+    return await fetch(state, request, "GET", path_qs, None, state.policy.config.upstream)
 
 
 def _with_query(request: web.Request, path: str) -> str:

@@ -1,5 +1,6 @@
-"""What the two stream gates (Chat Completions and Responses) share: serving a gated stream
-to the client, and opening a further upstream round for a reprompt."""
+"""Calling the upstream on a client's behalf, for the gated routes of both APIs: timed (for
+/metrics), failures in OpenAI's error shape, and each request sent to the upstream its policy
+names (a reload does not redirect requests already in flight)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import orjson
 import structlog
 from aiohttp import web
 
+from proxy.config import UpstreamConfig
 from proxy.errors import bad_gateway, error_body, error_response
 from proxy.metrics import add_upstream_time
 from proxy.routes.passthrough import relay, upstream_path
 from proxy.state import AppState
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamError, response_headers
+from proxy.upstream import UpstreamError, UpstreamReply, response_headers
 
 log = structlog.get_logger("callgate.streaming")
 
@@ -31,18 +33,37 @@ def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
     return "event-stream" in resp.headers.get("Content-Type", "")
 
 
+async def fetch(
+    state: AppState,
+    request: web.Request,
+    method: str,
+    path_qs: str,
+    payload: bytes | None,
+    target: UpstreamConfig,
+) -> UpstreamReply | web.Response:
+    """Send and read the whole answer; an error response when the upstream cannot be had."""
+    started = time.perf_counter()
+    try:
+        return await state.upstream.fetch(method, path_qs, request.headers, payload, target=target)
+    except UpstreamError as exc:
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    finally:
+        add_upstream_time(time.perf_counter() - started)
+
+
 async def serve_stream(
     request: web.Request,
     state: AppState,
     ctx: CallContext,
     payload: bytes,
+    target: UpstreamConfig,
     make_gate: Callable[[web.StreamResponse], StreamGate],
 ) -> web.StreamResponse:
     """Forward a `stream: true` request and run the gate over the upstream's events."""
     started = time.perf_counter()
     try:
         resp = await state.upstream.open(
-            "POST", upstream_path(request), request.headers, payload, raw=False
+            "POST", upstream_path(request), request.headers, payload, raw=False, target=target
         )
     except UpstreamError as exc:
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
@@ -86,13 +107,18 @@ async def serve_stream(
 
 
 async def open_round(
-    state: AppState, request: web.Request, body: dict[str, Any]
+    state: AppState, request: web.Request, body: dict[str, Any], target: UpstreamConfig
 ) -> tuple[aiohttp.ClientResponse | None, str, str]:
     """Open the next round of a stream: (response, "", "") or (None, message, code)."""
     started = time.perf_counter()
     try:
         resp = await state.upstream.open(
-            "POST", upstream_path(request), request.headers, orjson.dumps(body), raw=False
+            "POST",
+            upstream_path(request),
+            request.headers,
+            orjson.dumps(body),
+            raw=False,
+            target=target,
         )
     except UpstreamError as exc:
         return None, str(exc), exc.code
