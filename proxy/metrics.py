@@ -28,7 +28,9 @@ def add_upstream_time(seconds: float) -> None:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # labels() takes a lock and builds a key on every call: children are looked up once.
         self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+        self._decision_children: dict[tuple[str, str, str], Any] = {}
         r = self.registry
         self.requests = Counter(
             "callgate_requests", "HTTP requests served", ["route", "status"], registry=r
@@ -96,7 +98,11 @@ class Metrics:
 
     def on_audit(self, record: dict[str, Any]) -> None:
         tool = record["tool"]
-        self.decisions.labels(tool, record["gate"] or "none", record["decision"]).inc()
+        key = (tool, record["gate"] or "none", record["decision"])
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
         for shadow in record["shadow"]:
             self.shadow_blocks.labels(tool, shadow["gate"]).inc()
         if record["reason"] == "store_error":

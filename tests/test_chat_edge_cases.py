@@ -349,3 +349,13 @@ async def test_client_disconnect_still_audits_decided_calls(make_proxy, upstream
         ("c0", "allowed", "client_disconnected"),
         ("c1", "blocked", "client_disconnected"),
     ]
+
+
+@pytest.mark.parametrize("text", ["Hello WÖRLD ÄbC 123", "ß", "İstanbul", "", "MiXeD-Case_42"])
+def test_fast_ascii_case_functions_match_the_cel_extensions(text):
+    from cel.stdlib import STDLIB_FUNCTIONS
+
+    from proxy.policy import FUNCTIONS
+
+    assert FUNCTIONS["lowerAscii"](text) == STDLIB_FUNCTIONS["lowerAscii"](text)
+    assert FUNCTIONS["upperAscii"](text) == STDLIB_FUNCTIONS["upperAscii"](text)
