@@ -139,3 +139,22 @@ async def open_round(
         f"upstream answered the reprompt with HTTP {resp.status}: {detail}",
         "upstream_error",
     )
+
+
+def raw_reply(reply: UpstreamReply) -> web.Response:
+    """The upstream's answer as it came (decoded), with its headers."""
+    return web.Response(
+        status=reply.status, headers=response_headers(reply.headers, decoded=True), body=reply.body
+    )
+
+
+def json_reply(reply: UpstreamReply, data: Any) -> web.Response:
+    """A rewritten answer: the upstream's status and headers around callgate's JSON."""
+    headers = response_headers(reply.headers, decoded=True)
+    headers.popall("Content-Type", None)
+    return web.Response(
+        status=reply.status,
+        headers=headers,
+        body=orjson.dumps(data),
+        content_type="application/json",
+    )

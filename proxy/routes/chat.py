@@ -12,7 +12,7 @@ from proxy import chat, stash
 from proxy.blocking import audit_plan, plan
 from proxy.chat_stream import ChatStream
 from proxy.errors import bad_gateway, error_response
-from proxy.forward import fetch, serve_stream
+from proxy.forward import fetch, json_reply, raw_reply, serve_stream
 from proxy.gates import decide, release
 from proxy.gates.decision import Decision
 from proxy.policy import Policy
@@ -20,7 +20,6 @@ from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamReply, response_headers
 
 log = structlog.get_logger("callgate.chat")
 ROUTE = "chat.completions"
@@ -80,23 +79,6 @@ async def _gate_stream(
     )
 
 
-def _json_response(reply: UpstreamReply, data: Any) -> web.Response:
-    headers = response_headers(reply.headers, decoded=True)
-    headers.popall("Content-Type", None)
-    return web.Response(
-        status=reply.status,
-        headers=headers,
-        body=orjson.dumps(data),
-        content_type="application/json",
-    )
-
-
-def _raw_response(reply: UpstreamReply) -> web.Response:
-    return web.Response(
-        status=reply.status, headers=response_headers(reply.headers, decoded=True), body=reply.body
-    )
-
-
 def _assistant_turn(message: dict[str, Any]) -> dict[str, Any]:
     turn: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
     for key in ("tool_calls", "function_call"):
@@ -121,7 +103,7 @@ async def _gate_completion(
         if isinstance(reply, web.Response):
             return reply  # the upstream could not be reached: an error in OpenAI's shape
         if reply.status != 200:
-            return _raw_response(reply)  # upstream errors reach the client unchanged
+            return raw_reply(reply)  # upstream errors reach the client unchanged
         try:
             data = orjson.loads(reply.body)
             if not isinstance(data, dict):
@@ -148,17 +130,17 @@ async def _gate_completion(
             decisions.extend(ds)
         if not decisions:
             if not rounds:
-                return _raw_response(reply)
+                return raw_reply(reply)
             data["usage"] = usage
-            return _json_response(reply, data)
+            return json_reply(reply, data)
 
         p = plan(decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
         audit_plan(state.auditor, p, ctx)
         if p.action == "pass":
             if not rounds:
-                return _raw_response(reply)  # byte for byte what the upstream sent
+                return raw_reply(reply)  # byte for byte what the upstream sent
             data["usage"] = usage
-            return _json_response(reply, data)
+            return json_reply(reply, data)
         if p.action == "error":
             await release(state.store, p.allowed)
             first = p.blocked[0]
@@ -201,4 +183,4 @@ async def _gate_completion(
                 )
         if rounds:
             data["usage"] = usage
-        return _json_response(reply, data)
+        return json_reply(reply, data)

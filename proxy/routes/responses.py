@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy import responses, stash
 from proxy.blocking import plan
 from proxy.errors import bad_gateway, bad_request, error_response
-from proxy.forward import fetch, serve_stream
+from proxy.forward import fetch, json_reply, raw_reply, serve_stream
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -35,7 +35,7 @@ from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import forward, upstream_path
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamReply, response_headers
+from proxy.upstream import UpstreamReply
 
 log = structlog.get_logger("callgate.responses")
 ROUTE = "responses"
@@ -150,23 +150,6 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 # -- non-streaming ------------------------------------------------------------------------
 
 
-def _json_response(reply: UpstreamReply, data: Any) -> web.Response:
-    headers = response_headers(reply.headers, decoded=True)
-    headers.popall("Content-Type", None)
-    return web.Response(
-        status=reply.status,
-        headers=headers,
-        body=orjson.dumps(data),
-        content_type="application/json",
-    )
-
-
-def _raw_response(reply: UpstreamReply) -> web.Response:
-    return web.Response(
-        status=reply.status, headers=response_headers(reply.headers, decoded=True), body=reply.body
-    )
-
-
 def _parse(reply: UpstreamReply) -> dict[str, Any] | web.Response:
     try:
         data = orjson.loads(reply.body)
@@ -200,7 +183,7 @@ async def _gate_response(
         if isinstance(reply, web.Response):
             return reply
         if reply.status != 200:
-            return _raw_response(reply)  # upstream errors reach the client unchanged
+            return raw_reply(reply)  # upstream errors reach the client unchanged
         data = _parse(reply)
         if isinstance(data, web.Response):
             return data
@@ -288,7 +271,7 @@ async def _gate_response(
                     extra["previous_response_id"] = client_prev or ""  # "" stands for null
                 if first_id and responses.stored(body, data) and body.get("conversation") is None:
                     extra["input_of"] = first_id  # the client's own input went with round one
-            out = _raw_response(reply) if not changed else _json_response(reply, data)
+            out = raw_reply(reply) if not changed else json_reply(reply, data)
             audited = True
             audit_round(state, ctx, p, decisions, approvals)
             rid = data.get("id")
@@ -368,7 +351,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     if isinstance(reply, web.Response):
         return reply
     if reply.status != 200:
-        return _raw_response(reply)
+        return raw_reply(reply)
     data = _parse(reply)
     if isinstance(data, web.Response):
         return data
@@ -381,7 +364,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     data["id"] = rid
     if "previous_response_id" in e:
         data["previous_response_id"] = e["previous_response_id"] or None
-    return _json_response(reply, data)
+    return json_reply(reply, data)
 
 
 async def get_input_items(request: web.Request) -> web.StreamResponse:
@@ -395,7 +378,7 @@ async def get_input_items(request: web.Request) -> web.StreamResponse:
     if isinstance(reply, web.Response):
         return reply
     if reply.status != 200:
-        return _raw_response(reply)
+        return raw_reply(reply)
     data = _parse(reply)
     if isinstance(data, web.Response):
         return data
@@ -407,7 +390,7 @@ async def get_input_items(request: web.Request) -> web.StreamResponse:
             data["first_id"] = _item_id(shown[0]) if shown else None
         if "last_id" in data:
             data["last_id"] = _item_id(shown[-1]) if shown else None
-    return _json_response(reply, data)
+    return json_reply(reply, data)
 
 
 def _item_id(item: Any) -> Any:
