@@ -230,12 +230,16 @@ class ChatStream:
                     and not self.draining
                     and not splitter.pending
                     and not self.holding
-                    and data.endswith(b"\n\n")
-                    and not sse.may_hold_call(data)
                 ):
-                    self.text.append(data)
-                    await self.out.write(data)  # the fast path: text, untouched
-                    continue
+                    # The fast path: whole events of text go on untouched, in one write.
+                    cut = sse.raw_prefix(data)
+                    if cut:
+                        head = data if cut == len(data) else data[:cut]
+                        self.text.append(head)
+                        await self.out.write(head)
+                        if cut == len(data):
+                            continue
+                        data = data[cut:]
                 done = False
                 for event in splitter.feed(data):
                     if await self.event(event) or self.ended:

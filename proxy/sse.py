@@ -54,15 +54,37 @@ def data_of(event: bytes) -> bytes | None:
     return b"\n".join(parts).strip() if parts else None
 
 
-def has_finish(data: bytes) -> bool:
-    """True when some `"finish_reason"` in the bytes is followed by a value other than null."""
+def first_finish(data: bytes) -> int:
+    """Where the first `"finish_reason"` with a value other than null is, or -1."""
     start = data.find(_FINISH)
     while start >= 0:
         value = data[start + len(_FINISH) : start + len(_FINISH) + 12].lstrip(b": \t")
         if not value.startswith(b"null"):
-            return True
+            return start
         start = data.find(_FINISH, start + len(_FINISH))
-    return False
+    return -1
+
+
+def has_finish(data: bytes) -> bool:
+    """True when some `"finish_reason"` in the bytes is followed by a value other than null."""
+    return first_finish(data) >= 0
+
+
+def raw_prefix(data: bytes) -> int:
+    """How many leading bytes are whole events that cannot carry a tool call, a finish or the
+    end marker: those go to the client as they are, in one write, without being split."""
+    if b"\r" in data:
+        return 0  # let the splitter normalize line ends
+    first = len(data)
+    for marker in (b'"tool_calls"', b'"function_call"', DONE):
+        at = data.find(marker, 0, first)
+        if at >= 0:
+            first = at
+    at = first_finish(data[:first])
+    if at >= 0:
+        first = at
+    end = data.rfind(b"\n\n", 0, first)
+    return end + 2 if end >= 0 else 0
 
 
 def may_hold_call(data: bytes) -> bool:

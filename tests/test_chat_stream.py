@@ -354,3 +354,30 @@ async def test_client_disconnect_cancels_upstream(make_proxy, upstream):
         await asyncio.sleep(0.01)
     assert slow.aborted
     assert slow.sent < 200
+
+
+def test_raw_prefix_stops_at_the_first_event_that_may_hold_a_call():
+    from proxy.sse import raw_prefix
+
+    text = b'data: {"choices":[{"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    call = b'data: {"choices":[{"delta":{"tool_calls":[]},"finish_reason":null}]}\n\n'
+    finish = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+    assert raw_prefix(text + text) == 2 * len(text)
+    assert raw_prefix(text + call + text) == len(text)
+    assert raw_prefix(call) == 0
+    assert raw_prefix(text + finish) == len(text)
+    assert raw_prefix(text + text[:10]) == len(text)  # an incomplete event waits
+    assert raw_prefix(text + b"data: [DONE]\n\n") == len(text)
+    assert raw_prefix(text.replace(b"\n", b"\r\n")) == 0  # CRLF goes through the splitter
+
+
+async def test_text_and_calls_in_one_network_read(make_proxy, upstream):
+    proxy = await make_proxy({"on_block": "strip", "tools": {"bad": {"allow": False}}})
+    events = chat_stream(("bad", {}), ("ok", {"a": 1}), text="one two", ids=["c_bad", "c_ok"])
+    blob = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    upstream.push(SSE([blob]))  # everything arrives in a single write
+    stream = await proxy.client().chat.completions.create(model="m", messages=MSGS, stream=True)
+    text, calls, finish, _ = await collect(stream)
+    assert text.startswith("one two ")
+    assert [(c["id"], c["name"]) for c in calls.values()] == [("c_ok", "ok")]
+    assert finish == "tool_calls"
