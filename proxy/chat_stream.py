@@ -366,6 +366,8 @@ class ChatStream:
         ci = choice.get("index", 0)
         st = self.choices.setdefault(ci, ChoiceState())
         raw_delta = choice.get("delta")
+        if st.open and self.next_arguments(st, choice, raw_delta):
+            return
         delta = dict(raw_delta) if isinstance(raw_delta, dict) else {}
         call_deltas = delta.pop("tool_calls", None)
         legacy = delta.pop("function_call", None)
@@ -402,6 +404,28 @@ class ChatStream:
                 await self.complete(obj, ci, st, st.open.pop(other), out)
             st.finished = True
             await self.finish(obj, ci, st, choice, str(finish), out)
+
+    @staticmethod
+    def next_arguments(st: ChoiceState, choice: dict[str, Any], delta: Any) -> bool:
+        """The common event while a call streams in: nothing but the next piece of the open
+        call's arguments. Taken in place (True); anything else goes the general way."""
+        if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
+            return False
+        if not isinstance(delta, dict) or len(delta) != 1:
+            return False
+        calls = delta.get("tool_calls")
+        if not isinstance(calls, list) or len(calls) != 1 or not isinstance(calls[0], dict):
+            return False
+        entry = calls[0]
+        held = st.open.get(entry.get("index", 0))
+        fn = entry.get("function")
+        if held is None or held.type == "custom" or not isinstance(fn, dict):
+            return False
+        piece = fn.get("arguments")
+        if len(entry) > 2 or len(fn) != 1 or not isinstance(piece, str):
+            return False
+        held.args.append(piece)
+        return True
 
     async def complete(
         self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall, out: list[bytes]
