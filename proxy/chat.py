@@ -185,22 +185,3 @@ def tool_name(tool: Any) -> str | None:
         if isinstance(inner, dict):
             return inner.get("name")
     return tool.get("name")
-
-
-def add_usage(total: dict[str, Any] | None, usage: Any) -> dict[str, Any] | None:
-    """Sum token counts over reprompt rounds (nested *_details too): every round is billed."""
-    if not isinstance(usage, dict):
-        return total
-    if total is None:
-        return orjson.loads(orjson.dumps(usage))  # a deep copy: totals must not alias a round
-    for key, value in usage.items():
-        current = total.get(key)
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int) and isinstance(current, int) and not isinstance(current, bool):
-            total[key] = current + value
-        elif isinstance(value, dict) and isinstance(current, dict):
-            add_usage(current, value)
-        elif current is None:
-            total[key] = value
-    return total

@@ -29,6 +29,7 @@ from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.state import AppState
 from proxy.toolcalls import CallContext, ToolCall
+from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat_stream")
 _background: set[asyncio.Task[None]] = set()  # refunds scheduled from cancelled handlers
@@ -339,12 +340,12 @@ class ChatStream:
 
     async def handle_chunk(self, obj: dict[str, Any]) -> None:
         if self.draining:
-            self.usage = chat.add_usage(self.usage, obj.get("usage"))
+            self.usage = add_usage(self.usage, obj.get("usage"))
             return
         if self.round and self.envelope:
             obj.update(self.envelope)  # a reprompt continues the stream the client already has
             if isinstance(obj.get("usage"), dict):
-                obj["usage"] = chat.add_usage(dict(self.usage or {}), obj["usage"])
+                obj["usage"] = add_usage(add_usage(None, self.usage), obj["usage"])
         elif self.envelope is None:
             self.envelope = {k: obj[k] for k in ("id", "created", "model") if k in obj}
         out: list[bytes] = []
@@ -486,7 +487,7 @@ class ChatStream:
             st.deferred.clear()
             self.reprompt_plan = p
             self.reprompt_calls = list(st.calls)
-            self.usage = chat.add_usage(self.usage, obj.get("usage"))
+            self.usage = add_usage(self.usage, obj.get("usage"))
             self.draining = True
             return
         for call in st.deferred:

@@ -532,30 +532,6 @@ def remove_tools(body: dict[str, Any], removed: list[Any]) -> None:
 # -- usage --------------------------------------------------------------------------------
 
 
-def add_usage(total: dict[str, Any] | None, usage: Any) -> dict[str, Any] | None:
-    """Sum token counts (nested details too) over reprompt rounds: all of them are billed."""
-    if not isinstance(usage, dict):
-        return total
-    if total is None:
-        return orjson.loads(orjson.dumps(usage))
-    _sum_into(total, usage)
-    return total
-
-
-def _sum_into(total: dict[str, Any], usage: dict[str, Any]) -> None:
-    for key, value in usage.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            prev = total.get(key)
-            total[key] = (prev if isinstance(prev, int) else 0) + value
-        elif isinstance(value, dict):
-            inner = total.get(key)
-            if not isinstance(inner, dict):
-                inner = total[key] = {}
-            _sum_into(inner, value)
-
-
 # -- MCP approvals ------------------------------------------------------------------------
 
 

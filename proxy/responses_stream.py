@@ -43,6 +43,7 @@ from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.state import AppState
 from proxy.toolcalls import CallContext, ToolCall
+from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.responses_stream")
 
@@ -680,7 +681,7 @@ class ResponsesStream:
             raise StreamFailed(f"upstream sent {kind} where {problem}", "upstream_malformed")
         output: list[Any] | None = response.get("output")
         if self.round:
-            self.usage = responses.add_usage(self.usage, response.get("usage"))
+            self.usage = add_usage(self.usage, response.get("usage"))
         if kind == "response.failed":
             return await self.failed(obj, response, output)
         pending = [
@@ -727,7 +728,7 @@ class ResponsesStream:
             approvals and not decided and self.approval_rounds < MAX_APPROVAL_ROUNDS
         ):
             if not self.round:
-                self.usage = responses.add_usage(None, response.get("usage"))
+                self.usage = add_usage(None, response.get("usage"))
             outputs = [responses.error_output(d) for d in [*p.blocked, *cut]] + answers
             self.next_round = (outputs, p.action == "reprompt")
             self.round_data = response

@@ -20,6 +20,7 @@ from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
+from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat")
 ROUTE = "chat.completions"
@@ -114,7 +115,7 @@ async def _gate_completion(
                 f"The upstream returned a malformed JSON body: {exc}", "upstream_malformed"
             )
         if rounds:
-            usage = chat.add_usage(usage, data.get("usage"))
+            usage = add_usage(usage, data.get("usage"))
         choices = data.get("choices")
         if not isinstance(choices, list):
             choices = []
@@ -153,7 +154,7 @@ async def _gate_completion(
             )
         if p.action == "reprompt":
             if not rounds:
-                usage = chat.add_usage(None, data.get("usage"))
+                usage = add_usage(None, data.get("usage"))
             message = per_choice[0][0]["message"]
             messages = list(body.get("messages") or [])
             messages.append(_assistant_turn(message))

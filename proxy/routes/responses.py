@@ -36,6 +36,7 @@ from proxy.routes.passthrough import forward, upstream_path
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
 from proxy.upstream import UpstreamReply
+from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.responses")
 ROUTE = "responses"
@@ -195,7 +196,7 @@ async def _gate_response(
                 "upstream_malformed",
             )
         if rounds:
-            usage = responses.add_usage(usage, data.get("usage"))
+            usage = add_usage(usage, data.get("usage"))
         output: list[Any] = data.get("output") or []
         # One at a time, in order: parallel calls to one tool take slots first-come.
         decisions = [await decide(c, policy, state.store, ctx) for c in responses.calls_of(output)]
@@ -223,7 +224,7 @@ async def _gate_response(
             )
             if again:
                 if not rounds:
-                    usage = responses.add_usage(None, data.get("usage"))
+                    usage = add_usage(None, data.get("usage"))
                     first_id = data.get("id") if isinstance(data.get("id"), str) else None
                 outputs = [responses.error_output(d) for d in p.blocked] + answers
                 body = responses.next_round_body(body, data, outputs)
