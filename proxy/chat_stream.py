@@ -12,6 +12,7 @@ breaks while a call is held fails closed: the call is never emitted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from aiohttp import web
 from proxy import chat, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.errors import error_body
-from proxy.forward import open_round
+from proxy.forward import StreamFailed, open_round, upstream_chunks
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -92,12 +93,6 @@ class ChoiceState:
     deferred: list[HeldCall] = field(default_factory=list)  # allowed, sent once settled
     saw_tool_calls: bool = False
     finished: bool = False
-
-
-class StreamFailed(Exception):
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
 
 
 def _meaningful(delta: dict[str, Any]) -> bool:
@@ -224,8 +219,8 @@ class ChatStream:
 
     async def pump(self, resp: aiohttp.ClientResponse) -> None:
         splitter = sse.EventSplitter()
-        try:
-            async for data in resp.content.iter_any():
+        async with contextlib.aclosing(upstream_chunks(resp)) as chunks:
+            async for data in chunks:
                 if (
                     not self.round
                     and not self.draining
@@ -249,14 +244,6 @@ class ChatStream:
                 await self.flush()
                 if done:
                     return
-        except ConnectionResetError:
-            raise  # the client left (aiohttp's reset error is also a ClientConnectionError)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise StreamFailed(
-                f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
-            ) from None
         rest = splitter.rest()
         done = bool(rest.strip()) and (await self.event(rest + b"\n\n") or self.ended)
         await self.flush()

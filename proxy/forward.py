@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -23,6 +23,31 @@ from proxy.toolcalls import CallContext
 from proxy.upstream import UpstreamError, UpstreamReply, response_headers
 
 log = structlog.get_logger("callgate.streaming")
+
+
+class StreamFailed(Exception):
+    """The upstream stream cannot go on: held calls fail closed, the client gets an error event."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+async def upstream_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The upstream's stream as it arrives, its failures turned into StreamFailed.
+
+    Only reading is guarded here: a failed write to the client (aiohttp's reset error is also a
+    ClientConnectionError) happens in the consumer and passes through as the client's failure.
+    """
+    try:
+        async for data in resp.content.iter_any():
+            yield data
+    except TimeoutError:  # aiohttp's ServerTimeoutError too
+        raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        raise StreamFailed(
+            f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
+        ) from None
 
 
 class StreamGate(Protocol):
@@ -158,3 +183,17 @@ def json_reply(reply: UpstreamReply, data: Any) -> web.Response:
         body=orjson.dumps(data),
         content_type="application/json",
     )
+
+
+def parse_reply(reply: UpstreamReply) -> dict[str, Any] | web.Response:
+    """The upstream's JSON object, or a 502 saying why it is not one."""
+    try:
+        data = orjson.loads(reply.body)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        log.error("upstream_malformed_json", error=str(exc), bytes=len(reply.body))
+        return bad_gateway(
+            f"The upstream returned a malformed JSON body: {exc}", "upstream_malformed"
+        )
+    return data

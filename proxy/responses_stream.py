@@ -26,6 +26,7 @@ and a call the client did not receive is recorded as blocked, its slot given bac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from aiohttp import web
 
 from proxy import responses, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
-from proxy.forward import open_round
+from proxy.forward import StreamFailed, open_round, upstream_chunks
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -164,12 +165,6 @@ class Item:
 
 
 _ITEM_EVENTS = ("response.output_item.", *_ARG_EVENTS)
-
-
-class StreamFailed(Exception):
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
 
 
 def _kind(item: dict[str, Any], gated: set[str], hold_reasoning: bool) -> str:
@@ -457,8 +452,8 @@ class ResponsesStream:
 
     async def pump(self, resp: aiohttp.ClientResponse) -> None:
         splitter = sse.EventSplitter()
-        try:
-            async for data in resp.content.iter_any():
+        async with contextlib.aclosing(upstream_chunks(resp)) as chunks:
+            async for data in chunks:
                 if (
                     not self.renumber
                     and not self.finished
@@ -472,14 +467,6 @@ class ResponsesStream:
                 for event in splitter.feed(data):
                     if await self.event(event) or self.ended:
                         return
-        except ConnectionResetError:
-            raise  # the client left (aiohttp's reset error is also a ClientConnectionError)
-        except TimeoutError:  # aiohttp's ServerTimeoutError is also a ClientConnectionError
-            raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise StreamFailed(
-                f"upstream disconnected mid-stream: {exc}", "upstream_disconnected"
-            ) from None
         rest = splitter.rest()
         if rest.strip() and (await self.event(rest + b"\n\n") or self.ended):
             return

@@ -11,8 +11,8 @@ from aiohttp import web
 from proxy import chat, stash
 from proxy.blocking import audit_plan, plan
 from proxy.chat_stream import ChatStream
-from proxy.errors import bad_gateway, error_response
-from proxy.forward import fetch, json_reply, raw_reply, serve_stream
+from proxy.errors import error_response
+from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
 from proxy.gates import decide, release
 from proxy.gates.decision import Decision
 from proxy.policy import Policy
@@ -105,15 +105,9 @@ async def _gate_completion(
             return reply  # the upstream could not be reached: an error in OpenAI's shape
         if reply.status != 200:
             return raw_reply(reply)  # upstream errors reach the client unchanged
-        try:
-            data = orjson.loads(reply.body)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            log.error("upstream_malformed_json", error=str(exc), bytes=len(reply.body))
-            return bad_gateway(
-                f"The upstream returned a malformed JSON body: {exc}", "upstream_malformed"
-            )
+        data = parse_reply(reply)
+        if isinstance(data, web.Response):
+            return data
         if rounds:
             usage = add_usage(usage, data.get("usage"))
         choices = data.get("choices")

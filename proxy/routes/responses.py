@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy import responses, stash
 from proxy.blocking import plan
 from proxy.errors import bad_gateway, bad_request, error_response
-from proxy.forward import fetch, json_reply, raw_reply, serve_stream
+from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -151,19 +151,6 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 # -- non-streaming ------------------------------------------------------------------------
 
 
-def _parse(reply: UpstreamReply) -> dict[str, Any] | web.Response:
-    try:
-        data = orjson.loads(reply.body)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        log.error("upstream_malformed_json", error=str(exc), bytes=len(reply.body))
-        return bad_gateway(
-            f"The upstream returned a malformed JSON body: {exc}", "upstream_malformed"
-        )
-    return data
-
-
 async def _gate_response(
     request: web.Request,
     state: AppState,
@@ -185,7 +172,7 @@ async def _gate_response(
             return reply
         if reply.status != 200:
             return raw_reply(reply)  # upstream errors reach the client unchanged
-        data = _parse(reply)
+        data = parse_reply(reply)
         if isinstance(data, web.Response):
             return data
         problem = responses.malformed_output(data.get("output"))
@@ -353,7 +340,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
         return reply
     if reply.status != 200:
         return raw_reply(reply)
-    data = _parse(reply)
+    data = parse_reply(reply)
     if isinstance(data, web.Response):
         return data
     output = data.get("output") if isinstance(data.get("output"), list) else []
@@ -380,7 +367,7 @@ async def get_input_items(request: web.Request) -> web.StreamResponse:
         return reply
     if reply.status != 200:
         return raw_reply(reply)
-    data = _parse(reply)
+    data = parse_reply(reply)
     if isinstance(data, web.Response):
         return data
     items = data.get("data")
