@@ -10,11 +10,12 @@ from aiohttp import web
 
 from proxy.audit import Auditor
 from proxy.errors import error_response
+from proxy.logs import log_request
 from proxy.metrics import metrics_handler, route_label, upstream_time
 from proxy.policy import Policy
 from proxy.routes import responses
 from proxy.routes.chat import chat_completions
-from proxy.routes.incoming import request_id
+from proxy.routes.incoming import PRINCIPAL, request_id
 from proxy.routes.passthrough import forward
 from proxy.state import STATE, AppState
 from proxy.store import Store, open_store
@@ -49,15 +50,17 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             waited[0],
             streamed=not isinstance(response, web.Response),
         )
-        # Probes and scrapes arrive every few seconds: keep them out of the info log.
-        emit = log.debug if request.path in _QUIET_PATHS else log.info
-        emit(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=status,
-            ms=round(elapsed * 1000, 3),
-        )
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "ms": round(elapsed * 1000, 3),
+        }
+        if request.path in _QUIET_PATHS:
+            # Probes and scrapes arrive every few seconds: keep them out of the info log.
+            log.debug("request", **fields)
+        else:
+            log_request(log, rid, request.get(PRINCIPAL), fields)
 
 
 async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:

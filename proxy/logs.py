@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 import structlog
 
+from proxy.timestamps import utc_iso
+
 FLUSH_SECONDS = 0.05
 _MAX_BUFFER = 64 * 1024
 _URGENT = frozenset(("error", "critical", "exception", "fatal"))
@@ -43,7 +45,7 @@ class LineWriter:
                 return  # stdout is gone: nothing sensible left to do with log lines
             view = view[written:]
 
-    def _line(self, method: str, message: bytes | str) -> None:
+    def line(self, method: str, message: bytes | str) -> None:
         self.buffer += message if isinstance(message, bytes) else message.encode()
         self.buffer += b"\n"
         if method in _URGENT or len(self.buffer) >= _MAX_BUFFER:
@@ -62,10 +64,39 @@ class LineWriter:
         # structlog calls logger.<level>(message): every level lands in _line.
         if method.startswith("__"):
             raise AttributeError(method)
-        return lambda message: self._line(method, message)
+        return lambda message: self.line(method, message)
 
 
 _writer: LineWriter | None = None
+_processors: list[Any] = []
+_renderer: Any = None
+_access_fast = False  # JSON lines at level info or below: `log_request` skips structlog
+
+
+def _add_timestamp(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["timestamp"] = utc_iso()
+    return event
+
+
+def log_request(
+    logger: Any, request_id: str, principal: str | None, fields: dict[str, Any]
+) -> None:
+    """The one line per request: the same JSON object structlog would write, without its
+    processor chain (a third of callgate's logging cost per request).
+
+    Falls back to `logger.info` when the lines are not ours to write (console output, a level
+    above info, or a test capturing structlog's events).
+    """
+    # capture_logs() swaps the processors inside the same list: look at its content.
+    if _writer is None or not _access_fast or _processors[-1:] != [_renderer]:
+        logger.info("request", **fields)
+        return
+    line = {**fields, "event": "request", "request_id": request_id}
+    if principal is not None:
+        line["principal"] = principal
+    line["level"] = "info"
+    line["timestamp"] = utc_iso()
+    _writer.line("info", orjson.dumps(line, default=str))
 
 
 def flush_logs() -> None:
@@ -74,8 +105,8 @@ def flush_logs() -> None:
 
 
 def configure_logging(level: str = "info", json: bool = True) -> None:
-    global _writer
-    renderer: Any = (
+    global _writer, _processors, _access_fast, _renderer
+    _renderer = renderer = (
         structlog.processors.JSONRenderer(serializer=lambda o, **_: orjson.dumps(o, default=str))
         if json
         else structlog.dev.ConsoleRenderer()
@@ -86,17 +117,18 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
         factory: Any = lambda *_args: _writer  # noqa: E731
     else:
         factory = structlog.PrintLoggerFactory()
+    threshold = logging.getLevelNamesMapping()[level.upper()]
+    _processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _add_timestamp,
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    _access_fast = json and threshold <= logging.INFO
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        processors=_processors,
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )

@@ -5,12 +5,17 @@ Decisions are counted from audit records, so a metric and an audit line can neve
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from contextvars import ContextVar
+from itertools import accumulate
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.utils import floatToGoString
 
 # Seconds spent waiting on the upstream during the current request (headers + body reads).
 upstream_time: ContextVar[list[float] | None] = ContextVar("callgate_upstream_time", default=None)
@@ -25,16 +30,66 @@ def add_upstream_time(seconds: float) -> None:
         acc[0] += seconds
 
 
+class RequestCounts:
+    """`callgate_requests_total` by route and status, counted in a plain dict.
+
+    Observed once per request on the event loop's thread: prometheus_client's Counter takes a
+    lock per increment, which the request path does not need; the counts become samples only
+    when /metrics is scraped.
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def inc(self, route: str, status: int) -> None:
+        key = (route, str(status))
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=["route", "status"])
+        for labels, count in self.counts.items():
+            family.add_metric(labels, count)
+        yield family
+
+
+class RouteHistogram:
+    """A histogram by route, lock-free for the same reason as RequestCounts: one bucket count
+    per observation (bisect), cumulated when scraped."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = buckets
+        self.edges = [floatToGoString(b) for b in buckets] + ["+Inf"]
+        # route -> bucket counts (non-cumulative, the last is +Inf), and the sums
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, route: str, value: float) -> None:
+        counts = self.counts.get(route)
+        if counts is None:
+            counts = self.counts[route] = [0] * (len(self.bounds) + 1)
+            self.sums[route] = 0.0
+        counts[bisect_left(self.bounds, value)] += 1  # le: a value on a bound counts in it
+        self.sums[route] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["route"])
+        for route, counts in self.counts.items():
+            buckets = list(zip(self.edges, accumulate(counts), strict=True))
+            family.add_metric([route], buckets, self.sums[route])
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         # labels() takes a lock and builds a key on every call: children are looked up once.
-        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
         self._decision_children: dict[tuple[str, str, str], Any] = {}
         r = self.registry
-        self.requests = Counter(
-            "callgate_requests", "HTTP requests served", ["route", "status"], registry=r
-        )
+        self.requests = RequestCounts("callgate_requests", "HTTP requests served")
         self.decisions = Counter(
             "callgate_tool_call_decisions",
             "Tool-call decisions by tool, deciding gate and outcome",
@@ -62,39 +117,29 @@ class Metrics:
         self.reloads = Counter(
             "callgate_policy_reloads", "Policy reload attempts", ["result"], registry=r
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = RouteHistogram(
             "callgate_upstream_latency_seconds",
             "Time waiting on the upstream per request (to headers, plus body for non-streams)",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.overhead = Histogram(
+        self.overhead = RouteHistogram(
             "callgate_proxy_overhead_seconds",
             "Time callgate added to a non-streaming request (total minus upstream)",
-            ["route"],
-            buckets=_OVERHEAD_BUCKETS,
-            registry=r,
+            _OVERHEAD_BUCKETS,
         )
+        for collector in (self.requests, self.upstream_latency, self.overhead):
+            r.register(collector)  # type: ignore[arg-type]
 
     def observe_request(
         self, route: str, status: int, total: float, upstream: float, *, streamed: bool
     ) -> None:
         """Record one request; callgate's own share is total minus the upstream wait."""
-        children = self._children.get((route, status))
-        if children is None:
-            children = self._children[(route, status)] = (
-                self.requests.labels(route, str(status)),
-                self.upstream_latency.labels(route),
-                self.overhead.labels(route),
-            )
-        requests, latency, overhead = children
-        requests.inc()
+        self.requests.inc(route, status)
         if upstream:
-            latency.observe(upstream)
+            self.upstream_latency.observe(route, upstream)
             # A stream's duration is the model's, not ours: overhead only for whole bodies.
             if status < 500 and not streamed:
-                overhead.observe(max(0.0, total - upstream))
+                self.overhead.observe(route, max(0.0, total - upstream))
 
     def on_audit(self, record: dict[str, Any]) -> None:
         tool = record["tool"]

@@ -22,6 +22,7 @@ class BadRequest(Exception):
 
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("callgate_request_id", str)
+PRINCIPAL: web.RequestKey[str] = web.RequestKey("callgate_principal", str)
 
 
 # Unique across replicas and restarts without a system call per request: a random per-process
@@ -65,4 +66,5 @@ def call_context(
         user=user if isinstance(user, str) else None,
     )
     structlog.contextvars.bind_contextvars(principal=principal)
+    request[PRINCIPAL] = principal
     return ctx
