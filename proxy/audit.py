@@ -1,8 +1,12 @@
 """Audit: one structured record per decision, to structlog and to a hash-chained JSONL file.
 
-Each file record carries `prev` (the previous record's hash) and `hash` =
-sha256(prev + canonical JSON of the record without `hash`), so editing, dropping or reordering a
-record breaks the chain at that line (`callgate audit verify FILE`). File writes happen in a
+Each file line is one JSON object: the record, then `prev` (the previous line's hash, or 64
+zeros for the first), then `hash` as its last member. The hash covers the object's exact bytes:
+with `body` = the object without its trailing `,"hash":"<64 hex>"}`, plus a closing `}` (the
+object as serialized before `hash` was added), `hash` = sha256(prev + body) in hex. So each
+record is serialized once, and editing any byte of a line's object, dropping or reordering
+lines breaks the chain at that line (`callgate audit verify FILE`). Lines written before this
+scheme (hash over the record's sorted-keys JSON) still verify. File writes happen in a
 background task (never on the request path); `close()` flushes everything that was recorded.
 """
 
@@ -11,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import orjson
@@ -20,28 +24,71 @@ import structlog
 
 from proxy.config import AuditConfig
 from proxy.gates.decision import Decision
+from proxy.timestamps import utc_iso
 from proxy.toolcalls import CallContext
 
 GENESIS = "0" * 64
 RETRY_SECONDS = 1.0  # pause before retrying a failed audit file write
 BATCH_SECONDS = 0.02  # how long records may wait to share a file write
 REDACTED = "[REDACTED]"
+_CONTAINERS = (dict, list)  # what redact() descends into
 log = structlog.get_logger("callgate.audit")
 
 
 def redact(value: Any, keys: frozenset[str]) -> Any:
-    if not keys:
+    """`value` with the value of every dict key in `keys` replaced, at any depth.
+
+    When no key matches (the usual case) `value` itself is returned, after a walk that only
+    descends into nested dicts and lists.
+    """
+    if not keys or not _mentions(value, keys):
         return value
+    return _redacted(value, keys)
+
+
+def _mentions(value: Any, keys: frozenset[str]) -> bool:
     if isinstance(value, dict):
-        return {k: REDACTED if k in keys else redact(v, keys) for k, v in value.items()}
+        if not keys.isdisjoint(value):
+            return True
+        value = value.values()
+    elif not isinstance(value, list):
+        return False
+    for item in value:
+        if isinstance(item, _CONTAINERS) and _mentions(item, keys):
+            return True
+    return False
+
+
+def _redacted(value: Any, keys: frozenset[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if k in keys else _redacted(v, keys) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v, keys) for v in value]
+        return [_redacted(v, keys) for v in value]
     return value
 
 
-def chain_hash(prev: str, record: dict[str, Any]) -> str:
-    body = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(prev.encode() + body).hexdigest()
+_SEAL = re.compile(rb',"hash":"([0-9a-f]{64})"\}')
+_SEAL_LEN = 75  # len(b',"hash":"') + 64 + len(b'"}')
+
+
+def seal(prev: str, body: bytes) -> tuple[str, bytes]:
+    """The hash of a record serialized as `body` (a JSON object with `prev` as its last member),
+    and the file line that carries it: `body` with `"hash"` added as the last member."""
+    digest = hashlib.sha256(prev.encode() + body).hexdigest()
+    return digest, b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
+
+
+def _sealed(prev: str, line: bytes, stated: str, record: dict[str, Any]) -> bool:
+    """Whether `stated` (the line's parsed hash) is the hash of the line's object's bytes."""
+    line = line.strip()  # the line break (and any whitespace around the object) is not hashed
+    found = _SEAL.fullmatch(line, len(line) - _SEAL_LEN) if len(line) > _SEAL_LEN else None
+    if found and found[1] == stated.encode():
+        body = line[:-_SEAL_LEN] + b"}"
+        if hashlib.sha256(prev.encode() + body).hexdigest() == stated:
+            return True
+    # A line written before records were sealed by their bytes: sorted-keys JSON of the record.
+    legacy = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(prev.encode() + legacy).hexdigest() == stated
 
 
 def _last_line(path: str) -> tuple[bytes | None, bool]:
@@ -121,25 +168,31 @@ class Auditor:
         self, decision: Decision, ctx: CallContext, outcome: str, action: str | None
     ) -> None:
         block = decision.block
-        args = decision.args if decision.args is not None else decision.call.arguments
+        call = decision.call
+        args = decision.args
+        if args is None:
+            args = call.arguments
+        if self._redact:
+            args = redact(args, self._redact)
+        shadow = decision.shadow
         record: dict[str, Any] = {
-            "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "time": utc_iso(),
             "request_id": ctx.request_id,
             "route": ctx.route,
             "principal": ctx.principal,
-            "tool": decision.call.name,
+            "tool": call.name,
             "policy": decision.tool_policy,
-            "call_id": decision.call.id,
+            "call_id": call.id,
             "decision": outcome,
             "gate": block.gate if block else None,
             "reason": block.reason if block else None,
             "message": block.message if block else None,
             "action": action,
-            "shadow": [
-                {"gate": b.gate, "reason": b.reason, "message": b.message} for b in decision.shadow
-            ],
+            "shadow": [{"gate": b.gate, "reason": b.reason, "message": b.message} for b in shadow]
+            if shadow
+            else [],
             "fail_open": decision.fail_open,
-            "arguments": redact(args, self._redact),
+            "arguments": args,
             "latency_ms": round(decision.latency_ms, 3),
         }
         self.records += 1
@@ -149,8 +202,9 @@ class Auditor:
             log.info("tool_call_decision", **record)
         if self.config.file and not self._closed:
             record["prev"] = self._prev
-            record["hash"] = self._prev = chain_hash(self._prev, record)
-            self._pending.append(orjson.dumps(record) + b"\n")
+            record["hash"], line = seal(self._prev, orjson.dumps(record))
+            self._prev = record["hash"]
+            self._pending.append(line)
             self._wake.set()
 
     async def _flusher(self) -> None:
@@ -224,7 +278,7 @@ def verify_file(path: str) -> tuple[int, str | None]:
                 return count, f"line {lineno}: not an audit record"
             if record.get("prev") != prev:
                 return count, f"line {lineno}: chain broken (record removed or reordered before it)"
-            if chain_hash(prev, record) != stated:
+            if not _sealed(prev, line, stated, record):
                 return count, f"line {lineno}: hash mismatch (record edited)"
             prev = stated
             count += 1

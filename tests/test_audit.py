@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 import structlog
 
-from proxy.audit import GENESIS, Auditor, verify_file
+from proxy.audit import GENESIS, Auditor, redact, seal, verify_file
 from proxy.cli import main
 from proxy.config import AuditConfig
 from tests.conftest import completion
@@ -194,19 +199,92 @@ async def test_verify_intact_then_edited_record(make_proxy, upstream, tmp_path, 
 
 async def test_verify_edit_with_recomputed_hash_is_caught(make_proxy, upstream, tmp_path, capsys):
     """Re-hashing an edited record does not help: the next record's `prev` no longer matches."""
-    from proxy.audit import chain_hash
-
     path = tmp_path / "audit.jsonl"
     await write_audit(path, make_proxy, upstream, 3)
     lines = path.read_text().splitlines()
     rec = json.loads(lines[0])
     rec.pop("hash")
     rec["arguments"] = {"i": 99}
-    rec["hash"] = chain_hash(rec["prev"], rec)
-    rewrite(path, [json.dumps(rec), *lines[1:]])
+    _, forged = seal(rec["prev"], orjson.dumps(rec))
+    path.write_bytes(forged + "".join(line + "\n" for line in lines[1:]).encode())
+    assert verify_file(str(path)) == (
+        1,
+        "line 2: chain broken (record removed or reordered before it)",
+    )
     capsys.readouterr()
     assert main(["audit", "verify", str(path)]) == 1
     assert "line 2: chain broken" in capsys.readouterr().out
+
+
+async def test_line_format_hash_covers_the_line_bytes(tmp_path):
+    """The documented scheme: hash = sha256(prev + the line without its `hash` member)."""
+    path = tmp_path / "audit.jsonl"
+    await record_some(path, 3)
+    prev = GENESIS
+    for line in path.read_bytes().splitlines():
+        found = re.fullmatch(rb'(\{.*),"hash":"([0-9a-f]{64})"\}', line)
+        assert found, line
+        body = found[1] + b"}"
+        assert orjson.loads(body)["prev"] == prev
+        assert list(orjson.loads(body))[-1] == "prev"
+        assert found[2].decode() == hashlib.sha256(prev.encode() + body).hexdigest()
+        assert orjson.loads(line)["hash"] == found[2].decode()
+        prev = found[2].decode()
+
+
+async def test_verify_detects_edited_bytes(make_proxy, upstream, tmp_path):
+    """Any change to a line's bytes is caught, even one that leaves the JSON's meaning intact."""
+    path = tmp_path / "audit.jsonl"
+    await write_audit(path, make_proxy, upstream, 4)
+    original = path.read_bytes().splitlines(keepends=True)
+    assert b'"arguments":{"i":2}' in original[2]
+    edits = [
+        original[2].replace(b'"arguments":{"i":2}', b'"arguments":{"i":7}'),  # a value
+        original[2].replace(b'"arguments":{"i":2}', b'"arguments":{"i": 2}'),  # whitespace
+        original[2].replace(b'"decision":"allowed"', b'"decision":"blocked"'),
+        original[2].replace(b'"hash":"', b'"gate":null,"hash":"'),  # a duplicate member
+        original[2][:-67] + original[3][-67:],  # another line's hash
+    ]
+    for edited in edits:
+        assert edited != original[2]
+        path.write_bytes(b"".join([*original[:2], edited, *original[3:]]))
+        assert verify_file(str(path)) == (2, "line 3: hash mismatch (record edited)"), edited
+    path.write_bytes(b"".join(original))
+    assert verify_file(str(path)) == (4, None)
+    path.write_bytes(b"".join(line.replace(b"\n", b"\r\n") for line in original))
+    assert verify_file(str(path)) == (4, None)  # line breaks are not part of the record
+
+
+async def test_record_time_is_datetime_isoformat(tmp_path):
+    """Records carry `datetime.now(UTC).isoformat(timespec="microseconds")`, formatted cheaply."""
+    from proxy.timestamps import utc_iso
+
+    for now in (0.0, 1_795_603_290.5, 1_795_603_290.015625, 1_795_603_291.0, 951_825_600.25):
+        assert utc_iso(now) == datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds")
+    assert utc_iso(1_795_603_290.5) == "2026-11-25T10:41:30.500000+00:00"
+    path = tmp_path / "audit.jsonl"
+    before = datetime.now(UTC).replace(microsecond=0)
+    await record_some(path, 3)
+    after = datetime.now(UTC)
+    for rec in read_records(path):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", rec["time"])
+        assert before <= datetime.fromisoformat(rec["time"]) <= after
+
+
+def test_redact_nested_and_untouched_when_nothing_matches():
+    keys = frozenset({"password", "token"})
+    clean = {"a": 1, "b": [{"c": "x"}, ["y", {"d": None}]], "e": {"f": {"g": [1, 2]}}}
+    assert redact(clean, keys) is clean
+    assert redact(["password", {"x": "token"}], keys) == ["password", {"x": "token"}]
+    assert redact("password", keys) == "password"
+    deep = {"a": [{"b": {"token": {"password": 1}}}], "password": [1], "c": [[{"token": "t"}]]}
+    assert redact(deep, keys) == {
+        "a": [{"b": {"token": "[REDACTED]"}}],
+        "password": "[REDACTED]",
+        "c": [[{"token": "[REDACTED]"}]],
+    }
+    assert deep["password"] == [1]  # the original is not modified
+    assert redact(deep, frozenset()) is deep
 
 
 async def test_verify_detects_deleted_line(make_proxy, upstream, tmp_path, capsys):
@@ -280,6 +358,52 @@ async def test_auditor_restart_after_long_last_record(tmp_path):
     auditor.record(Decision(ToolCall("c2", "t", "{}"), "t", "strip"), ctx, "allowed", None)
     await auditor.close()
     assert verify_file(str(path)) == (3, None)
+
+
+async def record_some(path: Path, n: int, start: int = 0) -> None:
+    """One Auditor's life: start (resuming the file's chain), record n decisions, close."""
+    from proxy.gates.decision import Decision
+    from proxy.toolcalls import CallContext, ToolCall
+
+    ctx = CallContext(principal="p", request_id="r", route="test")
+    auditor = Auditor(AuditConfig(log=False, file=str(path)))
+    await auditor.start()
+    for i in range(start, start + n):
+        call = ToolCall(f"c{i}", "t", json.dumps({"i": i}))
+        auditor.record(Decision(call, "t", "strip", args={"i": i}), ctx, "allowed", None)
+    await auditor.close()
+
+
+async def test_chain_resumes_across_auditor_restarts(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    for start, n in ((0, 2), (2, 1), (3, 2)):  # three processes append to one file
+        await record_some(path, n, start)
+        assert verify_file(str(path)) == (start + n, None)
+    recs = read_records(path)
+    assert [r["call_id"] for r in recs] == ["c0", "c1", "c2", "c3", "c4"]
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(recs))
+
+
+async def test_lines_hashed_the_old_way_still_verify(tmp_path):
+    """A file begun before lines were hashed by their bytes (sorted-keys JSON of the record)
+    verifies, and records appended after the upgrade chain on from its last line."""
+    path = tmp_path / "audit.jsonl"
+    await record_some(path, 2)
+    prev, lines = GENESIS, []
+    for rec in read_records(path):  # rewritten as the previous version wrote them
+        rec.pop("hash")
+        rec["prev"] = prev
+        canonical = orjson.dumps(rec, option=orjson.OPT_SORT_KEYS)
+        rec["hash"] = prev = hashlib.sha256(prev.encode() + canonical).hexdigest()
+        lines.append(orjson.dumps(rec) + b"\n")
+    path.write_bytes(b"".join(lines))
+    assert verify_file(str(path)) == (2, None)
+    await record_some(path, 2, 2)
+    assert verify_file(str(path)) == (4, None)
+    assert read_records(path)[2]["prev"] == prev
+    edited = lines[1].replace(b'"i":1', b'"i":5')
+    path.write_bytes(lines[0] + edited)
+    assert verify_file(str(path)) == (1, "line 2: hash mismatch (record edited)")
 
 
 async def test_records_kept_when_file_cannot_be_written(tmp_path):
