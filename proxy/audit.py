@@ -171,8 +171,12 @@ class Auditor:
         call = decision.call
         args = decision.args
         if args is None:
+            # Not JSON (so blocked): kept as text, unless it names a redacted key, which a
+            # text cannot be redacted around.
             args = call.arguments
-        if self._redact:
+            if any(key in args for key in self._redact):
+                args = REDACTED
+        elif self._redact:
             args = redact(args, self._redact)
         shadow = decision.shadow
         record: dict[str, Any] = {

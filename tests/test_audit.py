@@ -444,3 +444,21 @@ async def test_torn_last_line_does_not_stop_the_auditor(make_proxy, upstream, tm
     capsys.readouterr()
     assert main(["audit", "verify", str(path)]) == 1
     assert "line 3: not an audit record" in capsys.readouterr().out
+
+
+async def test_unparseable_arguments_naming_a_redacted_key_are_not_recorded(
+    make_proxy, upstream, tmp_path
+):
+    path = tmp_path / "audit.jsonl"
+    proxy = await make_proxy(
+        {**audit_config(path, redact=["password"]), "on_block": "strip", "tools": {}}
+    )
+    upstream.push(completion(("login", '{"password": "hunter2"'), ("echo", '{"text": "not json')))
+    await proxy.client().chat.completions.create(model="m", messages=MSGS)
+    await proxy.state.auditor.close()
+    assert "hunter2" not in path.read_text()
+    recs = {r["tool"]: r for r in read_records(path)}
+    assert recs["login"]["reason"] == "invalid_arguments"
+    assert recs["login"]["arguments"] == "[REDACTED]"
+    # Text that names no redacted key stays, to show what the model sent.
+    assert recs["echo"]["arguments"] == '{"text": "not json'
