@@ -100,6 +100,16 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _memory_mb(pid: int) -> tuple[float, float] | None:
+    """(resident, peak resident) MiB of a process (Linux /proc), or None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 class Servers:
     """The three servers under test, each its own process; stopped on exit whatever happens."""
 
@@ -213,6 +223,10 @@ class Servers:
         proc = self.procs.get(target)
         return _cpu_seconds(proc.pid) if proc is not None else None
 
+    def memory(self, target: str) -> tuple[float, float] | None:
+        proc = self.procs.get(target)
+        return _memory_mb(proc.pid) if proc is not None else None
+
     def stop(self) -> dict[str, int | None]:
         """SIGTERM every server (callgate flushes its audit file), SIGKILL what lingers."""
         for proc in self.procs.values():
@@ -275,6 +289,8 @@ def run_load(
         raise RuntimeError(f"load generator failed ({proc.returncode}):\n{proc.stderr}")
     result: dict[str, Any] = orjson.loads(proc.stdout.strip().splitlines()[-1])
     result.update(mode=sc.mode, target=sc.target)
+    memory = servers.memory(front) if front else None
+    result["rss_mb"], result["peak_rss_mb"] = memory if memory else (None, None)
     result["cpu_us_per_req"] = (
         (cpu_after - cpu_before) / result["total_requests"] * 1e6
         if cpu_before is not None and cpu_after is not None and result["total_requests"]
@@ -299,7 +315,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_table(results: list[dict[str, Any]]) -> None:
     header = (
         f"{'mode':<14} {'target':<9} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'ttfb p50':>8} {'proxy CPU/req':>13} {'errors':>6}"
+        f"{'ttfb p50':>8} {'proxy CPU/req':>13} {'RSS MiB':>7} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -315,7 +331,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"{r['mode']:<14} {r['target']:<9} {r['concurrency']:>4} {r['rps']:>9.0f} "
             f"{_fmt(r['p50_ms'], '.2f'):>8} {_fmt(r['p99_ms'], '.2f'):>8} "
             f"{_fmt(ttfb, '.2f'):>8} {(_fmt(cpu, '.0f') + ' us') if cpu else '-':>13} "
-            f"{r['errors']:>6}"
+            f"{_fmt(r.get('rss_mb'), '.1f'):>7} {r['errors']:>6}"
         )
 
 
@@ -360,6 +376,22 @@ def summarize(results: list[dict[str, Any]], high: int) -> dict[str, Any]:
             cpu_ratio = bare["cpu_us_per_req"] / cg["cpu_us_per_req"]
             summary[f"cpu_ratio_{mode}"] = cpu_ratio
             lines.append((f"bare/callgate CPU per request, {mode}", f"{cpu_ratio:.2f}", ""))
+    peaks = {
+        t: max(
+            (r["peak_rss_mb"] for r in results if r["target"] == t and r.get("peak_rss_mb")),
+            default=None,
+        )
+        for t in ("bare", "callgate")
+    }
+    if peaks["bare"] and peaks["callgate"]:
+        summary["peak_rss_mb"] = peaks
+        lines.append(
+            (
+                "peak resident memory, callgate / bare",
+                f"{peaks['callgate']:.0f} / {peaks['bare']:.0f} MiB",
+                "",
+            )
+        )
     for label, value, target in lines:
         print(f"{label:<48} {value:>9}   {target}".rstrip())
     return summary

@@ -53,3 +53,7 @@ def test_benchmark_quick_run_completes_every_mode(tmp_path):
         label = f"{r['mode']} {r['target']} c={r['concurrency']}"
         assert r["requests"] > 0, label
         assert r["errors"] == 0, f"{label}: {r['error_kinds']}"
+    for r in data["results"]:
+        if r["target"] != "direct":  # the proxies' memory is read from /proc after each run
+            assert r["rss_mb"] > 1 and r["peak_rss_mb"] >= r["rss_mb"], r
+    assert "peak resident memory, callgate / bare" in proc.stdout
