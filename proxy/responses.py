@@ -3,9 +3,10 @@
 Pure functions over the decoded JSON; the route (proxy.routes.responses) and the stream gate
 (proxy.responses_stream) do the I/O.
 
-Items are identified by their *key*: `call:<call_id>` for function and custom tool calls (the
-call id is what outputs refer to, and clients that build their own input often drop item ids),
-`id:<id>` for everything else.
+Items are identified by their *key*: `call:<call_id>` for the calls the client runs (function
+and custom tool calls, and the built-in client-run tools' `shell_call`, `local_shell_call`,
+`apply_patch_call`) and their outputs (the call id is what outputs refer to, and clients that
+build their own input often drop item ids), `id:<id>` for everything else.
 
 What the stash keeps for a response the client saw (see `entry`):
 - `outputs`: the error outputs of its blocked calls (what the next turn must carry, so that the
@@ -32,10 +33,31 @@ from proxy.gates.decision import Decision
 from proxy.policy import Policy, ToolPolicy
 from proxy.toolcalls import ToolCall
 
-CALL_TYPES = {"function_call": "function", "custom_tool_call": "custom"}
-OUTPUT_TYPES = {"function_call_output", "custom_tool_call_output"}
+# Calls to tools the client defines: item type -> ToolCall kind. Named by their `name`.
+NAMED_CALL_TYPES = {"function_call": "function", "custom_tool_call": "custom"}
+# Calls to built-in tools the client runs: item type -> (policy name: the tool's type, the field
+# the gates see as `args`). The ToolCall kind is the item type.
+BUILTIN_CALL_TYPES = {
+    "shell_call": ("shell", "action"),
+    "local_shell_call": ("local_shell", "action"),
+    "apply_patch_call": ("apply_patch", "operation"),
+}
+# Every call type gated item by item. Not `computer_call`: its output can only carry a
+# screenshot, so a blocked one has no valid answer to tell the model why (README).
+CALL_TYPES = {**NAMED_CALL_TYPES, **{t: t for t in BUILTIN_CALL_TYPES}}
+OUTPUT_TYPES = {
+    "function_call_output",
+    "custom_tool_call_output",
+    "shell_call_output",
+    "local_shell_call_output",
+    "apply_patch_call_output",
+}
 # Tool types the client runs itself, whose calls are gated item by item.
 CLIENT_TOOL_TYPES = {"function", "custom"}
+CLIENT_BUILTIN_TOOLS = {"shell", "local_shell", "apply_patch"}
+# Shell environments where the upstream runs the commands itself. Any other (`local`, none, or
+# one callgate does not know) counts as the client's: gated, failing closed.
+_HOSTED_ENVIRONMENTS = {"container_auto", "container_reference"}
 NOTICE_PREFIX = "msg_callgate_"
 APPROVAL = "mcp_approval_request"
 _FAMILY = re.compile(r"^(.*?)(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?$")
@@ -75,9 +97,9 @@ def malformed_item(item: Any) -> str | None:
         return f"an output item is a JSON {type(item).__name__}, not an object"
     if "type" in item and not isinstance(item["type"], str):
         return "an output item's `type` is not a string"
+    if item.get("type") in NAMED_CALL_TYPES and not isinstance(item.get("name"), str):
+        return "a tool call's `name` is not a string"
     if item.get("type") in CALL_TYPES:
-        if not isinstance(item.get("name"), str):
-            return "a tool call's `name` is not a string"
         for name in ("call_id", "id"):
             if item.get(name) is not None and not isinstance(item[name], str):
                 return f"a tool call's `{name}` is not a string"
@@ -93,22 +115,46 @@ def malformed_output(output: Any) -> str | None:
     return next((m for m in map(malformed_item, output) if m), None)
 
 
+def _hosted(environment: Any) -> bool:
+    """Is a shell tool's (or call's) `environment` a container the upstream runs?"""
+    return isinstance(environment, dict) and environment.get("type") in _HOSTED_ENVIRONMENTS
+
+
+def runs_upstream(item: Any) -> bool:
+    """A `shell_call` in a hosted container: the upstream ran it already, nothing to gate
+    (like web search, it is gated on the request side)."""
+    return type_of(item) == "shell_call" and _hosted(item.get("environment"))
+
+
 def call_of(item: Any) -> ToolCall | None:
     """The gated call an output item stands for, or None for any other item."""
+    if runs_upstream(item):
+        return None
+    return read_call(item)
+
+
+def read_call(item: Any) -> ToolCall | None:
+    """The call an item of a call type stands for, wherever it runs (None for other items).
+
+    Built-in tools' calls: named by the tool type, their `action` / `operation` as arguments."""
     if not isinstance(item, dict):
         return None
     kind = CALL_TYPES.get(type_of(item) or "")
     if kind is None:
         return None
+    call_id = str(item.get("call_id") or item.get("id") or "")
+    if kind in BUILTIN_CALL_TYPES:
+        name, field_name = BUILTIN_CALL_TYPES[kind]
+        value = item.get(field_name)
+        text = "" if value is None else orjson.dumps(value).decode()
+        return ToolCall(call_id, name, text, kind)
     if kind == "custom":
         raw = item.get("input")
         text = raw if isinstance(raw, str) else ("" if raw is None else orjson.dumps(raw).decode())
     else:
         raw = item.get("arguments")
         text = raw if isinstance(raw, str) else ("" if raw is None else orjson.dumps(raw).decode())
-    return ToolCall(
-        str(item.get("call_id") or item.get("id") or ""), str(item.get("name", "")), text, kind
-    )
+    return ToolCall(call_id, str(item.get("name", "")), text, kind)
 
 
 def calls_of(output: Any) -> list[ToolCall]:
@@ -141,21 +187,27 @@ def positions_of(output: list[Any], decisions: list[Decision]) -> set[int]:
 def key_of(item: Any) -> str | None:
     if not isinstance(item, dict):
         return None
-    if type_of(item) in CALL_TYPES or type_of(item) in OUTPUT_TYPES:
+    if type_of(item) in CALL_TYPES:
         call_id = item.get("call_id")
         if isinstance(call_id, str):
             return "call:" + call_id
+    answered = output_key(item)
+    if answered:
+        return answered
     item_id = item.get("id")
     return "id:" + item_id if isinstance(item_id, str) else None
 
 
 def output_key(item: Any) -> str | None:
     """The key of the call an output item answers (None for anything else)."""
-    if type_of(item) in OUTPUT_TYPES:
-        call_id = item.get("call_id")
-        if isinstance(call_id, str):
-            return "call:" + call_id
-    return None
+    kind = type_of(item)
+    if kind not in OUTPUT_TYPES:
+        return None
+    call_id = item.get("call_id")
+    if call_id is None and kind == "local_shell_call_output":
+        # The SDK's input type names the call's id `id` (OpenAI's guide says `call_id`).
+        call_id = item.get("id")
+    return "call:" + call_id if isinstance(call_id, str) else None
 
 
 def as_input_list(value: Any) -> list[Any]:
@@ -171,13 +223,26 @@ def as_input_list(value: Any) -> list[Any]:
 
 
 def error_output(decision: Decision) -> dict[str, Any]:
-    """The output item that answers a blocked call: the error JSON in place of the tool's."""
-    kind = "custom_tool_call_output" if decision.call.kind == "custom" else "function_call_output"
-    return {
-        "type": kind,
-        "call_id": decision.call.id,
-        "output": orjson.dumps(decision.error_result()).decode(),
-    }
+    """The output item that answers a blocked call, in its call type's own output shape: the
+    error JSON in place of the tool's output (a shell's stderr, a failed patch's log)."""
+    error = orjson.dumps(decision.error_result()).decode()
+    call_id = decision.call.id
+    kind = decision.call.kind
+    if kind == "shell_call":
+        outcome = {"type": "exit", "exit_code": 1}
+        chunk = {"stdout": "", "stderr": error, "outcome": outcome}
+        return {"type": "shell_call_output", "call_id": call_id, "output": [chunk]}
+    if kind == "local_shell_call":
+        return {"type": "local_shell_call_output", "call_id": call_id, "output": error}
+    if kind == "apply_patch_call":
+        return {
+            "type": "apply_patch_call_output",
+            "call_id": call_id,
+            "status": "failed",
+            "output": error,
+        }
+    kind = "custom_tool_call_output" if kind == "custom" else "function_call_output"
+    return {"type": kind, "call_id": call_id, "output": error}
 
 
 def notice_text(blocked: list[Decision], after_text: bool) -> str:
@@ -468,12 +533,23 @@ def input_call_ids(items: list[Any]) -> list[str]:
 # -- request tools ------------------------------------------------------------------------
 
 
+def client_run(tool: Any) -> bool:
+    """Is this a tool whose calls the client runs, gated call by call? (function, custom, and
+    the built-in shell, local_shell and apply_patch; a shell in a hosted container is not.)"""
+    if not isinstance(tool, dict):
+        return False
+    kind = type_of(tool) or "function"
+    if kind in CLIENT_TOOL_TYPES:
+        return True
+    if kind == "shell":
+        return not _hosted(tool.get("environment"))
+    return kind in CLIENT_BUILTIN_TOOLS
+
+
 def has_client_tools(body: dict[str, Any]) -> bool:
-    """Does the request offer tools whose calls the client runs (function, custom)?"""
+    """Does the request offer tools whose calls the client runs (see `client_run`)?"""
     tools = body.get("tools")
-    return isinstance(tools, list) and any(
-        isinstance(t, dict) and (type_of(t) or "function") in CLIENT_TOOL_TYPES for t in tools
-    )
+    return isinstance(tools, list) and any(client_run(t) for t in tools)
 
 
 def tool_keys(tool: Any) -> list[str]:

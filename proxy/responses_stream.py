@@ -2,10 +2,12 @@
 
 Events that cannot concern a tool call (text deltas and the like) pass as the raw bytes the
 upstream sent; only events whose bytes name an output item, call arguments, or a lifecycle
-event are decoded. A function or custom tool call is held from `response.output_item.added`
-to `response.output_item.done`, then decided and either released (its events, in order) or
-dropped. A reasoning item is held until its following item is known, and dropped with it.
-Everything behind a held item waits, so the client sees the upstream's order.
+event are decoded. A call the client runs (function, custom, shell, local shell, apply patch)
+is held from `response.output_item.added` to `response.output_item.done`, then decided and
+either released (its events, in order: argument deltas, shell command events, ...) or dropped;
+every event naming its `output_index` meanwhile is held with it. A reasoning item is held
+until its following item is known, and dropped with it. Everything behind a held item waits,
+so the client sees the upstream's order.
 
 Once anything was dropped or added, every event after it is renumbered: `sequence_number`
 stays contiguous and `output_index` unique and contiguous (a byte-level patch of the two fields
@@ -169,7 +171,7 @@ _ITEM_EVENTS = ("response.output_item.", *_ARG_EVENTS)
 
 def _kind(item: dict[str, Any], gated: set[str], hold_reasoning: bool) -> str:
     kind = responses.type_of(item)
-    if kind in responses.CALL_TYPES:
+    if kind in responses.CALL_TYPES and not responses.runs_upstream(item):
         return "call"
     if kind == "reasoning" and hold_reasoning:
         return "reasoning"
@@ -605,6 +607,9 @@ class ResponsesStream:
             [decision] = await decide_approvals(self.state, self.policy, self.ctx, [raw])
             self.approvals.append(decision)
             item.status = DROP
+        elif responses.runs_upstream(raw):
+            item.status = KEEP  # a hosted shell's call, known at `done`: it ran upstream
+            return
         else:
             call = self.tool_call(item, raw)
             decision = await decide(call, self.policy, self.state.store, self.ctx)
@@ -615,10 +620,14 @@ class ResponsesStream:
 
     def tool_call(self, item: Item, raw: dict[str, Any]) -> ToolCall:
         raw = {**raw, "type": item.added.get("type")}  # a call stays the kind it was announced as
-        field_name = "input" if raw["type"] == "custom_tool_call" else "arguments"
-        if not isinstance(raw.get(field_name), str) or (not raw[field_name] and item.pieces):
-            raw = {**raw, field_name: "".join(item.pieces)}
-        call = responses.call_of(raw)
+        if raw["type"] in responses.NAMED_CALL_TYPES:
+            field_name = "input" if raw["type"] == "custom_tool_call" else "arguments"
+            if not isinstance(raw.get(field_name), str) or (not raw[field_name] and item.pieces):
+                raw = {**raw, field_name: "".join(item.pieces)}
+        # Built-in tools' calls: `done` carries the whole action / operation (read from the
+        # item, never from deltas; a missing one reads as no arguments, and a rule reading
+        # them raises, which blocks).
+        call = responses.read_call(raw)
         if call is None:  # not reached: an item of kind "call" has a call type
             raise StreamFailed(
                 "upstream sent a tool call callgate cannot read", "upstream_malformed"

@@ -12,7 +12,9 @@ class ToolCall:
     name: str
     # Function calls: the JSON arguments string. Custom tools: the free-form input.
     arguments: str
-    kind: str = "function"  # "function" | "custom"
+    # "function" | "custom" | a Responses built-in call type ("shell_call", "apply_patch_call",
+    # ...), whose arguments are its `action` / `operation` as JSON.
+    kind: str = "function"
     position: int = -1  # index in the message's `tool_calls` (Chat), where ids may repeat
 
 

@@ -42,6 +42,39 @@ def ctc(name: str, text: str, call_id: str | None = None) -> dict[str, Any]:
     }
 
 
+def shell(commands: list[str], call_id: str = "call_shell", **environment: Any) -> dict[str, Any]:
+    """A `shell_call` (the `shell` tool); `environment` given: e.g. type="container_reference"."""
+    return {
+        "type": "shell_call",
+        "id": _next("sh"),
+        "call_id": call_id,
+        "action": {"commands": commands, "timeout_ms": 60000, "max_output_length": 4096},
+        "environment": environment or None,
+        "status": "completed",
+    }
+
+
+def local_shell(command: list[str], call_id: str = "call_local") -> dict[str, Any]:
+    return {
+        "type": "local_shell_call",
+        "id": _next("lsh"),
+        "call_id": call_id,
+        "action": {"type": "exec", "command": command, "env": {}, "working_directory": "/w"},
+        "status": "completed",
+    }
+
+
+def patch(path: str, diff: str = "+x\n", call_id: str = "call_patch") -> dict[str, Any]:
+    """An `apply_patch_call` updating `path`."""
+    return {
+        "type": "apply_patch_call",
+        "id": _next("apc"),
+        "call_id": call_id,
+        "operation": {"type": "update_file", "path": path, "diff": diff},
+        "status": "completed",
+    }
+
+
 def msg(text: str) -> dict[str, Any]:
     return {
         "type": "message",
@@ -210,6 +243,33 @@ def stream_events(resp: dict[str, Any], piece: int = 8, cut_after: int | None = 
                     field: text,
                 }
             )
+        elif kind == "shell_call":
+            action = {**item["action"], "commands": []}
+            added = {**item, "action": action, "status": "in_progress"}
+            add({"type": "response.output_item.added", "output_index": index, "item": added})
+            for ci, command in enumerate(item["action"]["commands"]):
+                common = {"output_index": index, "command_index": ci}
+                add({"type": "response.shell_call_command.added", **common, "command": ""})
+                for start in range(0, len(command), piece):
+                    delta = command[start : start + piece]
+                    add({"type": "response.shell_call_command.delta", **common, "delta": delta})
+                add({"type": "response.shell_call_command.done", **common, "command": command})
+        elif kind == "apply_patch_call":
+            operation = {**item["operation"], "diff": ""}
+            added = {**item, "operation": operation, "status": "in_progress"}
+            add({"type": "response.output_item.added", "output_index": index, "item": added})
+            common = {"item_id": item["id"], "output_index": index}
+            diff = item["operation"].get("diff", "")
+            for start in range(0, len(diff), piece):
+                delta = diff[start : start + piece]
+                add(
+                    {
+                        "type": "response.apply_patch_call_operation_diff.delta",
+                        **common,
+                        "delta": delta,
+                    }
+                )
+            add({"type": "response.apply_patch_call_operation_diff.done", **common, "diff": diff})
         elif kind == "reasoning":
             add(
                 {
@@ -261,8 +321,25 @@ def _error(message: str, status: int = 400, param: str | None = "input") -> web.
     )
 
 
-CALLS = {"function_call": "function call", "custom_tool_call": "custom tool call"}
-OUTPUTS = {"function_call_output", "custom_tool_call_output"}
+CALLS = {
+    "function_call": "function call",
+    "custom_tool_call": "custom tool call",
+    "shell_call": "shell call",
+    "local_shell_call": "local shell call",
+    "apply_patch_call": "apply patch call",
+}
+OUTPUTS = {
+    "function_call_output",
+    "custom_tool_call_output",
+    "shell_call_output",
+    "local_shell_call_output",
+    "apply_patch_call_output",
+}
+
+
+def _ran_upstream(output: list[Any]) -> set[Any]:
+    """Calls a response answered itself (a hosted shell's `shell_call_output`)."""
+    return {i.get("call_id") for i in output if i.get("type") in OUTPUTS}
 
 
 class FakeResponses:
@@ -301,7 +378,9 @@ class FakeResponses:
                 return _error(
                     f"Previous response with id '{prev}' not found.", 404, "previous_response_id"
                 )
-            calls += [i for i in self.stored[prev]["output"] if i.get("type") in CALLS]
+            output = self.stored[prev]["output"]
+            ran = _ran_upstream(output)
+            calls += [i for i in output if i.get("type") in CALLS and i["call_id"] not in ran]
         calls += [i for i in items if isinstance(i, dict) and i.get("type") in CALLS]
         for call in calls:
             if call["call_id"] not in answered:

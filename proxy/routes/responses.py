@@ -2,7 +2,8 @@
 
 - `POST /v1/responses`: request-side tool filtering (server-side tools a policy denies) and
   completion of the conversation (error outputs of earlier blocked calls), forward, gate every
-  `function_call` / `custom_tool_call` item, rewrite (streaming: proxy.responses_stream).
+  call the client runs (`function_call`, `custom_tool_call`, `shell_call`, `local_shell_call`,
+  `apply_patch_call` items), rewrite (streaming: proxy.responses_stream).
 - `GET /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`: the client's view of a
   stored response, without the calls callgate blocked or the items it added.
 - Everything else under /v1/responses/* is forwarded verbatim by the catch-all pass-through.
@@ -132,7 +133,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         # chance to rewrite or answer them first: refuse rather than let them through ungated.
         return bad_request(
             "callgate cannot gate the tool calls of a background response; send this request "
-            "without `background` (or without function/custom tools and gated MCP servers).",
+            "without `background` (or without client-run tools - function, custom, shell, "
+            "local_shell, apply_patch - and gated MCP servers).",
             "background",
         )
     ctx = call_context(request, body, policy, ROUTE)
