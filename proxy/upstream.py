@@ -10,6 +10,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy import http1
 from proxy.config import UpstreamConfig
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes for us.
@@ -58,44 +59,72 @@ def response_headers(headers: Mapping[str, str], decoded: bool) -> CIMultiDict[s
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A base URL taken apart once: where to connect, and the path requests go under."""
+
+    origin: http1.Origin
+    path: str  # the base URL's path, e.g. "/v1" (no trailing slash)
+    encoded: str  # the base URL as yarl encodes it, for aiohttp's client
+
+
+def parse_target(base_url: str) -> Target:
+    url = URL(base_url)
+    if url.host is None:
+        raise ValueError(f"upstream base_url {base_url!r} has no host")
+    origin = http1.Origin(url.scheme, url.host, url.explicit_port)
+    return Target(origin, url.raw_path.rstrip("/"), str(url))
+
+
 class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.base_url = config.base_url
-        self._base_encoded = str(URL(config.base_url))
-        self._json: aiohttp.ClientSession | None = None
+        self._target = parse_target(config.base_url)
+        self._targets = {config.base_url: self._target}  # other policies' (after a reload)
+        self._json: http1.Pool | None = None
         self._raw: aiohttp.ClientSession | None = None
 
     def reconfigure(self, config: UpstreamConfig) -> None:
         """Apply a reloaded policy's upstream URL and key; pool and timeouts stay until restart."""
-        sessions = (self._json, self._raw)
+        clients = (self._json, self._raw)
         self.__init__(config)  # type: ignore[misc]  # re-derives every URL-dependent field
-        self._json, self._raw = sessions
+        self._json, self._raw = clients
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.config.connect_timeout, sock_read=self.config.timeout
+        # Gated routes: callgate's own client (proxy.http1), decoding gzip and deflate.
+        self._json = http1.Pool(
+            limit=self.config.max_connections,
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.timeout,
+        )
+        # Everything else streams verbatim, both ways, through aiohttp's client.
+        self._raw = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.config.connect_timeout, sock_read=self.config.timeout
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Content-Type"),
         )
 
-        def session(decompress: bool) -> aiohttp.ClientSession:
-            connector = aiohttp.TCPConnector(
-                limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-            )
-            return aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                auto_decompress=decompress,
-                skip_auto_headers=("User-Agent", "Content-Type"),
-            )
-
-        # Gated routes read the body, so aiohttp decodes it; everything else streams verbatim.
-        self._json = session(True)
-        self._raw = session(False)
-
     async def close(self) -> None:
-        for s in (self._json, self._raw):
-            if s is not None:
-                await s.close()
+        if self._json is not None:
+            await self._json.close()
+        if self._raw is not None:
+            await self._raw.close()
+
+    def target(self, config: UpstreamConfig | None) -> Target:
+        if config is None or config.base_url == self.base_url:
+            return self._target
+        found = self._targets.get(config.base_url)
+        if found is None:
+            if len(self._targets) > 16:  # reloads come and go: keep the cache small
+                self._targets = {self.base_url: self._target}
+            found = self._targets[config.base_url] = parse_target(config.base_url)
+        return found
 
     def request_headers(
         self, headers: Mapping[str, str], raw: bool, target: UpstreamConfig | None = None
@@ -120,10 +149,7 @@ class Upstream:
         # path_qs is relative to /v1 (e.g. "/chat/completions?x=1"); base_url ends in /v1.
         # It is the client's raw, already-encoded text: sent as is (yarl would otherwise
         # re-quote it, e.g. turning "%2F" into "/", which can change what the upstream sees).
-        base = self._base_encoded
-        if target is not None and target.base_url != self.base_url:
-            base = str(URL(target.base_url))
-        return URL(base + path_qs, encoded=True)
+        return URL(self.target(target).encoded + path_qs, encoded=True)
 
     async def open(
         self,
@@ -135,17 +161,30 @@ class Upstream:
         raw: bool,
         content_length: int | None = None,
         target: UpstreamConfig | None = None,
-    ) -> aiohttp.ClientResponse:
-        """Send a request; the caller reads (or streams) the body and releases the response."""
-        session = self._raw if raw else self._json
-        assert session is not None, "Upstream.start() was not called"
+    ) -> aiohttp.ClientResponse | http1.Response:
+        """Send a request; the caller reads (or streams) the body and releases the response.
+
+        `raw`: a pass-through request (streamed body, nothing decoded), through aiohttp's
+        client; otherwise `data` is the whole body and callgate's own client sends it.
+        """
         # `target`: the upstream settings of the policy the request started under.
         out_headers = self.request_headers(headers, raw, target)
-        if content_length is not None:
-            # A streamed body keeps its length: some servers refuse chunked uploads.
-            out_headers["Content-Length"] = str(content_length)
         try:
-            return await session.request(
+            if not raw:
+                assert self._json is not None, "Upstream.start() was not called"
+                where = self.target(target)
+                return await self._json.request(
+                    where.origin,
+                    method,
+                    where.path + path_qs,
+                    out_headers.items(),
+                    data,  # type: ignore[arg-type]
+                )
+            assert self._raw is not None, "Upstream.start() was not called"
+            if content_length is not None:
+                # A streamed body keeps its length: some servers refuse chunked uploads.
+                out_headers["Content-Length"] = str(content_length)
+            return await self._raw.request(
                 method,
                 self.url(path_qs, target),
                 headers=out_headers,
@@ -158,6 +197,8 @@ class Upstream:
             ) from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(f"upstream unreachable: {exc.os_error or exc}") from None
+        except OSError as exc:  # our client's connection failures
+            raise UpstreamError(f"upstream unreachable: {exc}") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream request failed: {type(exc).__name__}: {exc}") from None
 
