@@ -16,12 +16,11 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
 
-from proxy import chat, sse, stash
+from proxy import chat, http1, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, open_round, upstream_chunks
@@ -195,7 +194,7 @@ class ChatStream:
 
     # -- the loop -------------------------------------------------------------------------
 
-    async def run(self, resp: aiohttp.ClientResponse) -> None:
+    async def run(self, resp: http1.Response) -> None:
         while True:
             try:
                 await self.pump(resp)
@@ -217,7 +216,7 @@ class ChatStream:
                 return
             resp = next_resp
 
-    async def pump(self, resp: aiohttp.ClientResponse) -> None:
+    async def pump(self, resp: http1.Response) -> None:
         splitter = sse.EventSplitter()
         async with contextlib.aclosing(upstream_chunks(resp)) as chunks:
             async for data in chunks:
@@ -537,7 +536,7 @@ class ChatStream:
                     continue
         return "".join(parts) or None
 
-    async def reprompt(self, p: Plan) -> aiohttp.ClientResponse | None:
+    async def reprompt(self, p: Plan) -> http1.Response | None:
         calls: list[HeldCall] = self.reprompt_calls
         turn: dict[str, Any] = {"role": "assistant", "content": self.round_content()}
         legacy = [c for c in calls if c.legacy]

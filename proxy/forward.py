@@ -14,6 +14,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from proxy import http1
 from proxy.config import UpstreamConfig
 from proxy.errors import bad_gateway, error_body, error_response
 from proxy.metrics import add_upstream_time
@@ -33,7 +34,7 @@ class StreamFailed(Exception):
         self.code = code
 
 
-async def upstream_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def upstream_chunks(resp: http1.Response) -> AsyncIterator[bytes]:
     """The upstream's stream as it arrives, its failures turned into StreamFailed.
 
     Only reading is guarded here: a failed write to the client (aiohttp's reset error is also a
@@ -51,10 +52,10 @@ async def upstream_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 
 class StreamGate(Protocol):
-    async def run(self, resp: aiohttp.ClientResponse) -> None: ...
+    async def run(self, resp: http1.Response) -> None: ...
 
 
-def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+def is_event_stream(resp: http1.Response) -> bool:
     return "event-stream" in resp.headers.get("Content-Type", "")
 
 
@@ -88,7 +89,7 @@ async def serve_stream(
     started = time.perf_counter()
     try:
         resp = await state.upstream.open(
-            "POST", upstream_path(request), request.headers, payload, raw=False, target=target
+            "POST", upstream_path(request), request.headers, payload, target=target
         )
     except UpstreamError as exc:
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
@@ -133,7 +134,7 @@ async def serve_stream(
 
 async def open_round(
     state: AppState, request: web.Request, body: dict[str, Any], target: UpstreamConfig
-) -> tuple[aiohttp.ClientResponse | None, str, str]:
+) -> tuple[http1.Response | None, str, str]:
     """Open the next round of a stream: (response, "", "") or (None, message, code)."""
     started = time.perf_counter()
     try:
@@ -142,7 +143,6 @@ async def open_round(
             upstream_path(request),
             request.headers,
             orjson.dumps(body),
-            raw=False,
             target=target,
         )
     except UpstreamError as exc:

@@ -33,12 +33,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
 
-from proxy import responses, sse, stash
+from proxy import http1, responses, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.forward import StreamFailed, open_round, upstream_chunks
 from proxy.gates import decide, release
@@ -408,7 +407,7 @@ class ResponsesStream:
 
     # -- the loop -------------------------------------------------------------------------
 
-    async def run(self, resp: aiohttp.ClientResponse) -> None:
+    async def run(self, resp: http1.Response) -> None:
         try:
             await self.rounds(resp)
         except ConnectionError:
@@ -436,7 +435,7 @@ class ResponsesStream:
             except Exception:
                 log.exception("stream_gate_error_unrecorded")
 
-    async def rounds(self, resp: aiohttp.ClientResponse) -> None:
+    async def rounds(self, resp: http1.Response) -> None:
         while True:
             try:
                 await self.pump(resp)
@@ -452,7 +451,7 @@ class ResponsesStream:
                 return
             resp = next_resp
 
-    async def pump(self, resp: aiohttp.ClientResponse) -> None:
+    async def pump(self, resp: http1.Response) -> None:
         splitter = sse.EventSplitter()
         async with contextlib.aclosing(upstream_chunks(resp)) as chunks:
             async for data in chunks:
@@ -890,7 +889,7 @@ class ResponsesStream:
 
     async def reprompt(
         self, outputs: list[dict[str, Any]], is_reprompt: bool
-    ) -> aiohttp.ClientResponse | None:
+    ) -> http1.Response | None:
         """Ask the upstream again (blocked calls' errors, approval answers); same client stream."""
         self.body = responses.next_round_body(self.body, self.round_data, outputs)
         self.prefix = [*self.prefix, *self.round_items]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -74,6 +75,23 @@ def parse_target(base_url: str) -> Target:
         raise ValueError(f"upstream base_url {base_url!r} has no host")
     origin = http1.Origin(url.scheme, url.host, url.explicit_port)
     return Target(origin, url.raw_path.rstrip("/"), str(url))
+
+
+@contextlib.contextmanager
+def _failures() -> Iterator[None]:
+    """Failures to get an answer's head, as UpstreamError (502, or 504 for timeouts)."""
+    try:
+        yield
+    except TimeoutError:
+        raise UpstreamError(
+            "upstream timed out before answering", 504, "upstream_timeout"
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError(f"upstream unreachable: {exc.os_error or exc}") from None
+    except OSError as exc:  # callgate's client: refused, unresolvable, TLS failures
+        raise UpstreamError(f"upstream unreachable: {exc}") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"upstream request failed: {type(exc).__name__}: {exc}") from None
 
 
 class Upstream:
@@ -156,51 +174,45 @@ class Upstream:
         method: str,
         path_qs: str,
         headers: Mapping[str, str],
+        body: bytes | None,
+        *,
+        target: UpstreamConfig | None = None,
+    ) -> http1.Response:
+        """Send a gated route's request (its whole body in hand) through callgate's own client;
+        the caller reads or streams the (decoded) answer and releases it.
+
+        `target`: the upstream settings of the policy the request started under."""
+        assert self._json is not None, "Upstream.start() was not called"
+        where = self.target(target)
+        out_headers = self.request_headers(headers, False, target)
+        with _failures():
+            return await self._json.request(
+                where.origin, method, where.path + path_qs, out_headers.items(), body
+            )
+
+    async def open_raw(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
         data: object,
         *,
-        raw: bool,
         content_length: int | None = None,
-        target: UpstreamConfig | None = None,
-    ) -> aiohttp.ClientResponse | http1.Response:
-        """Send a request; the caller reads (or streams) the body and releases the response.
-
-        `raw`: a pass-through request (streamed body, nothing decoded), through aiohttp's
-        client; otherwise `data` is the whole body and callgate's own client sends it.
-        """
-        # `target`: the upstream settings of the policy the request started under.
-        out_headers = self.request_headers(headers, raw, target)
-        try:
-            if not raw:
-                assert self._json is not None, "Upstream.start() was not called"
-                where = self.target(target)
-                return await self._json.request(
-                    where.origin,
-                    method,
-                    where.path + path_qs,
-                    out_headers.items(),
-                    data,  # type: ignore[arg-type]
-                )
-            assert self._raw is not None, "Upstream.start() was not called"
-            if content_length is not None:
-                # A streamed body keeps its length: some servers refuse chunked uploads.
-                out_headers["Content-Length"] = str(content_length)
+    ) -> aiohttp.ClientResponse:
+        """Send a pass-through request (body streamed, nothing decoded) through aiohttp."""
+        assert self._raw is not None, "Upstream.start() was not called"
+        out_headers = self.request_headers(headers, True)
+        if content_length is not None:
+            # A streamed body keeps its length: some servers refuse chunked uploads.
+            out_headers["Content-Length"] = str(content_length)
+        with _failures():
             return await self._raw.request(
                 method,
-                self.url(path_qs, target),
+                self.url(path_qs),
                 headers=out_headers,
                 data=data,
                 allow_redirects=False,
             )
-        except TimeoutError:
-            raise UpstreamError(
-                "upstream timed out before answering", 504, "upstream_timeout"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(f"upstream unreachable: {exc.os_error or exc}") from None
-        except OSError as exc:  # our client's connection failures
-            raise UpstreamError(f"upstream unreachable: {exc}") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream request failed: {type(exc).__name__}: {exc}") from None
 
     async def fetch(
         self,
@@ -212,7 +224,7 @@ class Upstream:
         target: UpstreamConfig | None = None,
     ) -> UpstreamReply:
         """Send a request and read the whole (decoded) answer."""
-        resp = await self.open(method, path_qs, headers, body, raw=False, target=target)
+        resp = await self.open(method, path_qs, headers, body, target=target)
         try:
             payload = await resp.read()
         except TimeoutError:

@@ -6,6 +6,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from proxy import http1
 from proxy.errors import error_response
 from proxy.state import STATE
 from proxy.upstream import UpstreamError, response_headers
@@ -20,7 +21,10 @@ def upstream_path(request: web.Request) -> str:
 
 
 async def relay(
-    request: web.Request, resp: aiohttp.ClientResponse, *, decoded: bool = False
+    request: web.Request,
+    resp: aiohttp.ClientResponse | http1.Response,
+    *,
+    decoded: bool = False,
 ) -> web.StreamResponse:
     """Send an upstream response on as it arrives; the caller has not read its body."""
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
@@ -49,12 +53,11 @@ async def forward(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     data = request.content.iter_any() if request.body_exists else None
     try:
-        resp = await state.upstream.open(
+        resp = await state.upstream.open_raw(
             request.method,
             upstream_path(request),
             request.headers,
             data,
-            raw=True,
             content_length=request.content_length,
         )
     except UpstreamError as exc:
