@@ -12,7 +12,6 @@ breaks while a call is held fails closed: the call is never emitted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ from aiohttp import web
 from proxy import chat, http1, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.errors import error_body
-from proxy.forward import StreamFailed, open_round, upstream_chunks
+from proxy.forward import StreamFailed, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -218,31 +217,26 @@ class ChatStream:
 
     async def pump(self, resp: http1.Response) -> None:
         splitter = sse.EventSplitter()
-        async with contextlib.aclosing(upstream_chunks(resp)) as chunks:
-            async for data in chunks:
-                if (
-                    not self.round
-                    and not self.draining
-                    and not splitter.pending
-                    and not self.holding
-                ):
-                    # The fast path: whole events of text go on untouched, in one write.
-                    cut = sse.raw_prefix(data)
-                    if cut:
-                        head = data if cut == len(data) else data[:cut]
-                        self.text.append(head)
+        while (data := await next_chunk(resp)) is not None:
+            if not self.round and not self.draining and not splitter.pending and not self.holding:
+                # The fast path: whole events of text go on untouched.
+                cut = sse.raw_prefix(data)
+                if cut:
+                    head = data if cut == len(data) else data[:cut]
+                    self.text.append(head)
+                    if cut == len(data):
                         await self.out.write(head)
-                        if cut == len(data):
-                            continue
-                        data = data[cut:]
-                done = False
-                for event in splitter.feed(data):
-                    if await self.event(event) or self.ended:
-                        done = True
-                        break
-                await self.flush()
-                if done:
-                    return
+                        continue
+                    self.queued.append(head)  # one write with what the rest of the read adds
+                    data = data[cut:]
+            done = False
+            for event in splitter.feed(data):
+                if await self.event(event) or self.ended:
+                    done = True
+                    break
+            await self.flush()
+            if done:
+                return
         rest = splitter.rest()
         done = bool(rest.strip()) and (await self.event(rest + b"\n\n") or self.ended)
         await self.flush()

@@ -137,8 +137,9 @@ class Response:
 
     # -- read by the route ----------------------------------------------------------------
 
-    async def _next(self) -> bytes | None:
-        """The next piece of the body, None at its end."""
+    async def next_chunk(self) -> bytes | None:
+        """What has arrived of the body since the last call (waiting for something if nothing
+        has), None at its end."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -161,7 +162,7 @@ class Response:
 
     async def iter_any(self) -> AsyncIterator[bytes]:
         while True:
-            data = await self._next()
+            data = await self.next_chunk()
             if data is None:
                 return
             yield data
@@ -169,7 +170,7 @@ class Response:
     async def read(self) -> bytes:
         parts = []
         while True:
-            data = await self._next()
+            data = await self.next_chunk()
             if data is None:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             parts.append(data)

@@ -28,7 +28,6 @@ and a call the client did not receive is recorded as blocked, its slot given bac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +38,7 @@ from aiohttp import web
 
 from proxy import http1, responses, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
-from proxy.forward import StreamFailed, open_round, upstream_chunks
+from proxy.forward import StreamFailed, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -453,21 +452,20 @@ class ResponsesStream:
 
     async def pump(self, resp: http1.Response) -> None:
         splitter = sse.EventSplitter()
-        async with contextlib.aclosing(upstream_chunks(resp)) as chunks:
-            async for data in chunks:
-                if (
-                    not self.renumber
-                    and not self.finished
-                    and not self.holding
-                    and not splitter.pending
-                    and data.endswith(b"\n\n")
-                    and not may_matter(data)
-                ):
-                    await self.emit_raw(data)  # the fast path: text, untouched
-                    continue
-                for event in splitter.feed(data):
-                    if await self.event(event) or self.ended:
-                        return
+        while (data := await next_chunk(resp)) is not None:
+            if (
+                not self.renumber
+                and not self.finished
+                and not self.holding
+                and not splitter.pending
+                and data.endswith(b"\n\n")
+                and not may_matter(data)
+            ):
+                await self.emit_raw(data)  # the fast path: text, untouched
+                continue
+            for event in splitter.feed(data):
+                if await self.event(event) or self.ended:
+                    return
         rest = splitter.rest()
         if rest.strip() and (await self.event(rest + b"\n\n") or self.ended):
             return
