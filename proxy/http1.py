@@ -63,6 +63,10 @@ class Decoder:
         self.started = False
 
     def feed(self, data: bytes) -> bytes:
+        if not self.started and data and self.encoding == "deflate" and data[0] & 0x0F != 8:
+            # No zlib header (its first byte names method 8): raw deflate. Decided on the
+            # first byte, as zlib may accept a lone first byte before it checks the header.
+            self.inner = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
             out = self.inner.decompress(data)
         except zlib.error:
@@ -75,7 +79,10 @@ class Decoder:
         return out
 
     def flush(self) -> bytes:
-        return self.inner.flush()
+        tail = self.inner.flush()
+        if self.started and not self.inner.eof:
+            raise zlib.error("compressed body ends early")
+        return tail
 
 
 class Response:
@@ -100,6 +107,8 @@ class Response:
     # -- fed by the connection ------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return  # e.g. an encoding callgate cannot decode: none of it goes on
         if self._decoder is not None:
             try:
                 data = self._decoder.feed(data)
@@ -308,7 +317,8 @@ class Connection(asyncio.Protocol):
         return self.head
 
     def _check_timeout(self, read_timeout: float) -> None:
-        if self.active:
+        if self.active or self.paused:
+            # Paused, nothing can arrive: the consumer is slow, not the upstream.
             self.active = False
             self.timer = asyncio.get_running_loop().call_later(
                 read_timeout, self._check_timeout, read_timeout
@@ -398,11 +408,13 @@ class Pool:
         head = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
         for name, value in headers:
             # aiohttp's server never lets CR or LF into a header; the configured key might.
-            head.append(f"{name}: {value.translate(_FORBIDDEN)}\r\n")
+            head.append(f"{name.translate(_FORBIDDEN)}: {value.translate(_FORBIDDEN)}\r\n")
         if body is not None or method in ("POST", "PUT", "PATCH"):
             head.append(f"Content-Length: {len(body) if body else 0}\r\n")
         head.append("\r\n")
-        data = "".join(head).encode("latin-1")
+        # aiohttp's server decodes header bytes as UTF-8 with surrogateescape: this sends the
+        # client's bytes back out unchanged.
+        data = "".join(head).encode("utf-8", "surrogateescape")
         if body:
             data += body
         conn = await self._acquire(origin)
@@ -499,6 +511,10 @@ class Pool:
 
     async def close(self) -> None:
         self.closing = True
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(aiohttp.ClientConnectionError("callgate is shutting down"))
         for conn in list(self.open):
             conn.close()
         self.open.clear()
