@@ -141,7 +141,8 @@ class Auditor:
     def __init__(self, config: AuditConfig) -> None:
         self.config = config
         self._redact = frozenset(config.redact)
-        self._pending: list[bytes] = []
+        self._unsealed: list[dict[str, Any]] = []  # recorded, not yet serialized
+        self._pending: list[bytes] = []  # sealed lines not yet written
         self._prev = GENESIS
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -205,11 +206,20 @@ class Auditor:
         if self.config.log:
             log.info("tool_call_decision", **record)
         if self.config.file and not self._closed:
-            record["prev"] = self._prev
-            record["hash"], line = seal(self._prev, orjson.dumps(record))
-            self._prev = record["hash"]
-            self._pending.append(line)
+            # Serialized and sealed with the batch it is written in: off the request path, and
+            # cheaper run back to back.
+            self._unsealed.append(record)
             self._wake.set()
+
+    def _seal_unsealed(self) -> None:
+        records, self._unsealed = self._unsealed, []
+        prev = self._prev
+        pending = self._pending
+        for record in records:
+            record["prev"] = prev
+            prev, line = seal(prev, orjson.dumps(record))
+            pending.append(line)
+        self._prev = prev
 
     async def _flusher(self) -> None:
         while True:
@@ -231,6 +241,8 @@ class Auditor:
 
     async def _flush(self) -> bool:
         """Write what is pending. False (records kept for the next try) if the write failed."""
+        if self._unsealed:
+            self._seal_unsealed()
         if not self._pending or not self.config.file:
             return True
         batch, self._pending = self._pending, []
