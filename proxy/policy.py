@@ -6,6 +6,7 @@ Nothing here runs per request except lookups; a bad CEL expression or JSON Schem
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,31 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 
 
+# CEL string and bytes literals (raw, triple-quoted), which may contain anything.
+_LITERAL = re.compile(
+    r"""[rRbB]{0,2}(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\"|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*")"""
+)
+_ARGS_USE = re.compile(r"(?<![\w.])args\b(\s*\.\s*([A-Za-z_]\w*))?")
+
+
+def args_fields(source: str) -> frozenset[str] | None:
+    """The fields of `args` an expression reads, when it only ever reads `args.<field>`
+    (None when it uses `args` any other way: `args["k"]`, `size(args)`, a macro over it, ...).
+
+    Converting a value into CEL costs in proportion to its size, and tool arguments can be
+    large (a file's content, a patch): an expression that reads `args.path` gets only `path`.
+    """
+    text = _LITERAL.sub('""', source)
+    if "'" in text or '"' in text.replace('""', ""):
+        return None  # a literal the pattern did not understand: assume nothing
+    fields = set()
+    for match in _ARGS_USE.finditer(text):
+        if match.group(2) is None:
+            return None
+        fields.add(match.group(2))
+    return frozenset(fields)
+
+
 @dataclass(frozen=True, slots=True)
 class Expr:
     """A compiled CEL expression, with what it needs from its environment worked out once.
@@ -55,12 +81,15 @@ class Expr:
     program: cel.Program
     variables: tuple[str, ...]
     functions: dict[str, Callable[..., Any]]
+    fields: frozenset[str] | None = None  # of `args`, when only those are read
 
     @classmethod
     def compile(cls, source: str) -> Expr:
         program = cel.compile(source)
         used = {n: FUNCTIONS[n] for n in program.functions() if n in FUNCTIONS}
-        return cls(program, tuple(program.variables()), used)
+        variables = tuple(program.variables())
+        fields = args_fields(source) if "args" in variables else None
+        return cls(program, variables, used, fields)
 
     def run(self, env: dict[str, Any]) -> Any:
         """Evaluate; an env value may be a zero-argument callable, called only if needed."""
@@ -69,6 +98,11 @@ class Expr:
             if name in env:
                 value = env[name]
                 variables[name] = value() if callable(value) else value
+        fields = self.fields
+        if fields is not None:
+            args = variables.get("args")
+            if isinstance(args, dict) and len(args) > len(fields):
+                variables["args"] = {k: args[k] for k in fields if k in args}
         if self.functions:
             return self.program.execute(cel.Context(variables=variables, functions=self.functions))
         return self.program.execute(variables)
