@@ -381,3 +381,16 @@ async def test_text_and_calls_in_one_network_read(make_proxy, upstream):
     assert text.startswith("one two ")
     assert [(c["id"], c["name"]) for c in calls.values()] == [("c_ok", "ok")]
     assert finish == "tool_calls"
+
+
+def test_first_finish_finds_only_non_null_finishes():
+    from proxy.sse import first_finish
+
+    null, spaced_null = b'{"finish_reason":null}', b'{"finish_reason": null}'
+    stop, spaced_stop = b'{"finish_reason":"stop"}', b'{"finish_reason" : "length"}'
+    assert first_finish(null * 3) == -1
+    assert first_finish(spaced_null + null) == -1
+    assert first_finish(null + stop) == len(null) + 1
+    assert first_finish(spaced_null + spaced_stop + null) == len(spaced_null) + 1
+    assert first_finish(null + stop, end=len(null)) == -1  # only before `end`
+    assert first_finish(b"") == -1
