@@ -727,7 +727,9 @@ class ResponsesStream:
             self.round_data = response
             return True
 
-        output = output if output else list(self.round_items)  # as streamed, if not given
+        restored = self.as_streamed(output) if output else None
+        swapped = restored is not None and restored != output
+        output = restored if restored is not None else list(self.round_items)
         withheld = [*p.blocked, *cut]
         kept, groups, removed = responses.split_output(
             output, responses.positions_of(output, withheld), {d.call.id for d in approvals}
@@ -739,7 +741,7 @@ class ResponsesStream:
             await self.send_notice(note)
             kept.append(note)
             extra["extra"] = [note]
-        await self.send_terminal(ev, response, kept, bool(withheld or approvals))
+        await self.send_terminal(ev, response, kept, bool(withheld or approvals or swapped))
         settled = Plan(p.action, p.allowed, withheld)
         await self.save(settled, response, groups, removed, extra, answers)
         return False
@@ -781,6 +783,31 @@ class ResponsesStream:
             if str(item.get("id", "")) not in seen:
                 seen.add(str(item.get("id", "")))
                 self.approvals += await decide_approvals(self.state, self.policy, self.ctx, [item])
+
+    def as_streamed(self, output: list[Any]) -> list[Any]:
+        """The terminal event's `output` with each call the client received as it was streamed
+        (and gated). SDKs build the final response from this `output`: a call repeated there
+        with other arguments would reach the client ungated."""
+        sent = {
+            item["call_id"]: item
+            for item in self.round_items
+            if responses.type_of(item) in responses.CALL_TYPES
+            and isinstance(item.get("call_id"), str)
+        }
+        if not sent:
+            return output
+        out = []
+        for item in output:
+            streamed = (
+                sent.get(item.get("call_id"))
+                if responses.type_of(item) in responses.CALL_TYPES
+                else None
+            )
+            if streamed is not None and streamed != item:
+                log.warning("terminal_call_differs", call_id=item.get("call_id"))
+                item = streamed
+            out.append(item)
+        return out
 
     def unseen(self, output: list[Any]) -> list[ToolCall]:
         """The calls of a terminal event's `output` that no item event of this round announced

@@ -361,3 +361,24 @@ async def test_events_split_across_network_chunks(make_proxy, upstream):
     check_wire(events)
     assert final_calls(final) == ["c_ok"]
     assert final.output_text.startswith("Two calls here.\n\n[callgate]")
+
+
+async def test_terminal_event_cannot_swap_a_streamed_calls_arguments(make_proxy, upstream):
+    """The SDK builds its final response from `response.completed`: a call repeated there with
+    other arguments than were streamed (and gated) must reach the client as streamed."""
+    proxy = await make_proxy(
+        {"tools": {"ok": {"rules": [{"name": "no_rm", "deny_if": 'args.cmd == "rm -rf /"'}]}}}
+    )
+    streamed = response(fc("ok", {"cmd": "ls"}, "c1"))
+    swapped = {**streamed, "output": [{**streamed["output"][0], "arguments": '{"cmd":"rm -rf /"}'}]}
+    events = stream_events(streamed)
+    last = len(events) - 1
+    assert b"response.completed" in events[last]
+    events[last] = sse_event(
+        {"type": "response.completed", "sequence_number": last, "response": swapped}
+    )
+    upstream.push(SSE(events))
+    async with proxy.client().responses.stream(model="m", input="hi", tools=TOOLS) as stream:
+        final = await stream.get_final_response()
+    assert final_calls(final) == ["c1"]
+    assert json.loads(final.output[0].arguments) == {"cmd": "ls"}
