@@ -17,7 +17,11 @@ class StoreError(Exception):
     """The store could not answer (down, slow, or broken); gates apply on_store_error."""
 
 
-@dataclass(frozen=True, slots=True)
+# The requests and outcomes below are built for every tool call: plain slotted dataclasses, as
+# a frozen one's __init__ costs three times as much. Nothing mutates them after construction.
+
+
+@dataclass(slots=True)
 class SlotRequest:
     """One call against a sliding-window rate limit and/or a cooldown."""
 
@@ -28,7 +32,7 @@ class SlotRequest:
     enforce: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChargeRequest:
     """One charge of `cost` micro-units against a ledger of `max_spend` per sliding window."""
 
@@ -39,7 +43,7 @@ class ChargeRequest:
     enforce: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """What the store saw for one item. `limit` names which check failed, if any."""
 
