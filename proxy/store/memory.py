@@ -76,21 +76,23 @@ class MemoryStore:
         if self._until_sweep <= 0:
             self._until_sweep = SWEEP_EVERY
             self._sweep(now)
-        outcomes: list[Outcome] = []
-        for item in items:
-            if isinstance(item, SlotRequest):
-                outcomes.append(self._check_slot(item, now))
-            else:
-                outcomes.append(self._check_charge(item, now))
-        if any(not o.ok for o, i in zip(outcomes, items, strict=True) if i.enforce):
-            return Reservation(outcomes)
+        outcomes = [
+            self._check_slot(item, now)
+            if type(item) is SlotRequest
+            else self._check_charge(item, now)  # type: ignore[arg-type]
+            for item in items
+        ]
+        for outcome, item in zip(outcomes, items, strict=True):
+            if not outcome.ok and item.enforce:
+                return Reservation(outcomes)
         token: list[tuple[str, str]] = []
+        logs = self._logs
         for item, outcome in zip(items, outcomes, strict=True):
             if not outcome.ok:
                 continue  # a shadow item that would have blocked records nothing
-            member = f"{next(self._ids)}"
-            amount = item.cost_micros if isinstance(item, ChargeRequest) else 0
-            self._logs[item.key].add((now, member, amount))
+            member = str(next(self._ids))
+            amount = item.cost_micros if type(item) is ChargeRequest else 0
+            logs[item.key].add((now, member, amount))
             token.append((item.key, member))
         return Reservation(outcomes, token)
 
