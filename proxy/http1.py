@@ -451,7 +451,12 @@ class Pool:
         now = asyncio.get_running_loop().time()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_SECONDS:
+            if (
+                not conn.closed
+                and now - conn.idle_since < KEEPALIVE_SECONDS
+                and conn.transport is not None
+                and not conn.transport.is_closing()  # the server's close is on its way in
+            ):
                 return conn
             conn.close()
             self.open.discard(conn)
