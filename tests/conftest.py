@@ -245,3 +245,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+def records(proxy: Any) -> list[dict[str, Any]]:
+    """Every audit record the proxy makes from now on, as it makes it."""
+    out: list[dict[str, Any]] = []
+    proxy.state.auditor.listeners.append(out.append)
+    return out

@@ -13,17 +13,11 @@ from proxy.app import create_app
 from proxy.policy import load_policy
 from proxy.reload import watch
 from proxy.state import STATE
-from tests.conftest import SSE, completion
+from tests.conftest import SSE, completion, records
 from tests.streams import chunk
 from tests.test_operations import write_policy
 
 MSGS = [{"role": "user", "content": "hi"}]
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 def call(i: int, cid: str, name: str, args: str) -> dict[str, Any]:

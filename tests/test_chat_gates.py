@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import completion
+from tests.conftest import completion, records
 
 WEATHER = {"tools": {"get_weather": {"rate_limit": {"max_calls": 2, "window": 60}}}}
 MSGS = [{"role": "user", "content": "hi"}]
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 async def test_allowed_call_passes_byte_for_byte(make_proxy, upstream):

@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import SSE, completion
+from tests.conftest import SSE, completion, records
 from tests.streams import BASE, chat_stream, chunk
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -18,12 +18,6 @@ TOOLS = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
     for n in ("ok", "bad", "get_weather")
 ]
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 async def collect(stream: Any) -> tuple[str, dict[int, dict[str, str]], str | None, Any]:

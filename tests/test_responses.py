@@ -8,6 +8,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.conftest import records
 from tests.redis_server import redis_server_fixture  # noqa: F401
 from tests.responses_streams import USAGE, FakeResponses, ctc, fc, msg, response, rs
 
@@ -16,12 +17,6 @@ TOOLS = [
     for n in ("ok", "bad", "get_weather")
 ]
 BAD = {"tools": {"bad": {"allow": False}}}
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 def types(resp: Any) -> list[str]:

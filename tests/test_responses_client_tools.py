@@ -10,6 +10,7 @@ import aiohttp
 import openai
 import pytest
 
+from tests.conftest import records
 from tests.responses_streams import (
     FakeResponses,
     fc,
@@ -45,12 +46,6 @@ POLICY = {
 
 def with_mode(mode: str) -> dict[str, Any]:
     return {**POLICY, "on_block": mode}
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 def types(resp: Any) -> list[str]:

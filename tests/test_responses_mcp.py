@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
+from tests.conftest import records
 from tests.responses_streams import (
     FakeResponses,
     mcp_approval,
@@ -31,12 +31,6 @@ WIKI = {
     "require_approval": "never",
 }
 OPEN = {"type": "mcp", "server_label": "open", "server_url": "https://open.example/mcp"}
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 @pytest.mark.parametrize("stream", [False, True])

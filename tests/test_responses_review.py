@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy import responses, stash
 from proxy.app import create_app
 from proxy.state import STATE
-from tests.conftest import SSE, policy_from
+from tests.conftest import SSE, policy_from, records
 from tests.responses_streams import FakeResponses, fc, msg, response, sse_event, stream_events
 
 TOOLS = [
@@ -35,12 +35,6 @@ UPSTREAM_ERROR = {
     "sequence_number": 0,
     "error": {"type": "server_error", "code": "server_error", "message": "boom", "param": None},
 }
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 def parsed(events: list[bytes]) -> list[dict[str, Any]]:

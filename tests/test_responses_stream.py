@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import SSE
+from tests.conftest import SSE, records
 from tests.responses_streams import (
     USAGE,
     FakeResponses,
@@ -27,12 +27,6 @@ TOOLS = [
     for n in ("ok", "bad", "get_weather")
 ]
 BAD = {"tools": {"bad": {"allow": False}}}
-
-
-def records(proxy: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    proxy.state.auditor.listeners.append(out.append)
-    return out
 
 
 async def events_of(stream: Any) -> list[Any]:
