@@ -30,25 +30,25 @@ def add_upstream_time(seconds: float) -> None:
         acc[0] += seconds
 
 
-class RequestCounts:
-    """`callgate_requests_total` by route and status, counted in a plain dict.
+class Counts:
+    """A counter by labels, counted in a plain dict (requests, tool-call decisions).
 
-    Observed once per request on the event loop's thread: prometheus_client's Counter takes a
-    lock per increment, which the request path does not need; the counts become samples only
-    when /metrics is scraped.
+    Counted on the event loop's thread for every request and call: prometheus_client's Counter
+    takes a lock per increment, which the request path does not need; the counts become samples
+    only when /metrics is scraped.
     """
 
-    def __init__(self, name: str, documentation: str) -> None:
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
         self.name = name
         self.documentation = documentation
-        self.counts: dict[tuple[str, str], int] = {}
+        self.labels = labels
+        self.counts: dict[tuple[str, ...], int] = {}
 
-    def inc(self, route: str, status: int) -> None:
-        key = (route, str(status))
-        self.counts[key] = self.counts.get(key, 0) + 1
+    def inc(self, *values: str) -> None:
+        self.counts[values] = self.counts.get(values, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=["route", "status"])
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
         for labels, count in self.counts.items():
             family.add_metric(labels, count)
         yield family
@@ -86,15 +86,12 @@ class RouteHistogram:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        # labels() takes a lock and builds a key on every call: children are looked up once.
-        self._decision_children: dict[tuple[str, str, str], Any] = {}
         r = self.registry
-        self.requests = RequestCounts("callgate_requests", "HTTP requests served")
-        self.decisions = Counter(
+        self.requests = Counts("callgate_requests", "HTTP requests served", ("route", "status"))
+        self.decisions = Counts(
             "callgate_tool_call_decisions",
             "Tool-call decisions by tool, deciding gate and outcome",
-            ["tool", "gate", "outcome"],
-            registry=r,
+            ("tool", "gate", "outcome"),
         )
         self.shadow_blocks = Counter(
             "callgate_shadow_blocks",
@@ -127,14 +124,14 @@ class Metrics:
             "Time callgate added to a non-streaming request (total minus upstream)",
             _OVERHEAD_BUCKETS,
         )
-        for collector in (self.requests, self.upstream_latency, self.overhead):
+        for collector in (self.requests, self.decisions, self.upstream_latency, self.overhead):
             r.register(collector)  # type: ignore[arg-type]
 
     def observe_request(
         self, route: str, status: int, total: float, upstream: float, *, streamed: bool
     ) -> None:
         """Record one request; callgate's own share is total minus the upstream wait."""
-        self.requests.inc(route, status)
+        self.requests.inc(route, str(status))
         if upstream:
             self.upstream_latency.observe(route, upstream)
             # A stream's duration is the model's, not ours: overhead only for whole bodies.
@@ -143,11 +140,7 @@ class Metrics:
 
     def on_audit(self, record: dict[str, Any]) -> None:
         tool = record["tool"]
-        key = (tool, record["gate"] or "none", record["decision"])
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children[key] = self.decisions.labels(*key)
-        child.inc()
+        self.decisions.inc(tool, record["gate"] or "none", record["decision"])
         for shadow in record["shadow"]:
             self.shadow_blocks.labels(tool, shadow["gate"]).inc()
         if record["reason"] == "store_error":

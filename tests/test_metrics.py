@@ -7,7 +7,7 @@ import random
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
-from proxy.metrics import RequestCounts, RouteHistogram
+from proxy.metrics import Counts, RouteHistogram
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.01, 1, 10)
 
@@ -47,11 +47,11 @@ def test_route_histogram_matches_prometheus_client() -> None:
 
 def test_request_counts_match_prometheus_client() -> None:
     ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
-    ours = RequestCounts("req", "doc")
+    ours = Counts("req", "doc", ("route", "status"))
     ours_registry.register(ours)  # type: ignore[arg-type]
     theirs = Counter("req", "doc", ["route", "status"], registry=theirs_registry)
     for route, status in [("chat", 200), ("chat", 200), ("chat", 403), ("responses", 200)]:
-        ours.inc(route, status)
+        ours.inc(route, str(status))
         theirs.labels(route, str(status)).inc()
     assert _samples(ours_registry, "req") == _samples(theirs_registry, "req")
     assert 'req_total{route="chat",status="200"} 2.0' in _samples(ours_registry, "req")
