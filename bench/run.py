@@ -1,6 +1,6 @@
 """callgate's load benchmark: one command, everything on loopback, bounded in time.
 
-    python -m bench.run                     # 5 s per measurement after 1 s of warm-up
+    python -m bench.run                     # 5 s per measurement after 1 s of warm-up, 3 rounds
     python -m bench.run --quick             # ~1 s each (CI smoke)
     python -m bench.run --uvloop            # every process on uvloop instead of asyncio
     python bench/run.py --duration 10 --concurrency 64 --json results.json
@@ -11,10 +11,13 @@ aiohttp proxy), and callgate (`python -m proxy serve`) with a realistic policy: 
 arguments schema, a rate limit and a budget that never block (huge max_calls and max_spend), and
 a hash-chained audit file. callgate's request log goes to a file, as a container's stdout would.
 A separate load-generator process then measures, at fixed concurrency and for a fixed time:
-direct to the upstream, through the bare proxy, through callgate, non-streaming and streaming;
-then the same at concurrency 1 for the latency callgate adds. It prints a table and the ratios
-against the targets (throughput >= 85% of the bare proxy non-streaming, >= 80% streaming; added
-p50 latency at low load < 1 ms). Exit status 1 if any measurement had errors or no requests.
+direct to the upstream, then the bare proxy and callgate in alternating rounds (`--rounds`,
+default 3: back-to-back pairs are the least disturbed by other work on the machine),
+non-streaming and streaming; then the same at concurrency 1 for the latency callgate adds. It
+prints a table (each scenario's median round, with the proxy's CPU time per request and its
+resident memory) and the ratios against the targets (throughput >= 85% of the bare proxy
+non-streaming, >= 80% streaming, as the median of the per-round ratios; added p50 latency at
+low load < 1 ms). Exit status 1 if any measurement had errors or no requests.
 """
 
 from __future__ import annotations
