@@ -563,3 +563,33 @@ async def test_redis_slow_server_times_out(redis_server: RedisServer):
         assert (await one(store, slot())).outcomes[0].ok
     finally:
         await store.close()
+
+
+async def test_redis_retry_of_a_reservation_whose_reply_was_lost_records_once(
+    shared_redis, monkeypatch
+):
+    """redis-py retries a command once on a fresh connection; if the first run's reply was lost,
+    the retry carries the same reservation id and must not record the call a second time."""
+    e = new_store("redis", None, shared_redis)
+    try:
+        monkeypatch.setattr("proxy.store.redis.secrets.token_hex", lambda _n: "samerid")
+        items = [slot(max_calls=5), charge(max_spend="1.00", cost="0.30")]
+        first = await e.store.reserve(items)
+        again = await e.store.reserve(items)  # what the retry sends: the very same arguments
+        assert all(o.ok for o in first.outcomes) and all(o.ok for o in again.outcomes)
+        assert again.token == first.token
+        raw = await e.raw()
+        try:
+            assert await raw.zcard(e.prefix + "rl:k") == 1
+            assert int(await raw.get(e.prefix + "sum:" + items[1].key)) == 300_000
+        finally:
+            await raw.aclose()
+        monkeypatch.setattr("proxy.store.redis.secrets.token_hex", lambda _n: "otherrid")
+        assert all(o.ok for o in (await e.store.reserve(items)).outcomes)  # a new call counts
+        raw = await e.raw()
+        try:
+            assert await raw.zcard(e.prefix + "rl:k") == 2
+        finally:
+            await raw.aclose()
+    finally:
+        await e.store.close()

@@ -22,8 +22,8 @@ rounds to 14 digits).
 
 Every call is bounded by `timeout` (connect, read, and the whole call including one retry on a
 fresh connection, which is what lets the pool survive a Redis restart). A connection that dies
-after Redis ran a reservation but before the reply arrived makes that retry record the call
-twice: the error is on the strict side (a slot or charge too many), never a lost limit.
+after Redis ran a reservation but before the reply arrived is retried with the same reservation
+id; the script finds that reservation's members already recorded and records nothing again.
 
 Redis Cluster is not supported: the keys of one reservation (a rate-limit log and a ledger)
 usually hash to different slots. Use a single primary (with replicas / Sentinel for failover).
@@ -73,6 +73,30 @@ local rid = ARGV[2]
 local n = tonumber(ARGV[3])
 local outcomes, members, passed = {}, {}, {}
 local blocked = false
+
+-- A retry of a reservation that already ran (its reply was lost): the script is atomic, so
+-- either every passing item of it was recorded or none. Found recorded: answer "granted" for
+-- what it recorded and record nothing again.
+local replay = false
+for i = 1, n do
+  local b = 3 + (i - 1) * 6
+  local amount = 0
+  if ARGV[b + 1] == 'c' then amount = tonumber(ARGV[b + 6]) end
+  local member = rid .. '.' .. i .. ':' .. fmt(amount)
+  if redis.call('ZSCORE', KEYS[2 * i - 1], member) then
+    replay = true
+    members[i] = member
+  end
+end
+if replay then
+  for i = 1, n do
+    -- An item not recorded the first time was a shadow item that would have blocked; its
+    -- report is lost with the first reply (shadow items never block).
+    members[i] = members[i] or ''
+    for _, v in ipairs({1, 0, 0, 0, 0, -1}) do table.insert(outcomes, v) end
+  end
+  return {outcomes, members}
+end
 
 for i = 1, n do
   local b = 3 + (i - 1) * 6
