@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy import chat, http1, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.errors import error_body
-from proxy.forward import StreamFailed, next_chunk, open_round
+from proxy.forward import StreamFailed, event_object, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -282,16 +282,7 @@ class ChatStream:
             self.text.append(event)
             await self.write(event)
             return False
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise StreamFailed(
-                f"upstream sent a malformed stream event: {exc}", "upstream_malformed"
-            ) from None
-        if not isinstance(obj, dict):
-            raise StreamFailed(
-                "upstream sent a stream event that is not a JSON object", "upstream_malformed"
-            )
+        obj = event_object(payload)
         if "error" in obj and "choices" not in obj:
             self.settle_unfinished("the upstream sent an error event", "upstream_error")
             log.warning("upstream_error_event", error=str(obj.get("error"))[:300])

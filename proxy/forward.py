@@ -34,6 +34,21 @@ class StreamFailed(Exception):
         self.code = code
 
 
+def event_object(payload: bytes) -> dict[str, Any]:
+    """A stream event's decoded JSON object; anything else fails the stream closed."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise StreamFailed(
+            f"upstream sent a malformed stream event: {exc}", "upstream_malformed"
+        ) from None
+    if not isinstance(obj, dict):
+        raise StreamFailed(
+            "upstream sent a stream event that is not a JSON object", "upstream_malformed"
+        )
+    return obj
+
+
 async def next_chunk(resp: http1.Response) -> bytes | None:
     """The upstream stream's next bytes as they arrive (None at its end), read failures turned
     into StreamFailed.

@@ -38,7 +38,7 @@ from aiohttp import web
 
 from proxy import http1, responses, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
-from proxy.forward import StreamFailed, next_chunk, open_round
+from proxy.forward import StreamFailed, event_object, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
@@ -502,16 +502,7 @@ class ResponsesStream:
             await self.emit(Ev(event, up=int(match.group(1)) if match else None))
             return False
         # Decoded: it may concern a call, or a call is held (a malformed event fails it closed).
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise StreamFailed(
-                f"upstream sent a malformed stream event: {exc}", "upstream_malformed"
-            ) from None
-        if not isinstance(obj, dict):
-            raise StreamFailed(
-                "upstream sent a stream event that is not a JSON object", "upstream_malformed"
-            )
+        obj = event_object(payload)
         if event.startswith(b"event:"):
             self.event_lines = True
         kind = obj.get("type")
