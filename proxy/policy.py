@@ -17,6 +17,7 @@ import cel
 import jsonschema
 from cel.stdlib import STDLIB_FUNCTIONS
 
+from proxy.cel_native import Fallback, compile_native
 from proxy.config import (
     MICROS,
     BudgetUse,
@@ -74,14 +75,17 @@ def args_fields(source: str) -> frozenset[str] | None:
 class Expr:
     """A compiled CEL expression, with what it needs from its environment worked out once.
 
-    Converting values into CEL dominates an evaluation, so only the variables the expression
-    names are passed, and only the extension functions it calls are registered.
+    Most expressions also get a compiled Python form (proxy.cel_native) that answers the common
+    case in a fraction of the interpreter's time and defers to it for everything else. For the
+    interpreter, converting values into CEL dominates an evaluation, so only the variables the
+    expression names are passed, and only the extension functions it calls are registered.
     """
 
     program: cel.Program
     variables: tuple[str, ...]
     functions: dict[str, Callable[..., Any]]
     fields: frozenset[str] | None = None  # of `args`, when only those are read
+    native: Callable[[dict[str, Any]], Any] | None = None
 
     @classmethod
     def compile(cls, source: str) -> Expr:
@@ -89,10 +93,19 @@ class Expr:
         used = {n: FUNCTIONS[n] for n in program.functions() if n in FUNCTIONS}
         variables = tuple(program.variables())
         fields = args_fields(source) if "args" in variables else None
-        return cls(program, variables, used, fields)
+        return cls(program, variables, used, fields, compile_native(source))
 
     def run(self, env: dict[str, Any]) -> Any:
         """Evaluate; an env value may be a zero-argument callable, called only if needed."""
+        if self.native is not None:
+            try:
+                return self.native(env)
+            except Fallback:
+                pass
+        return self.interpret(env)
+
+    def interpret(self, env: dict[str, Any]) -> Any:
+        """Evaluate with the CEL interpreter alone."""
         variables = {}
         for name in self.variables:
             if name in env:

@@ -1,0 +1,319 @@
+"""The compiled fast path for CEL answers exactly as the interpreter does, or not at all."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import cel
+import pytest
+
+from proxy.cel_native import Fallback, compile_native
+from proxy.policy import FUNCTIONS, Expr
+
+
+def interpret(source: str, env: dict[str, Any]) -> Any:
+    program = cel.compile(source)
+    return program.execute(cel.Context(variables=env, functions=FUNCTIONS))
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal and of the same type, all the way down (1 == 1.0 == True in Python)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+ENV = {
+    "args": {
+        "query": "Tell me the SSN of Bob",
+        "path": "/etc/passwd",
+        "n": 7,
+        "f": 2.5,
+        "ok": True,
+        "tags": ["x", "y"],
+        "nums": [1, 2, 3],
+        "nested": {"deep": {"value": "v"}},
+        "none": None,
+        "big": 2**64,
+        "uni": "héllo",
+    },
+    "tool": "search_web",
+    "principal": "alice",
+}
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ('args.query.lowerAscii().contains("ssn")', True),
+        ("has(args.path) && args.path.startsWith('/etc')", True),
+        ("has(args.missing) || args.n > 3", True),
+        ("args.n / 2 == 3 && args.n % 4 == 3 && -args.n / 2 == -3 && -args.n % 4 == -3", True),
+        ("args.f * 2.0 == 5.0 && args.n + 1 == 8 && args.n == 7.0", True),
+        ("args.tags.exists(t, t == 'y') && args.nums.all(n, n > 0)", True),
+        ("args.nums.exists_one(n, n > 2) && args.nums.map(n, n * 2)[2] == 6", True),
+        ("args.nums.filter(n, n % 2 == 1) == [1, 3]", None),  # list equality: interpreter
+        ("'x' in args.tags && !('z' in args.tags) && 'deep' in args.nested", True),
+        ("args.nested.deep.value == 'v' && args['nested']['deep'].value == 'v'", True),
+        ("args.none == null && args.ok == true && args.ok != 1", True),
+        ("size(args.uni) == 6 && args.uni.size() == 6 && size(args.tags) == 2", True),
+        ("tool == 'search_web' ? principal : 'nobody'", "alice"),
+        ("args.n - 10", -3),
+        ("args.f / 2.0", 1.25),
+        ('"a\\"b" + \'c\\n\'', 'a"bc\n'),
+        ("-9223372036854775807 - 1 < 0", True),
+        ("args.n < 7.5 && 2 < args.f", True),
+        ("{'a': args.n}.a == 7 && [1, 2,][1] == 2", True),
+    ],
+)
+def test_fast_path_answers(source: str, expected: Any) -> None:
+    native = compile_native(source)
+    assert native is not None, source
+    reference = interpret(source, ENV)
+    if expected is None:
+        with pytest.raises(Fallback):
+            native(ENV)
+        return
+    assert same(native(ENV), expected)
+    assert same(reference, expected)
+    assert same(Expr.compile(source).run(ENV), expected)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "args.missing == 1",  # no such key: the interpreter words the error
+        "args.big > 1",  # beyond int64: the interpreter makes it a double
+        "args.n + args.f",  # no int + double overload
+        "args.n / 0",
+        "9223372036854775807 + args.n",  # overflow
+        "args.tags[5] == 'x'",
+        "args.query && true",  # not a bool
+        "args.tags == ['x', 'y']",  # container equality
+        "args.nested",  # a map result: the interpreter converts it
+        "nope == 1",  # undeclared variable
+    ],
+)
+def test_fast_path_defers_what_it_cannot_vouch_for(source: str) -> None:
+    native = compile_native(source)
+    assert native is not None
+    with pytest.raises(Fallback):
+        native(ENV)
+    expr = Expr.compile(source)
+    try:
+        expected = ("value", interpret(source, ENV))
+    except Exception as exc:
+        expected = ("error", str(exc))
+    try:
+        got = ("value", expr.run(ENV))
+    except Exception as exc:
+        got = ("error", str(exc))
+    assert got[0] == expected[0]
+    assert got[0] == "error" or same(got[1], expected[1])
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "args.path.matches('^/etc')",
+        "1u == args.n",
+        "b'abc' == args.x",
+        "r'raw' == args.x",
+        "'''triple''' == args.x",
+        "'\\x41' == args.x",
+        "0x10 == args.n",
+        "int(args.f) == 2",
+        "timestamp('2024-01-01T00:00:00Z') > now",
+        "args.nums.map(n, n > 1, n * 2)",
+        "args.items.exists(x, x.exists(x, x))",
+        "{1: 2}[1] == 2",
+        "{'a': 1, 'a': 2}",
+        "google.protobuf.Value{}",
+    ],
+)
+def test_outside_the_subset_is_not_compiled(source: str) -> None:
+    assert compile_native(source) is None
+
+
+def test_lazy_variables_are_called_only_when_read() -> None:
+    calls = []
+
+    def request() -> dict[str, Any]:
+        calls.append(1)
+        return {"model": "gpt-x"}
+
+    env = {**ENV, "request": request}
+    native = compile_native("args.n > 1")
+    assert native is not None and native(env) is True
+    assert calls == []
+    native = compile_native("request.model == 'gpt-x'")
+    assert native is not None and native(env) is True
+    assert calls == [1]
+
+
+# --- differential: random expressions over random environments --------------------------------
+
+STRINGS = ["", "a", "ssn", "SSN", "/etc", "héllo", "it's", 'q"uote', "x y", "Ünï"]
+NAMES = ["query", "path", "n", "f", "ok", "tags", "nums", "mixed", "nested", "none", "big"]
+
+
+def random_env(rng: random.Random) -> dict[str, Any]:
+    ints = [0, 1, -1, 7, 2**31, 2**53 + 1, 2**63 - 1, -(2**63), 2**63, 2**64]
+    args: dict[str, Any] = {}
+    makers = {
+        "query": lambda: rng.choice(STRINGS),
+        "path": lambda: rng.choice(STRINGS),
+        "n": lambda: rng.choice(ints),
+        "f": lambda: rng.choice([0.0, -0.0, 1.5, 2.0, 1e300, -3.25, 2.0**53]),
+        "ok": lambda: rng.choice([True, False]),
+        "tags": lambda: rng.sample(STRINGS, rng.randint(0, 3)),
+        "nums": lambda: [rng.choice(ints[:5]) for _ in range(rng.randint(0, 4))],
+        "mixed": lambda: [rng.choice([1, 1.0, True, "1", None, [1], {"a": 1}])],
+        "nested": lambda: {"deep": {"value": rng.choice(["v", 1, None])}, "k": "a"},
+        "none": lambda: None,
+        "big": lambda: rng.choice(ints),
+    }
+    for name, make in makers.items():
+        if rng.random() < 0.85:
+            args[name] = make()
+    return {"args": args, "tool": rng.choice(["search_web", "Shell"]), "principal": "p"}
+
+
+class Gen:
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def pick(self, *options: Any) -> Any:
+        return self.rng.choice(options)
+
+    def any(self, d: int) -> str:
+        return getattr(self, self.pick("bool", "int", "float", "str", "list", "map"))(d)
+
+    def field(self) -> str:
+        return f"args.{self.pick(*NAMES)}"
+
+    def str(self, d: int) -> str:
+        r = self.rng
+        if d <= 0 or r.random() < 0.35:
+            return self.pick(repr(r.choice(STRINGS)), "args.query", "args.path", "tool")
+        return self.pick(
+            f"({self.str(d - 1)} + {self.str(d - 1)})",
+            f"{self.str(d - 1)}.lowerAscii()",
+            f"{self.str(d - 1)}.upperAscii()",
+            f"({self.bool(d - 1)} ? {self.str(d - 1)} : {self.str(d - 1)})",
+            "args.nested.deep.value",
+            "args.tags[0]",
+            self.field(),
+        )
+
+    def int(self, d: int) -> str:
+        r = self.rng
+        if d <= 0 or r.random() < 0.3:
+            return self.pick(
+                str(r.choice([0, 1, 2, 3, 7, 9223372036854775807])),
+                str(-r.randint(0, 9)),
+                "args.n",
+                "args.big",
+            )
+        op = self.pick("+", "-", "*", "/", "%")
+        return self.pick(
+            f"({self.int(d - 1)} {op} {self.int(d - 1)})",
+            f"-{self.int(d - 1)}",
+            f"size({self.pick(self.str(d - 1), self.list(d - 1), self.map(d - 1))})",
+            f"{self.str(d - 1)}.size()",
+            f"args.nums[{self.int(d - 1)}]",
+            self.field(),
+        )
+
+    def float(self, d: int) -> str:
+        if d <= 0 or self.rng.random() < 0.4:
+            return self.pick("1.5", "0.0", "2.0", "-2.5", "1e3", "args.f")
+        op = self.pick("+", "-", "*", "/")
+        return f"({self.float(d - 1)} {op} {self.pick(self.float(d - 1), self.int(d - 1))})"
+
+    def bool(self, d: int) -> str:
+        r = self.rng
+        if d <= 0 or r.random() < 0.2:
+            return self.pick("true", "false", "args.ok", f"has({self.field()})")
+        scalar = self.pick(self.int, self.float, self.str, self.bool)
+        other = self.pick(scalar, self.any) if r.random() < 0.8 else self.any
+        rel = self.pick("==", "!=", "<", "<=", ">", ">=")
+        return self.pick(
+            f"({scalar(d - 1)} {rel} {other(d - 1)})",
+            f"({self.bool(d - 1)} && {self.bool(d - 1)})",
+            f"({self.bool(d - 1)} || {self.bool(d - 1)})",
+            f"!{self.bool(d - 1)}",
+            f"({scalar(d - 1)} in {self.list(d - 1)})",
+            f"({self.str(d - 1)} in {self.map(d - 1)})",
+            f"{self.str(d - 1)}.contains({self.str(d - 1)})",
+            f"{self.str(d - 1)}.startsWith({self.str(d - 1)})",
+            f"{self.str(d - 1)}.endsWith({self.str(d - 1)})",
+            f"{self.list(d - 1)}.exists(e, {self.loop_body(d - 1)})",
+            f"{self.list(d - 1)}.all(e, {self.loop_body(d - 1)})",
+            f"{self.list(d - 1)}.exists_one(e, {self.loop_body(d - 1)})",
+            f"({self.bool(d - 1)} ? {self.bool(d - 1)} : {self.bool(d - 1)})",
+            self.field(),
+        )
+
+    def loop_body(self, d: int) -> str:
+        return self.pick(
+            f"e == {self.any(d)}", "e > 1", f"e.startsWith({self.str(d)})", self.bool(d)
+        )
+
+    def list(self, d: int) -> str:
+        if d <= 0 or self.rng.random() < 0.4:
+            return self.pick("[]", "[1, 2]", "['a', 'ssn']", "args.tags", "args.nums", "args.mixed")
+        return self.pick(
+            f"[{self.any(d - 1)}, {self.any(d - 1)}]",
+            f"({self.list(d - 1)} + {self.list(d - 1)})",
+            f"{self.list(d - 1)}.map(e, {self.pick('e', 'e + e', self.any(d - 1))})",
+            f"{self.list(d - 1)}.filter(e, {self.loop_body(d - 1)})",
+        )
+
+    def map(self, d: int) -> str:
+        if d <= 0 or self.rng.random() < 0.5:
+            return self.pick("{}", "args.nested", "{'a': 1, 'ssn': 'x'}")
+        return f"{{'k': {self.any(d - 1)}, 'a': {self.any(d - 1)}}}"
+
+
+def test_differential_against_the_interpreter() -> None:
+    rng = random.Random(20261125)
+    gen = Gen(rng)
+    compiled = answered = 0
+    deadline = time.monotonic() + 60
+    for i in range(4000):
+        if time.monotonic() > deadline:
+            break
+        source = gen.any(rng.randint(1, 4))
+        try:
+            cel.compile(source)
+        except Exception:
+            continue  # the generator wrote something CEL itself rejects
+        native = compile_native(source)
+        if native is None:
+            continue
+        compiled += 1
+        for _ in range(3):
+            env = random_env(rng)
+            try:
+                got = native(env)
+            except Fallback:
+                continue
+            answered += 1
+            try:
+                expected = interpret(source, env)
+            except Exception as exc:
+                pytest.fail(f"#{i} {source!r} on {env}: native {got!r}, interpreter {exc}")
+            assert same(got, expected), f"#{i} {source!r} on {env}: {got!r} != {expected!r}"
+    # The test means something only if the fast path actually answers most of the time.
+    assert compiled > 1000
+    assert answered > 1500
