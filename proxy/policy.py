@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -158,6 +158,9 @@ class Policy:
     tools: dict[str, ToolPolicy]
     default: ToolPolicy
     source: str = "<string>"
+    # What the gates derive from this policy per (tool, principal), e.g. the store requests of
+    # a call: built once, dropped with the policy on reload (see proxy.gates.pipeline).
+    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def for_tool(self, name: str) -> ToolPolicy:
         return self.tools.get(name) or self.default

@@ -15,7 +15,7 @@ from proxy.gates import budget as budget_gate
 from proxy.gates import ratelimit as ratelimit_gate
 from proxy.gates.decision import Block, Decision
 from proxy.gates.rules import check_rules, parse_arguments
-from proxy.policy import Policy
+from proxy.policy import Policy, ToolPolicy
 from proxy.store import ChargeRequest, SlotRequest, Store, StoreError
 from proxy.toolcalls import CallContext, ToolCall
 
@@ -48,7 +48,9 @@ def _stop(decision: Decision, block: Block, enforce: bool) -> bool:
     return False
 
 
-async def _run(decision: Decision, tool, policy: Policy, store: Store, ctx: CallContext) -> None:  # type: ignore[no-untyped-def]
+async def _run(
+    decision: Decision, tool: ToolPolicy, policy: Policy, store: Store, ctx: CallContext
+) -> None:
     call = decision.call
     rules_enforce = tool.rules_mode == "enforce"
     args, block = parse_arguments(call)
@@ -58,23 +60,14 @@ async def _run(decision: Decision, tool, policy: Policy, store: Store, ctx: Call
     if block is not None and _stop(decision, block, rules_enforce):
         return
 
-    items: list[SlotRequest | ChargeRequest] = []
-    configs: list[tuple[str, str, object]] = []  # (gate, on_store_error, config)
-    if tool.rate_limit is not None:
-        rl = tool.rate_limit
-        items.append(ratelimit_gate.slot_request(tool.namespace, call.name, ctx.principal, rl))
-        configs.append((ratelimit_gate.GATE, rl.on_store_error, rl))
-    if tool.budget is not None:
-        use = tool.budget.use
-        try:
-            cost = budget_gate.cost_of(tool.budget, call, args, ctx)
-        except ValueError as exc:
-            block = Block(budget_gate.GATE, "cost_error", f"Budget: {exc}")
-            if _stop(decision, block, use.mode == "enforce"):
-                return
-        else:
-            items.append(budget_gate.charge_request(tool.budget, ctx.principal, cost))
-            configs.append((budget_gate.GATE, use.on_store_error, use))
+    requests = _store_requests(tool, call, args, ctx, policy.derived)
+    if isinstance(requests, Block):
+        assert tool.budget is not None
+        if _stop(decision, requests, tool.budget.use.mode == "enforce"):
+            return
+        requests = _store_requests(tool, call, args, ctx, policy.derived, with_budget=False)
+        assert not isinstance(requests, Block)
+    items, configs = requests
     if not items:
         return
 
@@ -103,6 +96,52 @@ async def _run(decision: Decision, tool, policy: Policy, store: Store, ctx: Call
             block = budget_gate.block_for(outcome, item)
         if _stop(decision, block, item.enforce):
             return
+
+
+Requests = tuple[
+    tuple[SlotRequest | ChargeRequest, ...],
+    tuple[tuple[str, str, object], ...],  # per item: (gate, on_store_error, config)
+]
+MAX_DERIVED = 50_000  # cached request sets per policy: bounded by principals x tools
+
+
+def _store_requests(
+    tool: ToolPolicy,
+    call: ToolCall,
+    args: object,
+    ctx: CallContext,
+    derived: dict[object, object],
+    with_budget: bool = True,
+) -> Requests | Block:
+    """The rate-limit slot and budget charge to reserve for a call (a Block when its cost
+    cannot be priced). They depend only on the tool, the principal and a constant cost, so they
+    are built once per pair and kept with the policy; the store never mutates them."""
+    budget = tool.budget if with_budget else None
+    constant = budget is None or budget.cost_micros is not None
+    key = (tool.name, call.name, ctx.principal, with_budget)
+    if constant:
+        cached = derived.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+    items: list[SlotRequest | ChargeRequest] = []
+    configs: list[tuple[str, str, object]] = []
+    if tool.rate_limit is not None:
+        rl = tool.rate_limit
+        items.append(ratelimit_gate.slot_request(tool.namespace, call.name, ctx.principal, rl))
+        configs.append((ratelimit_gate.GATE, rl.on_store_error, rl))
+    if budget is not None:
+        try:
+            cost = budget_gate.cost_of(budget, call, args, ctx)
+        except ValueError as exc:
+            return Block(budget_gate.GATE, "cost_error", f"Budget: {exc}")
+        items.append(budget_gate.charge_request(budget, ctx.principal, cost))
+        configs.append((budget_gate.GATE, budget.use.on_store_error, budget.use))
+    requests = (tuple(items), tuple(configs))
+    if constant:
+        if len(derived) >= MAX_DERIVED:
+            derived.clear()
+        derived[key] = requests
+    return requests
 
 
 async def release(store: Store, decisions: list[Decision]) -> None:

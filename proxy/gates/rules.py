@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from proxy.gates.decision import Block
-from proxy.policy import ToolPolicy
+from proxy.policy import Rule, ToolPolicy
 from proxy.toolcalls import CallContext, ToolCall
 
 GATE = "rules"
@@ -52,14 +52,19 @@ def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -
         "request": ctx.request_vars,  # built only for rules that read it
     }
     for rule in tool.rules:
-        label = f"Policy violation: {rule.name}"
         try:
             result = rule.program.run(env)
         except Exception as exc:  # missing field, type error, ...: fail closed
-            return Block(GATE, "rule_error", f"{label} (rule error: {exc})")
-        if not isinstance(result, bool):
-            return Block(GATE, "rule_error", f"{label} (rule returned {type(result).__name__})")
+            return Block(GATE, "rule_error", f"{_label(rule)} (rule error: {exc})")
         if result is rule.deny:
-            message = f"{label}: {rule.message}" if rule.message else label
-            return Block(GATE, "rule", message)
+            label = _label(rule)
+            return Block(GATE, "rule", f"{label}: {rule.message}" if rule.message else label)
+        if not isinstance(result, bool):
+            return Block(
+                GATE, "rule_error", f"{_label(rule)} (rule returned {type(result).__name__})"
+            )
     return None
+
+
+def _label(rule: Rule) -> str:
+    return f"Policy violation: {rule.name}"
