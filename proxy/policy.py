@@ -32,6 +32,7 @@ from proxy.config import (
     parse_money,
     read_config_text,
 )
+from proxy.schemacheck import compile_check
 
 DEFAULT_TOOL = "*"
 
@@ -148,6 +149,9 @@ class ToolPolicy:
     rules: tuple[Rule, ...]
     rules_mode: str
     schema: jsonschema.protocols.Validator | None
+    # The same schema as a compiled validity check (proxy.schemacheck), when it can be one:
+    # jsonschema then runs only to word the error of arguments already known to be invalid.
+    schema_check: Callable[[Any], bool] | None
     rate_limit: RateLimitConfig | None
     budget: Budget | None
 
@@ -196,12 +200,13 @@ def _compile_tool(
             continue
         rules.append(Rule(rule.name, program, rule.deny_if is not None, rule.message))
 
-    schema = None
+    schema = schema_check = None
     if tool.arguments_schema is not None:
         try:
             cls = jsonschema.validators.validator_for(tool.arguments_schema)
             cls.check_schema(tool.arguments_schema)
             schema = cls(tool.arguments_schema)
+            schema_check = compile_check(tool.arguments_schema)
         except jsonschema.SchemaError as exc:
             errors.append(((*section, "arguments_schema"), f"invalid JSON Schema: {exc.message}"))
 
@@ -244,6 +249,7 @@ def _compile_tool(
         rules=tuple(rules),
         rules_mode=tool.rules_mode,
         schema=schema,
+        schema_check=schema_check,
         rate_limit=tool.rate_limit,
         budget=budget,
     )

@@ -77,3 +77,40 @@ async def test_cached_requests_stay_per_principal_when_the_cache_overflows(
         d = await decide(call("{}"), policy, store, ctx(p))
         assert d.block is not None and d.block.reason == "max_calls"
     assert len(policy.derived) <= 2
+
+
+SCHEMA_POLICY = """
+upstream: {{base_url: "http://127.0.0.1:9/v1"}}
+tools:
+  fetch:
+    arguments_schema: {schema}
+"""
+
+
+@pytest.mark.parametrize(
+    ("schema", "compiled"),
+    [
+        ("{type: object, required: [url], properties: {url: {type: string}}}", True),
+        (
+            "{type: object, required: [url], properties: {url: {$ref: '#/$defs/u'}},"
+            " $defs: {u: {type: string}}}",
+            False,
+        ),
+    ],
+)
+async def test_schema_gate_same_verdicts_with_or_without_a_compiled_check(
+    schema: str, compiled: bool
+) -> None:
+    policy = load_policy_text(SCHEMA_POLICY.format(schema=schema))
+    assert (policy.tools["fetch"].schema_check is not None) is compiled
+    store = MemoryStore()
+    ok = await decide(call('{"url": "https://x"}'), policy, store, ctx())
+    missing = await decide(call('{"other": 1}'), policy, store, ctx())
+    wrong = await decide(call('{"url": 3}'), policy, store, ctx())
+    deep = await decide(call('{"url": ' + "[" * 500 + "]" * 500 + "}"), policy, store, ctx())
+    assert ok.allowed
+    assert missing.block is not None
+    assert missing.block.message == "Invalid arguments: 'url' is a required property"
+    assert wrong.block is not None
+    assert wrong.block.message == "Invalid arguments at url: 3 is not of type 'string'"
+    assert deep.block is not None and deep.block.reason == "invalid_arguments"

@@ -34,7 +34,7 @@ def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -
         return Block(
             GATE, "tool_not_allowed", f"Policy violation: tool {call.name!r} is not allowed"
         )
-    if tool.schema is not None:
+    if tool.schema is not None and not _schema_passes(tool, args):
         try:
             error = next(iter(tool.schema.iter_errors(args)), None)
         except Exception as exc:  # e.g. an unresolvable $ref: the check cannot pass
@@ -64,6 +64,16 @@ def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -
                 GATE, "rule_error", f"{_label(rule)} (rule returned {type(result).__name__})"
             )
     return None
+
+
+def _schema_passes(tool: ToolPolicy, args: Any) -> bool:
+    """The compiled check's verdict when it has one; otherwise jsonschema decides (and words)."""
+    if tool.schema_check is None:
+        return False
+    try:
+        return tool.schema_check(args)
+    except RecursionError:  # arguments nested deeper than the compiled check can follow
+        return False
 
 
 def _label(rule: Rule) -> str:
