@@ -530,13 +530,14 @@ def ends_with(a: Any, b: Any) -> bool:
 
 def lower_ascii(a: Any) -> str:
     if type(a) is str:
-        return a.translate(_ASCII_LOWER)
+        # str.lower() is exact on ASCII text and far cheaper than a translation table.
+        return a.lower() if a.isascii() else a.translate(_ASCII_LOWER)
     raise Fallback
 
 
 def upper_ascii(a: Any) -> str:
     if type(a) is str:
-        return a.translate(_ASCII_UPPER)
+        return a.upper() if a.isascii() else a.translate(_ASCII_UPPER)
     raise Fallback
 
 

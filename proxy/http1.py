@@ -19,7 +19,7 @@ import asyncio
 import ssl
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 import httptools
@@ -401,20 +401,25 @@ class Pool:
         origin: Origin,
         method: str,
         target: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Sequence[tuple[str, str]],
         body: bytes | None,
     ) -> Response:
         """Send a request; returns once the response's head is in (the body follows)."""
-        head = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        for name, value in headers:
+        lines = [f"{name}: {value}\r\n" for name, value in headers]
+        text = "".join(lines)
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
             # aiohttp's server never lets CR or LF into a header; the configured key might.
-            head.append(f"{name.translate(_FORBIDDEN)}: {value.translate(_FORBIDDEN)}\r\n")
+            text = "".join(
+                f"{name.translate(_FORBIDDEN)}: {value.translate(_FORBIDDEN)}\r\n"
+                for name, value in headers
+            )
+        length = ""
         if body is not None or method in ("POST", "PUT", "PATCH"):
-            head.append(f"Content-Length: {len(body) if body else 0}\r\n")
-        head.append("\r\n")
+            length = f"Content-Length: {len(body) if body else 0}\r\n"
+        head = f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n{text}{length}\r\n"
         # aiohttp's server decodes header bytes as UTF-8 with surrogateescape: this sends the
         # client's bytes back out unchanged.
-        data = "".join(head).encode("utf-8", "surrogateescape")
+        data = head.encode("utf-8", "surrogateescape")
         if body:
             data += body
         conn = await self._acquire(origin)

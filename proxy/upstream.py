@@ -31,6 +31,15 @@ _HOP = frozenset(
     )
 )
 _CLIENT_ONLY = frozenset(("x-callgate-principal",))
+# Client headers not sent upstream, by (relayed raw, a configured key replaces the client's).
+_DROP = {
+    (raw, keyed): _HOP
+    | _CLIENT_ONLY
+    | (frozenset() if raw else {"accept-encoding"})
+    | ({"authorization", "api-key"} if keyed else frozenset())
+    for raw in (False, True)
+    for keyed in (False, True)
+}
 
 
 class UpstreamError(Exception):
@@ -146,21 +155,18 @@ class Upstream:
 
     def request_headers(
         self, headers: Mapping[str, str], raw: bool, target: UpstreamConfig | None = None
-    ) -> CIMultiDict[str]:
+    ) -> list[tuple[str, str]]:
+        """The client's headers as the upstream gets them: hop-by-hop and callgate's own
+        dropped, Accept-Encoding limited to what callgate decodes (unless relayed raw), and
+        the configured key, if any, in place of the client's."""
         api_key = (target or self.config).api_key
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in headers.items():
-            low = name.lower()
-            if low in _HOP or low in _CLIENT_ONLY:
-                continue
-            out.add(name, value)
+        drop = _DROP[raw, bool(api_key)]
+        out = [(name, value) for name, value in headers.items() if name.lower() not in drop]
         if not raw:
-            # Only encodings aiohttp can decode; the client's may include br or zstd.
-            out["Accept-Encoding"] = "gzip, deflate"
+            # Only encodings callgate can decode; the client's may include br or zstd.
+            out.append(("Accept-Encoding", "gzip, deflate"))
         if api_key:
-            out.popall("Authorization", None)
-            out.popall("api-key", None)
-            out["Authorization"] = f"Bearer {api_key}"
+            out.append(("Authorization", f"Bearer {api_key}"))
         return out
 
     def url(self, path_qs: str, target: UpstreamConfig | None = None) -> URL:
@@ -187,7 +193,7 @@ class Upstream:
         out_headers = self.request_headers(headers, False, target)
         with _failures():
             return await self._json.request(
-                where.origin, method, where.path + path_qs, out_headers.items(), body
+                where.origin, method, where.path + path_qs, out_headers, body
             )
 
     async def open_raw(
@@ -204,12 +210,12 @@ class Upstream:
         out_headers = self.request_headers(headers, True)
         if content_length is not None:
             # A streamed body keeps its length: some servers refuse chunked uploads.
-            out_headers["Content-Length"] = str(content_length)
+            out_headers.append(("Content-Length", str(content_length)))
         with _failures():
             return await self._raw.request(
                 method,
                 self.url(path_qs),
-                headers=out_headers,
+                headers=CIMultiDict(out_headers),
                 data=data,
                 allow_redirects=False,
             )
