@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -85,14 +86,18 @@ class Decoder:
         return tail
 
 
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
 class Response:
     """An upstream response whose body arrives in the background (see the module docstring)."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn: Connection | None = conn
+        self._loop = conn.loop
         self.status = 0
         self.reason = ""
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._done = False  # the whole body has arrived
@@ -154,7 +159,7 @@ class Response:
                 raise self._error
             if self._done:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -200,6 +205,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Pool, origin: Origin) -> None:
         self.pool = pool
         self.origin = origin
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python < 3.12.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
@@ -305,7 +312,7 @@ class Connection(asyncio.Protocol):
     def send(
         self, data: bytes, response: Response, read_timeout: float
     ) -> asyncio.Future[Response]:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.response = response
         self.head = loop.create_future()
         self.keep_alive = False
@@ -320,9 +327,7 @@ class Connection(asyncio.Protocol):
         if self.active or self.paused:
             # Paused, nothing can arrive: the consumer is slow, not the upstream.
             self.active = False
-            self.timer = asyncio.get_running_loop().call_later(
-                read_timeout, self._check_timeout, read_timeout
-            )
+            self.timer = self.loop.call_later(read_timeout, self._check_timeout, read_timeout)
             return
         self.timer = None
         self._abort(aiohttp.ServerTimeoutError(f"no data from the upstream for {read_timeout:g} s"))
@@ -453,7 +458,7 @@ class Pool:
         idle = self.idle.get(origin.key)
         if not idle:
             return None
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         while idle:
             conn = idle.pop()
             if (
@@ -500,7 +505,7 @@ class Pool:
             conn.close()
             self.forget(conn)
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = time.monotonic()
         self.idle.setdefault(conn.origin.key, []).append(conn)
         self._wake_one()
 

@@ -369,6 +369,20 @@ async def test_unread_but_complete_response_is_reused(raw_server, make_pool):
 
 
 @bounded()
+async def test_connection_idle_too_long_is_not_reused(raw_server, make_pool, monkeypatch):
+    monkeypatch.setattr(http1, "KEEPALIVE_SECONDS", 0.2)
+    server = await raw_server(lambda req: response(req.target.encode()))
+    pool = make_pool()
+    assert await fetch(pool, server.origin, "/1") == (200, b"/1")
+    assert await fetch(pool, server.origin, "/2") == (200, b"/2")
+    assert server.accepted == 1  # reused while fresh
+    await asyncio.sleep(0.3)
+    assert await fetch(pool, server.origin, "/3") == (200, b"/3")
+    assert server.accepted == 2  # too old: closed and replaced
+    assert len(pool.open) == 1
+
+
+@bounded()
 async def test_idle_connection_closed_by_server_is_replaced(raw_server, make_pool):
     async def handle(reader, writer):  # answers one request (keep-alive), then hangs up
         request = await read_request(reader)
