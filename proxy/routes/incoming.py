@@ -32,9 +32,11 @@ _ids = itertools.count(1)
 
 
 def request_id(request: web.Request) -> str:
-    rid = request.get(REQUEST_ID)
-    if rid is None:
-        rid = request[REQUEST_ID] = f"{_ID_PREFIX}{next(_ids):x}"
+    # Not request.get(): the Mapping mixin's get() raises and catches a KeyError when absent,
+    # and the id is absent once for every request.
+    if REQUEST_ID in request._state:
+        return request[REQUEST_ID]
+    rid = request[REQUEST_ID] = f"{_ID_PREFIX}{next(_ids):x}"
     return rid
 
 
