@@ -6,17 +6,21 @@ with `body` = the object without its trailing `,"hash":"<64 hex>"}`, plus a clos
 object as serialized before `hash` was added), `hash` = sha256(prev + body) in hex. So each
 record is serialized once, and editing any byte of a line's object, dropping or reordering
 lines breaks the chain at that line (`callgate audit verify FILE`). Lines written before this
-scheme (hash over the record's sorted-keys JSON) still verify. File writes happen in a
-background task (never on the request path); `close()` flushes everything that was recorded.
+scheme (hash over the record's sorted-keys JSON) still verify. Records are sealed in batches
+(`BATCH_SECONDS`) and written by a thread of the auditor's own, never on the request path;
+`close()` flushes everything that was recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Callable
+from queue import Empty, SimpleQueue
 from typing import Any, BinaryIO
 
 import orjson
@@ -32,6 +36,7 @@ RETRY_SECONDS = 1.0  # pause before retrying a failed audit file write
 BATCH_SECONDS = 0.02  # how long records may wait to share a file write
 REDACTED = "[REDACTED]"
 _CONTAINERS = (dict, list)  # what redact() descends into
+_SCALARS = frozenset((str, int, float, bool, type(None)))  # what it never needs to look into
 log = structlog.get_logger("callgate.audit")
 
 
@@ -41,7 +46,17 @@ def redact(value: Any, keys: frozenset[str]) -> Any:
     When no key matches (the usual case) `value` itself is returned, after a walk that only
     descends into nested dicts and lists.
     """
-    if not keys or not _mentions(value, keys):
+    if not keys:
+        return value
+    # The usual arguments, a flat object none of whose keys match, without the walk: type()
+    # of each value, in C. Only known scalars qualify (a dict subclass must be walked).
+    if (
+        type(value) is dict
+        and keys.isdisjoint(value)
+        and _SCALARS.issuperset(map(type, value.values()))
+    ):
+        return value
+    if not _mentions(value, keys):
         return value
     return _redacted(value, keys)
 
@@ -141,11 +156,13 @@ class Auditor:
     def __init__(self, config: AuditConfig) -> None:
         self.config = config
         self._redact = frozenset(config.redact)
+        self._log_records = config.log
+        self._file = config.file
         self._unsealed: list[dict[str, Any]] = []  # recorded, not yet serialized
-        self._pending: list[bytes] = []  # sealed lines not yet written
         self._prev = GENESIS
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._batch: asyncio.TimerHandle | None = None  # the pending batch's flush
+        self._writer: _Writer | None = None
         self._closed = False
         self.records = 0
         # Called with every record (metrics, tests); must not block.
@@ -160,10 +177,13 @@ class Auditor:
         """Apply a reloaded policy's audit settings (the file itself changes on restart)."""
         self.config = config.model_copy(update={"file": self.config.file})
         self._redact = frozenset(config.redact)
+        self._log_records = config.log
 
     async def start(self) -> None:
-        if self.config.file and self._task is None:
-            self._task = asyncio.create_task(self._flusher())
+        if self._file and self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            if self._unsealed:  # recorded before start
+                self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
 
     def record(
         self, decision: Decision, ctx: CallContext, outcome: str, action: str | None
@@ -179,6 +199,10 @@ class Auditor:
                 args = REDACTED
         elif self._redact:
             args = redact(args, self._redact)
+        if block is None:
+            gate = reason = message = None
+        else:
+            gate, reason, message = block.gate, block.reason, block.message
         shadow = decision.shadow
         record: dict[str, Any] = {
             "time": utc_iso(),
@@ -189,9 +213,9 @@ class Auditor:
             "policy": decision.tool_policy,
             "call_id": call.id,
             "decision": outcome,
-            "gate": block.gate if block else None,
-            "reason": block.reason if block else None,
-            "message": block.message if block else None,
+            "gate": gate,
+            "reason": reason,
+            "message": message,
             "action": action,
             "shadow": [{"gate": b.gate, "reason": b.reason, "message": b.message} for b in shadow]
             if shadow
@@ -203,72 +227,126 @@ class Auditor:
         self.records += 1
         for listener in self.listeners:
             listener(record)
-        if self.config.log:
+        if self._log_records:
             log.info("tool_call_decision", **record)
-        if self.config.file and not self._closed:
+        if self._file and not self._closed:
             # Serialized and sealed with the batch it is written in: off the request path, and
-            # cheaper run back to back.
+            # cheaper run back to back. The first record of a batch schedules its flush.
+            if not self._unsealed and self._loop is not None:
+                self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
             self._unsealed.append(record)
-            self._wake.set()
 
-    def _seal_unsealed(self) -> None:
+    def _flush(self) -> None:
+        """Seal the records gathered so far (on the event loop: the chain is in record order)
+        and hand their lines to the writer thread."""
+        self._batch = None
         records, self._unsealed = self._unsealed, []
+        if not records or not self._file:
+            return
+        if self._writer is None:
+            self._writer = self._start_writer(self._file)
         prev = self._prev
-        pending = self._pending
+        prev_bytes = prev.encode()
+        dumps = orjson.dumps
+        sha256 = hashlib.sha256
+        parts: list[bytes] = []
+        add = parts.append
         for record in records:
+            # seal(), inlined: a record's line is its JSON with `hash` added as last member.
             record["prev"] = prev
-            prev, line = seal(prev, orjson.dumps(record))
-            pending.append(line)
+            body = dumps(record)
+            prev = sha256(prev_bytes + body).hexdigest()
+            prev_bytes = prev.encode()
+            add(body[:-1])
+            add(b',"hash":"')
+            add(prev_bytes)
+            add(b'"}\n')
         self._prev = prev
+        self._writer.put(b"".join(parts), len(records))
 
-    async def _flusher(self) -> None:
-        while True:
-            if self._pending and not self._closed:
-                # The last write failed: try again after a pause, or as soon as woken.
-                try:
-                    await asyncio.wait_for(self._wake.wait(), RETRY_SECONDS)
-                except TimeoutError:
-                    pass
-            else:
-                await self._wake.wait()
-                if not self._closed:
-                    # Let a burst of decisions gather: one write (and one thread hop) for many.
-                    await asyncio.sleep(BATCH_SECONDS)
-            self._wake.clear()
-            await self._flush()
-            if self._closed:
-                return
+    def _start_writer(self, path: str) -> _Writer:
+        loop = asyncio.get_running_loop()
 
-    async def _flush(self) -> bool:
-        """Write what is pending. False (records kept for the next try) if the write failed."""
-        if self._unsealed:
-            self._seal_unsealed()
-        if not self._pending or not self.config.file:
-            return True
-        batch, self._pending = self._pending, []
-        data = self._lead + b"".join(batch)
-        try:
-            await asyncio.to_thread(_append, self.config.file, data)
-        except OSError as exc:
-            self._pending[:0] = batch  # keep order: these go before anything recorded since
-            log.error(
-                "audit_write_failed",
-                file=self.config.file,
-                error=exc.strerror or str(exc),
-                pending=len(self._pending),
-            )
-            return False
+        def failed(error: str, pending: int) -> None:  # in the writer's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(self._write_failed, error, pending)
+
+        writer = _Writer(path, self._lead, failed)
         self._lead = b""
-        return True
+        return writer
+
+    def _write_failed(self, error: str, pending: int) -> None:
+        log.error("audit_write_failed", file=self._file, error=error, pending=pending)
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._wake.set()
-            await self._task
-            self._task = None
-        if not await self._flush():
-            log.critical("audit_records_lost", file=self.config.file, records=len(self._pending))
+        if self._batch is not None:
+            self._batch.cancel()
+        self._flush()
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        lost = await asyncio.to_thread(writer.stop)
+        if lost:
+            log.critical("audit_records_lost", file=self._file, records=lost)
+
+
+class _Writer:
+    """Appends sealed lines to the audit file from a thread of its own (a write may block; the
+    event loop must not), in order, retrying what failed until it is written or stopped.
+
+    One long-lived thread fed by a queue costs the event loop a queue put per batch, where a
+    thread hop per batch (`asyncio.to_thread`) cost a future each way and a wake-up of the loop
+    to hear back: several times the write itself. Failures are reported through `on_failure`.
+    """
+
+    def __init__(self, path: str, lead: bytes, on_failure: Callable[[str, int], None]) -> None:
+        self._path = path
+        self._lead = lead  # written before the first batch
+        self._on_failure = on_failure
+        self._queue: SimpleQueue[tuple[bytes, int] | None] = SimpleQueue()  # None: stop
+        self._unwritten = 0
+        self._thread = threading.Thread(target=self._run, name="callgate-audit", daemon=True)
+        self._thread.start()
+
+    def put(self, lines: bytes, records: int) -> None:
+        self._queue.put((lines, records))
+
+    def stop(self) -> int:
+        """Write everything queued (one last try if writes fail), end the thread, and return
+        how many records could not be written. Blocks: run it in a thread."""
+        self._queue.put(None)
+        self._thread.join()
+        return self._unwritten
+
+    def _run(self) -> None:
+        chunks: list[bytes] = []  # not yet written, in order
+        records = 0
+        stopping = False
+        while not stopping:
+            try:
+                # After a failed write: try again after a pause, or as soon as more arrives.
+                item = self._queue.get(timeout=RETRY_SECONDS if chunks else None)
+                while True:  # everything queued goes in the same write
+                    if item is None:
+                        stopping = True
+                    else:
+                        chunks.append(item[0])
+                        records += item[1]
+                    item = self._queue.get_nowait()
+            except Empty:
+                pass
+            if not chunks:
+                continue
+            try:
+                _append(self._path, self._lead + b"".join(chunks))
+            except OSError as exc:
+                self._on_failure(exc.strerror or str(exc), records)
+                continue
+            chunks = []
+            records = 0
+            self._lead = b""
+        self._unwritten = records
 
 
 def _append(path: str, data: bytes) -> None:

@@ -48,7 +48,22 @@ class LineWriter:
     def line(self, method: str, message: bytes | str) -> None:
         self.buffer += message if isinstance(message, bytes) else message.encode()
         self.buffer += b"\n"
-        if method in _URGENT or len(self.buffer) >= _MAX_BUFFER:
+        if method in _URGENT:
+            self.flush()
+        else:
+            self._added()
+
+    def whole_line(self, line: bytes) -> None:
+        """`line`, its newline included, at a level that is not urgent (the request line).
+        Nothing more than an append unless the buffer is full or no flush is scheduled."""
+        buffer = self.buffer
+        buffer += line
+        if not self.scheduled or len(buffer) >= _MAX_BUFFER:
+            self._added()
+
+    def _added(self) -> None:
+        """Flush a full buffer, else make sure a flush is scheduled."""
+        if len(self.buffer) >= _MAX_BUFFER:
             self.flush()
             return
         if not self.scheduled:
@@ -88,15 +103,23 @@ def log_request(
     above info, or a test capturing structlog's events).
     """
     # capture_logs() swaps the processors inside the same list: look at its content.
-    if _writer is None or not _access_fast or _processors[-1:] != [_renderer]:
+    if _writer is None or not _access_fast or not _processors or _processors[-1] is not _renderer:
         logger.info("request", **fields)
         return
-    line = {**fields, "event": "request", "request_id": request_id}
-    if principal is not None:
-        line["principal"] = principal
-    line["level"] = "info"
+    # One dict display, keys in the order structlog's processors would add them.
+    line = (
+        {**fields, "event": "request", "request_id": request_id, "level": "info"}
+        if principal is None
+        else {
+            **fields,
+            "event": "request",
+            "request_id": request_id,
+            "principal": principal,
+            "level": "info",
+        }
+    )
     line["timestamp"] = utc_iso()
-    _writer.line("info", orjson.dumps(line, default=str))
+    _writer.whole_line(orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
 
 def flush_logs() -> None:

@@ -35,51 +35,55 @@ class Counts:
 
     Counted on the event loop's thread for every request and call: prometheus_client's Counter
     takes a lock per increment, which the request path does not need; the counts become samples
-    only when /metrics is scraped.
+    only when /metrics is scraped. Label values may be counted as any value whose str() is the
+    label (a status code as its int: no conversion per request).
     """
 
     def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
         self.name = name
         self.documentation = documentation
         self.labels = labels
-        self.counts: dict[tuple[str, ...], int] = {}
+        self.counts: dict[tuple[Any, ...], int] = {}
 
-    def inc(self, *values: str) -> None:
+    def inc(self, *values: Any) -> None:
         self.counts[values] = self.counts.get(values, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labels, count in self.counts.items():
+        merged: dict[tuple[str, ...], int] = {}  # 200 and "200" are one label value
+        for values, count in self.counts.items():
+            labels = tuple(map(str, values))
+            merged[labels] = merged.get(labels, 0) + count
+        for labels, count in merged.items():
             family.add_metric(labels, count)
         yield family
 
 
 class RouteHistogram:
-    """A histogram by route, lock-free for the same reason as RequestCounts: one bucket count
-    per observation (bisect), cumulated when scraped."""
+    """A histogram by route, lock-free for the same reason as Counts: one bucket count per
+    observation (bisect), cumulated when scraped."""
 
     def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
         self.name = name
         self.documentation = documentation
         self.bounds = buckets
         self.edges = [floatToGoString(b) for b in buckets] + ["+Inf"]
-        # route -> bucket counts (non-cumulative, the last is +Inf), and the sums
-        self.counts: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = {}
+        # route -> bucket counts (non-cumulative, the last is +Inf) followed by the sum: one
+        # look-up per observation.
+        self.routes: dict[str, list[float]] = {}
 
     def observe(self, route: str, value: float) -> None:
-        counts = self.counts.get(route)
+        counts = self.routes.get(route)
         if counts is None:
-            counts = self.counts[route] = [0] * (len(self.bounds) + 1)
-            self.sums[route] = 0.0
+            counts = self.routes[route] = [0] * (len(self.bounds) + 1) + [0.0]
         counts[bisect_left(self.bounds, value)] += 1  # le: a value on a bound counts in it
-        self.sums[route] += value
+        counts[-1] += value
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["route"])
-        for route, counts in self.counts.items():
-            buckets = list(zip(self.edges, accumulate(counts), strict=True))
-            family.add_metric([route], buckets, self.sums[route])
+        for route, counts in self.routes.items():
+            buckets = list(zip(self.edges, accumulate(counts[:-1]), strict=True))
+            family.add_metric([route], buckets, counts[-1])
         yield family
 
 
@@ -131,22 +135,30 @@ class Metrics:
         self, route: str, status: int, total: float, upstream: float, *, streamed: bool
     ) -> None:
         """Record one request; callgate's own share is total minus the upstream wait."""
-        self.requests.inc(route, str(status))
+        counts = self.requests.counts  # Counts.inc, inlined: this runs for every request
+        key = (route, status)
+        counts[key] = counts.get(key, 0) + 1
         if upstream:
             self.upstream_latency.observe(route, upstream)
             # A stream's duration is the model's, not ours: overhead only for whole bodies.
             if status < 500 and not streamed:
-                self.overhead.observe(route, max(0.0, total - upstream))
+                overhead = total - upstream
+                self.overhead.observe(route, overhead if overhead > 0.0 else 0.0)
 
     def on_audit(self, record: dict[str, Any]) -> None:
         tool = record["tool"]
-        self.decisions.inc(tool, record["gate"] or "none", record["decision"])
-        for shadow in record["shadow"]:
-            self.shadow_blocks.labels(tool, shadow["gate"]).inc()
+        gate = record["gate"]
+        counts = self.decisions.counts  # Counts.inc, inlined: this runs for every tool call
+        key = (tool, gate or "none", record["decision"])
+        counts[key] = counts.get(key, 0) + 1
+        if record["shadow"]:
+            for shadow in record["shadow"]:
+                self.shadow_blocks.labels(tool, shadow["gate"]).inc()
         if record["reason"] == "store_error":
-            self.store_errors.labels(record["gate"], "fail_closed").inc()
-        for gate in record["fail_open"]:
-            self.store_errors.labels(gate, "fail_open").inc()
+            self.store_errors.labels(gate, "fail_closed").inc()
+        if record["fail_open"]:
+            for failed in record["fail_open"]:
+                self.store_errors.labels(failed, "fail_open").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

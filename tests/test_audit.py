@@ -285,6 +285,14 @@ def test_redact_nested_and_untouched_when_nothing_matches():
     }
     assert deep["password"] == [1]  # the original is not modified
     assert redact(deep, frozenset()) is deep
+    flat = {"q": "x", "n": 1, "f": 1.5, "t": True, "z": None}
+    assert redact(flat, keys) is flat
+    assert redact({**flat, "token": "t"}, keys) == {**flat, "token": "[REDACTED]"}
+
+    class Args(dict):  # not a plain JSON value: looked into all the same
+        pass
+
+    assert redact({"a": Args(token="t")}, keys) == {"a": {"token": "[REDACTED]"}}
 
 
 async def test_verify_detects_deleted_line(make_proxy, upstream, tmp_path, capsys):
@@ -462,3 +470,34 @@ async def test_unparseable_arguments_naming_a_redacted_key_are_not_recorded(
     assert recs["login"]["arguments"] == "[REDACTED]"
     # Text that names no redacted key stays, to show what the model sent.
     assert recs["echo"]["arguments"] == '{"text": "not json'
+
+
+async def test_batches_reach_the_file_while_running(tmp_path):
+    """Records are written in the background, batch after batch, in order and chained, without
+    waiting for close(); and close() writes what a never-started auditor recorded."""
+    from proxy.audit import BATCH_SECONDS
+    from proxy.gates.decision import Decision
+    from proxy.toolcalls import CallContext, ToolCall
+
+    path = tmp_path / "audit.jsonl"
+    ctx = CallContext(principal="p", request_id="r", route="test")
+    auditor = Auditor(AuditConfig(log=False, file=str(path)))
+    await auditor.start()
+    for batch in range(3):
+        for i in range(batch * 4, batch * 4 + 4):
+            auditor.record(
+                Decision(ToolCall(f"c{i}", "t", "{}"), "t", "strip"), ctx, "allowed", None
+            )
+        for _ in range(200):
+            await asyncio.sleep(BATCH_SECONDS)
+            if path.exists() and len(read_records(path)) == batch * 4 + 4:
+                break
+        assert [r["call_id"] for r in read_records(path)] == [f"c{i}" for i in range(batch * 4 + 4)]
+        assert verify_file(str(path)) == (batch * 4 + 4, None)
+    await auditor.close()
+
+    idle = Auditor(AuditConfig(log=False, file=str(path)))  # never started
+    idle.record(Decision(ToolCall("c12", "t", "{}"), "t", "strip"), ctx, "allowed", None)
+    await idle.close()
+    assert read_records(path)[-1]["call_id"] == "c12"
+    assert verify_file(str(path)) == (13, None)

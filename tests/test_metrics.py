@@ -7,7 +7,7 @@ import random
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
-from proxy.metrics import Counts, RouteHistogram
+from proxy.metrics import Counts, Metrics, RouteHistogram
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.01, 1, 10)
 
@@ -55,3 +55,19 @@ def test_request_counts_match_prometheus_client() -> None:
         theirs.labels(route, str(status)).inc()
     assert _samples(ours_registry, "req") == _samples(theirs_registry, "req")
     assert 'req_total{route="chat",status="200"} 2.0' in _samples(ours_registry, "req")
+
+
+def test_status_counted_as_int_is_exposed_as_its_label() -> None:
+    """observe_request counts a status as its int: the sample is the same as for its text."""
+    metrics = Metrics()
+    theirs_registry = CollectorRegistry()
+    theirs = Counter(
+        "callgate_requests", "HTTP requests served", ["route", "status"], registry=theirs_registry
+    )
+    for route, status in [("chat", 200), ("chat", 200), ("chat", 403), ("responses", 200)]:
+        metrics.observe_request(route, status, 0.01, 0.0, streamed=False)
+        theirs.labels(route, str(status)).inc()
+    metrics.requests.inc("chat", "200")  # the same label value, counted as text
+    theirs.labels("chat", "200").inc()
+    prefix = "callgate_requests"
+    assert _samples(metrics.registry, prefix) == _samples(theirs_registry, prefix)

@@ -309,6 +309,34 @@ async def test_release_after_expiry_is_harmless(env: Env):
     assert (await one(store, charge(cost="0", window=5))).outcomes[0].spent_micros == 100_000
 
 
+async def test_release_restores_the_previous_cooldown(env: Env):
+    """A released call never happened: the cooldown runs from the newest call left."""
+    store, clock = env.store, env.clock
+    first = await one(store, slot(max_calls=None, window=60))
+    clock.advance(4)
+    newest = await one(store, slot(max_calls=None, window=60))
+    await store.release(newest.token)
+    clock.advance(2)  # 6 s after the first call, 2 s after the released one
+    assert (await one(store, slot(max_calls=None, window=60, cooldown=5))).outcomes[0].ok
+    await store.release(first.token)
+
+
+async def test_release_when_the_clock_went_back(env: Env):
+    """Calls recorded out of time order (the wall clock stepped back): a release still leaves
+    the cooldown running from the newest call left, wherever it sits in the log."""
+    store, clock = env.store, env.clock
+    for step in (0, 10, -20):  # calls at t0, t0 + 10, t0 - 10
+        clock.advance(step)
+        await one(store, slot(max_calls=None, window=60))
+    clock.advance(5)  # t0 - 5
+    last = await one(store, slot(max_calls=None, window=60))
+    await store.release(last.token)
+    clock.advance(17)  # t0 + 12: 2 s after the newest call left
+    blocked = (await one(store, slot(max_calls=None, window=60, cooldown=5))).outcomes[0]
+    assert not blocked.ok and blocked.limit == "cooldown"
+    assert blocked.elapsed == approx(2.0) and blocked.retry_after == approx(3.0)
+
+
 async def test_concurrent_reservations_are_atomic(env: Env):
     store = env.store
     results = await asyncio.gather(

@@ -11,18 +11,22 @@ from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest
 
 Entry = tuple[float, str, int]  # (timestamp, member id, micro-units or 0)
 SWEEP_EVERY = 4096  # reservations between sweeps of stale keys
+_NEVER = float("-inf")
 
 
 class _Log:
     """One key's entries inside its window, with their running total: checks are O(1)."""
 
-    __slots__ = ("entries", "horizon", "last", "total")
+    __slots__ = ("entries", "horizon", "last", "ordered", "total")
 
     def __init__(self) -> None:
         self.entries: deque[Entry] = deque()
         self.total = 0  # micro-units in `entries`
-        self.last = float("-inf")  # newest entry ever recorded (cooldowns outlive windows)
+        self.last = _NEVER  # newest entry ever recorded (cooldowns outlive windows)
         self.horizon = 0.0
+        # Whether `entries` is in time order, so that the newest is the last. True unless the
+        # clock went back (the wall clock can): then `remove` looks at every entry.
+        self.ordered = True
 
     def prune(self, window: float, now: float) -> None:
         # An entry at t counts while t > now - window: exact at the boundary.
@@ -31,19 +35,21 @@ class _Log:
         while entries and entries[0][0] <= cutoff:
             self.total -= entries.popleft()[2]
 
-    def add(self, entry: Entry) -> None:
-        self.entries.append(entry)
-        self.total += entry[2]
-        if entry[0] > self.last:
-            self.last = entry[0]
-
     def remove(self, member: str) -> None:
-        for entry in self.entries:
+        entries = self.entries
+        # A released entry is usually among the newest: search from the end.
+        for back, entry in enumerate(reversed(entries), 1):
             if entry[1] == member:
-                self.entries.remove(entry)
+                del entries[-back]
                 self.total -= entry[2]
                 break
-        self.last = max((e[0] for e in self.entries), default=float("-inf"))
+        # The newest entry left (not the newest ever: a released call never happened).
+        if not entries:
+            self.last = _NEVER
+        elif self.ordered:
+            self.last = entries[-1][0]
+        else:
+            self.last = max(e[0] for e in entries)
 
 
 class MemoryStore:
@@ -53,14 +59,6 @@ class MemoryStore:
         self._stash: dict[str, tuple[float, bytes]] = {}
         self._ids = itertools.count(1)
         self._until_sweep = SWEEP_EVERY
-
-    def _log(self, key: str, window: float, horizon: float, now: float) -> _Log:
-        log = self._logs.get(key)
-        if log is None:
-            log = self._logs[key] = _Log()
-        log.horizon = horizon
-        log.prune(window, now)
-        return log
 
     def _sweep(self, now: float) -> None:
         """Forget keys whose every entry is stale, and expired stashes: memory stays bounded
@@ -76,73 +74,92 @@ class MemoryStore:
         if self._until_sweep <= 0:
             self._until_sweep = SWEEP_EVERY
             self._sweep(now)
-        outcomes = [
-            self._check_slot(item, now)
-            if type(item) is SlotRequest
-            else self._check_charge(item, now)  # type: ignore[arg-type]
-            for item in items
-        ]
-        for outcome, item in zip(outcomes, items, strict=True):
+        # Every item is checked before any is recorded (all or nothing), and each item's log
+        # is kept for recording. (Plain loops: on the path of every tool call, a comprehension
+        # or a strict zip costs more than the work it does.)
+        known = self._logs
+        outcomes: list[Outcome] = []
+        logs: list[_Log] = []
+        refused = False
+        for item in items:
+            log = known.get(item.key)
+            if log is None:
+                log = known[item.key] = _Log()
+            if type(item) is SlotRequest:
+                outcome = self._check_slot(item, log, now)
+            else:
+                outcome = self._check_charge(item, log, now)  # type: ignore[arg-type]
+            outcomes.append(outcome)
+            logs.append(log)
             if not outcome.ok and item.enforce:
-                return Reservation(outcomes)
+                refused = True
+        if refused:
+            return Reservation(outcomes)
         token: list[tuple[str, str]] = []
-        logs = self._logs
-        for item, outcome in zip(items, outcomes, strict=True):
+        for item, outcome, log in zip(items, outcomes, logs):  # noqa: B905 (same lengths)
             if not outcome.ok:
                 continue  # a shadow item that would have blocked records nothing
             member = str(next(self._ids))
             amount = item.cost_micros if type(item) is ChargeRequest else 0
-            logs[item.key].add((now, member, amount))
+            # Added here, not by a _Log method: one call fewer per item on every tool call.
+            log.entries.append((now, member, amount))
+            log.total += amount
+            if now >= log.last:  # `last` is never older than an entry: still in time order
+                log.last = now
+            else:
+                log.ordered = False
             token.append((item.key, member))
         return Reservation(outcomes, token)
 
-    def _check_slot(self, item: SlotRequest, now: float) -> Outcome:
-        horizon = max(item.window, item.cooldown)
-        log = self._log(item.key, horizon, horizon, now)
+    def _check_slot(self, item: SlotRequest, log: _Log, now: float) -> Outcome:
+        window = item.window
+        cooldown = item.cooldown
+        horizon = window if window >= cooldown else cooldown
+        log.horizon = horizon
+        if log.entries and log.entries[0][0] <= now - horizon:  # spare the call: none expired
+            log.prune(horizon, now)
+        max_calls = item.max_calls
         count = 0
-        if item.max_calls is not None:
+        if max_calls is not None:
             count = len(log.entries)
-            if horizon > item.window:
+            if horizon > window:
                 # A cooldown longer than the window keeps older entries: count only the
                 # window's, newest first (the log is in time order).
-                cutoff = now - item.window
+                cutoff = now - window
                 count = 0
                 for entry in reversed(log.entries):
                     if entry[0] <= cutoff:
                         break
                     count += 1
-        if item.cooldown:
+        if cooldown:
             elapsed = now - log.last
-            if elapsed < item.cooldown:
-                return Outcome(
-                    False,
-                    "cooldown",
-                    count=count,
-                    elapsed=elapsed,
-                    retry_after=item.cooldown - elapsed,
-                )
-        if item.max_calls is not None and count >= item.max_calls:
+            if elapsed < cooldown:
+                return Outcome(False, "cooldown", count, elapsed, 0, cooldown - elapsed)
+        if max_calls is not None and count >= max_calls:
             retry = None
-            if item.max_calls > 0:
+            if max_calls > 0:
                 first = len(log.entries) - count  # the window's oldest entry
-                retry = log.entries[first + count - item.max_calls][0] + item.window - now
-            return Outcome(False, "max_calls", count=count, retry_after=retry)
-        return Outcome(True, count=count)
+                retry = log.entries[first + count - max_calls][0] + window - now
+            return Outcome(False, "max_calls", count, 0.0, 0, retry)
+        # Positional arguments: a dataclass's keyword arguments cost half as much again.
+        return Outcome(True, "", count)
 
-    def _check_charge(self, item: ChargeRequest, now: float) -> Outcome:
-        log = self._log(item.key, item.window, item.window, now)
+    def _check_charge(self, item: ChargeRequest, log: _Log, now: float) -> Outcome:
+        log.horizon = window = item.window
+        if log.entries and log.entries[0][0] <= now - window:
+            log.prune(window, now)
         spent = log.total
         if spent + item.cost_micros <= item.max_micros:
-            return Outcome(True, spent_micros=spent)
+            return Outcome(True, "", 0, 0.0, spent)
         retry = None
         if item.cost_micros <= item.max_micros:
             freed = 0
             for ts, _, amount in log.entries:
                 freed += amount
                 if spent - freed + item.cost_micros <= item.max_micros:
-                    retry = ts + item.window - now
+                    retry = ts + window - now
                     break
-        return Outcome(False, "max_spend", spent_micros=spent, retry_after=retry)
+        return Outcome(False, "max_spend", 0, 0.0, spent, retry)
 
     async def release(self, token: list[tuple[str, str]]) -> None:
         for key, member in token:
