@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from proxy.gates.budget import block_for as budget_block
 from proxy.policy import to_micros
 from proxy.store import ChargeRequest, Reservation, SlotRequest, Store, StoreError
+from proxy.store import memory as memory_store
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from tests.conftest import FakeClock
@@ -350,8 +351,12 @@ async def test_concurrent_reservations_are_atomic(env: Env):
     assert sorted(r.outcomes[0].count for r in allowed) == list(range(10))
 
 
-async def test_differential_random_sequence(clock, shared_redis):
-    """Memory and Redis give the same outcome for every step of a random workload."""
+@pytest.mark.parametrize("compact_at", [None, 3])
+async def test_differential_random_sequence(clock, shared_redis, compact_at, monkeypatch):
+    """Memory and Redis give the same outcome for every step of a random workload (also with
+    the memory store compacting its logs all the time)."""
+    if compact_at is not None:
+        monkeypatch.setattr(memory_store, "COMPACT_AT", compact_at)
     memory = MemoryStore(clock=clock)
     red = new_store("redis", clock, shared_redis).store
     rng = random.Random(5)
@@ -407,6 +412,24 @@ async def test_differential_random_sequence(clock, shared_redis):
         assert seen == {"", "max_calls", "cooldown", "max_spend"} and released > 5
     finally:
         await red.close()
+
+
+async def test_memory_log_gives_expired_entries_back(clock, monkeypatch):
+    """A log keeps what is inside its window (plus at most a compaction's worth), however many
+    calls went through it, and stays exact across compactions."""
+    monkeypatch.setattr(memory_store, "COMPACT_AT", 16)
+    store = MemoryStore(clock=clock)
+    for i in range(1000):
+        r = await store.reserve([slot(max_calls=100, window=10.0), charge(cost="0.001")])
+        assert [o.ok for o in r.outcomes] == [True, True]
+        assert r.outcomes[0].count == min(i, 39)  # four a second; one leaves as one comes
+        assert r.outcomes[1].spent_micros == i * 1000  # the one-hour budget keeps them all
+        clock.advance(0.25)
+    log = store._logs["rl:k"]
+    assert len(log) == 40
+    assert len(log.times) <= 40 + 40 + 16  # live entries, and expired ones not yet compacted
+    await store.release(r.token)
+    assert len(log) == 39 and store._logs["budget:b"].total == 999 * 1000
 
 
 # --- stash ----------------------------------------------------------------------------------
