@@ -15,6 +15,7 @@ answers, the interpreter gives the same value of the same type.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Callable
@@ -95,7 +96,10 @@ def tokenize(source: str) -> list[Token]:
         if kind == "ws":
             continue
         if kind == "float":
-            tokens.append(("lit", float(text)))
+            value = float(text)
+            if value in (float("inf"), float("-inf")):
+                raise Unsupported("float literal out of range")
+            tokens.append(("lit", value))
         elif kind == "int":
             if text[-1] in "uU" or text[:2] in ("0x", "0X"):
                 raise Unsupported("uint or hex literal")
@@ -361,7 +365,10 @@ def ne(a: Any, b: Any) -> bool:
 
 def _ordered(a: Any, b: Any) -> bool:
     ta = type(a)
-    return (ta is type(b) and (ta is str or ta is bool)) or _num_pair(a, b)
+    if ta is type(b) and (ta is str or ta is bool):
+        return True
+    # NaN has no order: the interpreter errors where Python answers False.
+    return _num_pair(a, b) and a == a and b == b
 
 
 def lt(a: Any, b: Any) -> bool:
@@ -434,7 +441,7 @@ def div(a: Any, b: Any) -> Any:
 
 
 def mod(a: Any, b: Any) -> Any:
-    if _ints(a, b) and b != 0:
+    if _ints(a, b) and b != 0 and not (a == INT_MIN and b == -1):  # that one overflows
         r = abs(a) % abs(b)  # the remainder takes the dividend's sign
         return -r if a < 0 else r
     raise Fallback
@@ -542,8 +549,9 @@ def upper_ascii(a: Any) -> str:
 
 
 def _items(container: Any) -> list[Any] | dict[str, Any]:
-    """What a macro ranges over: a list's elements or a map's keys."""
-    if type(container) is list or type(container) is dict:
+    """What a macro ranges over: a list's elements, or a map's keys when there is at most one
+    (the interpreter visits a map's keys in an order of its own, which can change a result)."""
+    if type(container) is list or (type(container) is dict and len(container) <= 1):
         return container
     raise Fallback
 
@@ -682,11 +690,52 @@ class _Generator:
         return f"{_METHODS[name][0]}({', '.join(parts)})"
 
 
+# Where this module copies the interpreter rather than the CEL spec (string size in UTF-8 bytes,
+# equality and order across int and double, heterogeneous equality): checked against the
+# installed `cel` once, and the fast path stays off if a release behaves differently.
+_SENTINELS = (
+    'size("é")',
+    "1 == 1.0",
+    "1 < 1.5",
+    "2.5 >= 2",
+    "true == 1",
+    '"a" == 1',
+    "null == 0",
+    "-7 / 2",
+    "-7 % 3",
+    '"abc" < "abd"',
+    '"a" in ["b", 1, "a"]',
+)
+
+
+@functools.cache
+def engine_agrees() -> bool:
+    """Whether the installed interpreter answers the sentinel expressions as this module does."""
+    import cel  # the interpreter this module stands in for
+
+    for source in _SENTINELS:
+        native = _compile(source)
+        try:
+            expected = cel.compile(source).execute({})
+            got = native({}) if native is not None else Fallback
+        except Exception:
+            return False
+        if type(got) is not type(expected) or got != expected:
+            return False
+    return True
+
+
 def compile_native(source: str) -> Callable[[dict[str, Any]], Any] | None:
     """The expression as a Python function of its environment, or None when it uses anything
     the compiler does not translate. The function raises Fallback when it cannot vouch for an
     answer; an environment value may be a zero-argument callable, called when first needed.
     """
+    if not engine_agrees():
+        return None
+    return _compile(source)
+
+
+def _compile(source: str) -> Callable[[dict[str, Any]], Any] | None:
     try:
         tree = _Parser(tokenize(source)).parse()
         generator = _Generator()

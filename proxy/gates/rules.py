@@ -72,7 +72,7 @@ def _schema_passes(tool: ToolPolicy, args: Any) -> bool:
         return False
     try:
         return tool.schema_check(args)
-    except RecursionError:  # arguments nested deeper than the compiled check can follow
+    except Exception:  # e.g. arguments nested deeper than the compiled check can follow
         return False
 
 

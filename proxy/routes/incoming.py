@@ -33,7 +33,8 @@ _ids = itertools.count(1)
 
 def request_id(request: web.Request) -> str:
     # Not request.get(): the Mapping mixin's get() raises and catches a KeyError when absent,
-    # and the id is absent once for every request.
+    # and the id is absent once for every request. `_state` is the dict behind aiohttp's
+    # Request mapping (every aiohttp 3.x has it).
     if REQUEST_ID in request._state:
         return request[REQUEST_ID]
     rid = request[REQUEST_ID] = f"{_ID_PREFIX}{next(_ids):x}"
