@@ -535,16 +535,26 @@ def ends_with(a: Any, b: Any) -> bool:
     raise Fallback
 
 
+def ascii_lower(s: str) -> str:
+    """CEL's lowerAscii (only A-Z change). Also the interpreter's extension function."""
+    # str.lower() is exact on ASCII text and far cheaper than a translation table.
+    return s.lower() if type(s) is str and s.isascii() else s.translate(_ASCII_LOWER)
+
+
+def ascii_upper(s: str) -> str:
+    """CEL's upperAscii (only a-z change). Also the interpreter's extension function."""
+    return s.upper() if type(s) is str and s.isascii() else s.translate(_ASCII_UPPER)
+
+
 def lower_ascii(a: Any) -> str:
     if type(a) is str:
-        # str.lower() is exact on ASCII text and far cheaper than a translation table.
-        return a.lower() if a.isascii() else a.translate(_ASCII_LOWER)
+        return ascii_lower(a)
     raise Fallback
 
 
 def upper_ascii(a: Any) -> str:
     if type(a) is str:
-        return a.upper() if a.isascii() else a.translate(_ASCII_UPPER)
+        return ascii_upper(a)
     raise Fallback
 
 

@@ -7,7 +7,6 @@ Nothing here runs per request except lookups; a bad CEL expression or JSON Schem
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -17,7 +16,7 @@ import cel
 import jsonschema
 from cel.stdlib import STDLIB_FUNCTIONS
 
-from proxy.cel_native import Fallback, compile_native
+from proxy.cel_native import Fallback, ascii_lower, ascii_upper, compile_native
 from proxy.config import (
     MICROS,
     BudgetUse,
@@ -36,14 +35,12 @@ from proxy.schemacheck import compile_check
 
 DEFAULT_TOOL = "*"
 
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 # The CEL extension functions, with the two that rules use most replaced by C-speed versions
 # of the same semantics (the package's walk the string one character at a time in Python).
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     **STDLIB_FUNCTIONS,
-    "lowerAscii": lambda s: s.translate(_ASCII_LOWER),
-    "upperAscii": lambda s: s.translate(_ASCII_UPPER),
+    "lowerAscii": ascii_lower,
+    "upperAscii": ascii_upper,
 }
 
 

@@ -149,7 +149,6 @@ class MemoryStore:
                 # A cooldown longer than the window keeps older entries: count only the
                 # window's, newest first (the log is in time order).
                 cutoff = now - window
-                times = log.times
                 count = 0
                 for i in range(len(times) - 1, log.head - 1, -1):
                     if times[i] <= cutoff:
