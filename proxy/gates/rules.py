@@ -15,6 +15,10 @@ from proxy.policy import Rule, ToolPolicy
 from proxy.toolcalls import CallContext, ToolCall
 
 GATE = "rules"
+# Deeper arguments are blocked unread: every later step (CEL, JSON Schema, redaction, the audit
+# record, the log line) walks them, and orjson serializes at most 254 levels. No real tool's
+# arguments come near this; an attacker's do.
+MAX_ARGUMENT_DEPTH = 100
 
 
 def parse_arguments(call: ToolCall) -> tuple[Any, Block | None]:
@@ -24,9 +28,41 @@ def parse_arguments(call: ToolCall) -> tuple[Any, Block | None]:
     if not text:
         return {}, None  # some servers send "" for a call without parameters
     try:
-        return orjson.loads(text), None
+        args = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         return None, Block(GATE, "invalid_arguments", f"Invalid arguments: not valid JSON ({exc})")
+    if isinstance(args, _CONTAINERS) and nesting_exceeds(args, MAX_ARGUMENT_DEPTH):
+        return None, Block(
+            GATE,
+            "invalid_arguments",
+            f"Invalid arguments: nested deeper than {MAX_ARGUMENT_DEPTH} levels",
+        )
+    return args, None
+
+
+_CONTAINERS = (dict, list)
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` (parsed JSON) has containers nested more than `limit` deep.
+
+    Iterative: the point is to judge values too deep for the recursive walks that come later.
+    """
+    # The usual arguments, a flat object of scalars, without the walk.
+    if type(value) is dict and _SCALARS.issuperset(map(type, value.values())):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        item, depth = pop()
+        if depth > limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                push((child, depth + 1))
+    return False
 
 
 def check_rules(tool: ToolPolicy, call: ToolCall, args: Any, ctx: CallContext) -> Block | None:
