@@ -188,6 +188,9 @@ class Auditor:
     def record(
         self, decision: Decision, ctx: CallContext, outcome: str, action: str | None
     ) -> None:
+        if decision.recorded:
+            return  # recorded when it was sent, before its round was settled
+        decision.recorded = True
         block = decision.block
         call = decision.call
         args = decision.args

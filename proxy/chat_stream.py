@@ -430,6 +430,8 @@ class ChatStream:
             if self.defer_calls:
                 st.deferred.append(call)
             else:
+                # Sent before the round is settled: on record first (audit before delivery).
+                self.state.auditor.record(decision, self.ctx, "allowed", None)
                 out.append(self.call_chunk(obj, ci, st, call))
 
     def call_chunk(self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall) -> bytes:

@@ -649,6 +649,11 @@ class ResponsesStream:
                     self.buffer.pop(0)
                     self.activate()
                     continue
+                item = self.items[ev.up]
+                d = item.decision
+                if d is not None and not d.recorded and item.kind == "call":
+                    # Sent before the round is settled: on record first (audit before delivery).
+                    self.state.auditor.record(d, self.ctx, "allowed", None)
             self.buffer.pop(0)
             await self.emit(ev)
 

@@ -29,6 +29,9 @@ class Decision:
     args: Any = None
     token: list[tuple[str, str]] = field(default_factory=list)
     latency_ms: float = 0.0
+    # Set by the auditor: a decision has one record, made before the client can see the call
+    # (a stream records an allowed call as it sends it, before its round is settled).
+    recorded: bool = False
 
     @property
     def allowed(self) -> bool:
