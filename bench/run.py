@@ -72,6 +72,19 @@ audit:
 store: {{backend: memory}}
 """
 
+# `--audit-variants`: more callgate processes, alike but for the audit section, measured in the
+# same alternating rounds: what audit before delivery costs, and what each fsync setting adds.
+AUDIT_VARIANTS = ("cg-noaudit", "cg-batch", "cg-always")
+
+
+def _variant_policy(policy: str, name: str) -> str:
+    head, _, rest = policy.partition("audit:\n")
+    audit, _, store = rest.partition("store:")
+    if name == "cg-noaudit":
+        return f"{head}audit: {{log: false}}\nstore:{store}"
+    return f"{head}audit:\n  fsync: {name.removeprefix('cg-')}\n{audit}store:{store}"
+
+
 # Run callgate's own CLI, with uvloop hidden so it runs on asyncio like the other processes.
 _NO_UVLOOP = "; ".join(
     (
@@ -118,12 +131,15 @@ def _memory_mb(pid: int) -> tuple[float, float] | None:
 class Servers:
     """The three servers under test, each its own process; stopped on exit whatever happens."""
 
-    def __init__(self, workdir: Path, loop: str, chunk_delay_ms: float) -> None:
+    def __init__(
+        self, workdir: Path, loop: str, chunk_delay_ms: float, variants: tuple[str, ...] = ()
+    ) -> None:
         self.workdir = workdir
+        self.variants = variants
         self.loop = loop
         self.chunk_delay_ms = chunk_delay_ms
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports = {name: free_port() for name in ("direct", "bare", "callgate")}
+        self.ports = {name: free_port() for name in ("direct", "bare", "callgate", *variants)}
         self.env = {
             k: v
             for k, v in os.environ.items()
@@ -192,9 +208,19 @@ class Servers:
         ]
         cli = ["-m", "proxy"] if self.loop == "uvloop" else ["-c", _NO_UVLOOP]
         self._start("callgate", [*cli, *serve], self.callgate_log)
-        for name in ("direct", "bare", "callgate"):
+        policy = self.config.read_text()
+        for name in self.variants:
+            config = self.workdir / f"{name}.yaml"
+            audit = self.workdir / f"{name}.audit.jsonl"
+            text = _variant_policy(policy, name).replace(str(self.audit_file), str(audit))
+            config.write_text(text)
+            args = ["serve", "--config", str(config), "--host", "127.0.0.1"]
+            args += ["--port", str(self.ports[name])]
+            self._start(name, [*cli, *args], self.workdir / f"{name}.log")
+        for name in ("direct", "bare", "callgate", *self.variants):
             self._wait_healthy(name)
-        self._wait_healthy("callgate", "/readyz")
+        for name in ("callgate", *self.variants):
+            self._wait_healthy(name, "/readyz")
 
     def _wait_healthy(self, name: str, path: str = "/healthz", timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -217,7 +243,7 @@ class Servers:
             "direct": "upstream.log",
             "bare": "bare.log",
             "callgate": "callgate.log",
-        }[name]
+        }.get(name, f"{name}.log")
         try:
             text = (self.workdir / log).read_text(errors="replace")
         except OSError:
@@ -357,6 +383,15 @@ def representative(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2]
 
 
+def _rounds(results: list[dict[str, Any]], mode: str, high: int) -> dict[int, dict[str, float]]:
+    """Per alternating round at the high concurrency: each proxy target's requests/s."""
+    rounds: dict[int, dict[str, float]] = {}
+    for r in results:
+        if r["mode"] == mode and r["concurrency"] == high and r["target"] != "direct":
+            rounds.setdefault(r["round"], {})[r["target"]] = r["rps"]
+    return rounds
+
+
 def summarize(results: list[dict[str, Any]], high: int) -> dict[str, Any]:
     """The ratios against the targets, printed; returned as a dict for --json."""
 
@@ -368,10 +403,7 @@ def summarize(results: list[dict[str, Any]], high: int) -> dict[str, Any]:
     for mode, goal in (("non-streaming", 0.85), ("streaming", 0.80)):
         # Each round measures bare then callgate back to back: their ratio is the figure least
         # disturbed by the machine's other work; the median over rounds is reported.
-        rounds = {}
-        for r in results:
-            if r["mode"] == mode and r["concurrency"] == high and r["target"] != "direct":
-                rounds.setdefault(r["round"], {})[r["target"]] = r["rps"]
+        rounds = _rounds(results, mode, high)
         ratios = sorted(
             pair["callgate"] / pair["bare"]
             for pair in rounds.values()
@@ -390,6 +422,18 @@ def summarize(results: list[dict[str, Any]], high: int) -> dict[str, Any]:
                     f">= {goal:.2f}: {verdict}; median of {len(ratios)} rounds{spread}",
                 )
             )
+    variants = sorted({r["target"] for r in results if r["target"].startswith("cg-")})
+    for mode in ("non-streaming", "streaming"):
+        for variant in ("callgate", *variants):
+            ratios = sorted(
+                by_target[variant] / by_target["bare"]
+                for by_target in _rounds(results, mode, high).values()
+                if by_target.get("bare") and variant in by_target
+            )
+            if ratios and variants:
+                ratio = statistics.median(ratios)
+                summary[f"throughput_ratio_{mode}_{variant}"] = ratio
+                lines.append((f"{variant}/bare throughput, {mode}", f"{ratio:.2f}", ""))
     for mode in ("non-streaming", "streaming"):
         cg, bare = pick(mode, "callgate", 1), pick(mode, "bare", 1)
         if cg and bare and cg["p50_ms"] is not None and bare["p50_ms"] is not None:
@@ -466,8 +510,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="alternating bare/callgate rounds at the high concurrency (default 3; --quick 1)",
     )
+    parser.add_argument(
+        "--audit-variants",
+        action="store_true",
+        help="also measure callgate without an audit file and with audit.fsync batch / always",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = parser.parse_args(argv)
+    variants = tuple(AUDIT_VARIANTS) if args.audit_variants else ()
 
     duration = args.duration if args.duration is not None else (1.0 if args.quick else 5.0)
     warmup = args.warmup if args.warmup is not None else (0.25 if args.quick else 1.0)
@@ -485,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         Scenario(mode, target, high, n)
         for n in range(1, rounds + 1)
         for mode in modes
-        for target in ("bare", "callgate")
+        for target in ("bare", "callgate", *variants)
     ]
     scenarios += [
         Scenario(mode, target, 1) for mode in modes for target in ("direct", "bare", "callgate")
@@ -519,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     failed = False
     with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp:
-        servers = Servers(Path(tmp), loop, args.chunk_delay_ms)
+        servers = Servers(Path(tmp), loop, args.chunk_delay_ms, variants)
         try:
             servers.start()
             for number, sc in enumerate(scenarios):
