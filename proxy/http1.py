@@ -37,6 +37,9 @@ KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is closed, not re
 # Decoded bytes below which the decompression ratio is not checked: small bodies (a short
 # repetitive answer, an error) can inflate far more than JSON does, and cost nothing.
 RATIO_FLOOR = 1 << 20
+# Compressed bytes decoded at a time: the ratio bound lets each piece inflate by at most the
+# ratio, so one large read of a bomb cannot decode to ratio x 256 KiB before it is checked.
+DECODE_SLICE = 16 << 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FORBIDDEN = str.maketrans("", "", "\r\n")
 
@@ -110,7 +113,7 @@ class Decoder:
         self.inner = zlib.decompressobj(32 + zlib.MAX_WBITS)
         self.started = False
 
-    def feed(self, data: bytes, limit: int) -> bytes:
+    def feed(self, data: bytes | memoryview, limit: int) -> bytes:
         """What `data` decodes to, but at most `limit` + 1 bytes: more than `limit` means the
         caller's bound is passed (zlib stops there, and the rest is never inflated)."""
         if not self.started and data and self.encoding == "deflate" and data[0] & 0x0F != 8:
@@ -166,30 +169,43 @@ class Response:
     def _feed(self, data: bytes) -> None:
         if self._error is not None:
             return  # e.g. an encoding callgate cannot decode: none of it goes on
-        limits = self._limits
-        room = limits.max_bytes - self._decoded
         if self._decoder is not None:
-            self._wire += len(data)
-            bound = "max_response_bytes"
-            by_ratio = max(RATIO_FLOOR, int(limits.max_ratio * self._wire)) - self._decoded
-            if by_ratio < room:
-                room, bound = by_ratio, "max_decompression_ratio"
-            try:
-                data = self._decoder.feed(data, room)
-            except zlib.error as exc:
-                raise aiohttp.ClientPayloadError(f"upstream body does not decode: {exc}") from None
-            if len(data) > room:
-                raise self._exceeded(bound)
+            if len(data) <= DECODE_SLICE:
+                data = self._decode(data)
+            else:
+                view, step = memoryview(data), DECODE_SLICE
+                pieces = [self._decode(view[i : i + step]) for i in range(0, len(view), step)]
+                data = b"".join(pieces)
             if not data:
                 return
-        elif len(data) > room:
-            raise self._exceeded("max_response_bytes")
-        self._decoded += len(data)
+        else:
+            if len(data) > self._limits.max_bytes - self._decoded:
+                raise self._exceeded("max_response_bytes")
+            self._decoded += len(data)
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and self._conn is not None:
             self._conn.pause()
         self._wake()
+
+    def _decode(self, data: bytes | memoryview) -> bytes:
+        """Decode compressed body bytes within the bounds (raising BoundExceeded past one)."""
+        assert self._decoder is not None
+        limits = self._limits
+        self._wire += len(data)
+        room = limits.max_bytes - self._decoded
+        bound = "max_response_bytes"
+        by_ratio = max(RATIO_FLOOR, int(limits.max_ratio * self._wire)) - self._decoded
+        if by_ratio < room:
+            room, bound = by_ratio, "max_decompression_ratio"
+        try:
+            out = self._decoder.feed(data, room)
+        except zlib.error as exc:
+            raise aiohttp.ClientPayloadError(f"upstream body does not decode: {exc}") from None
+        if len(out) > room:
+            raise self._exceeded(bound)
+        self._decoded += len(out)
+        return out
 
     def _finish(self) -> None:
         if self._decoder is not None:
