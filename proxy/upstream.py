@@ -136,11 +136,21 @@ class Upstream:
         self._raw: aiohttp.ClientSession | None = None
 
     def reconfigure(self, config: UpstreamConfig) -> None:
-        """Apply a reloaded policy's upstream URL and key; pool, timeouts and bounds stay until
-        restart."""
+        """Apply a reloaded policy's upstream URL, key and bounds (to requests from now on);
+        pool and timeouts stay until restart."""
         kept = (self._json, self._raw, self.bounds_exceeded)
         self.__init__(config)  # type: ignore[misc]  # re-derives every URL-dependent field
         self._json, self._raw, self.bounds_exceeded = kept
+        if self._json is not None:
+            self._json.limits = self._limits()
+
+    def _limits(self) -> http1.Limits:
+        return http1.Limits(
+            max_bytes=self.config.max_response_bytes,
+            max_ratio=self.config.max_decompression_ratio,
+            max_duration=self.config.max_duration,
+            on_exceeded=self.bounds_exceeded.inc,
+        )
 
     async def start(self) -> None:
         # Gated routes: callgate's own client (proxy.http1), decoding gzip and deflate.
@@ -148,12 +158,7 @@ class Upstream:
             limit=self.config.max_connections,
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.timeout,
-            limits=http1.Limits(
-                max_bytes=self.config.max_response_bytes,
-                max_ratio=self.config.max_decompression_ratio,
-                max_duration=self.config.max_duration,
-                on_exceeded=self.bounds_exceeded.inc,
-            ),
+            limits=self._limits(),
         )
         # Everything else streams verbatim, both ways, through aiohttp's client. Not bounded by
         # max_response_bytes or max_duration: nothing is decoded or held (the body streams on

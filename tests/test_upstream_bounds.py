@@ -10,7 +10,8 @@ A fake upstream on 127.0.0.1 (aiohttp, or a raw asyncio server for a dripping he
 - an event stream that opens a tool call and then sends `: ping` every 50 ms for ever: the
   client (the real openai SDK) gets an `upstream_timeout` error event within
   `upstream.max_duration`, never the call, and callgate hangs up on the upstream;
-- a non-streaming body, or a response head, dripping a byte every 50 ms: a 504.
+- a non-streaming body, or a response head, dripping a byte every 50 ms: a 504;
+- a reload that lowers a bound applies it to the next request, and the counter carries on.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ import aiohttp
 import openai
 import pytest
 import structlog
+import yaml
 from aiohttp import web
 
+from proxy.app import create_app
+from proxy.config import UpstreamConfig
+from proxy.policy import load_policy
+from proxy.reload import reload_policy
+from proxy.state import STATE
 from tests.conftest import completion, records
 from tests.responses_streams import fc, msg, response, stream_events
 from tests.streams import chat_stream
@@ -477,8 +484,6 @@ async def test_dripping_head_is_504(make_proxy):
 
 
 async def test_settings_parse_and_default():
-    from proxy.config import UpstreamConfig
-
     default = UpstreamConfig()
     assert default.max_response_bytes == 64 * MiB
     assert default.max_decompression_ratio == 100
@@ -488,3 +493,35 @@ async def test_settings_parse_and_default():
         UpstreamConfig(max_decompression_ratio=0.5)
     with pytest.raises(ValueError):
         UpstreamConfig(max_duration=0)
+
+
+async def test_reload_applies_new_bounds_to_new_requests(tmp_path, aiohttp_server, bad):
+    path = tmp_path / "callgate.yaml"
+
+    def write(max_bytes: int) -> None:
+        data = {"upstream": {"base_url": bad.url, "max_response_bytes": max_bytes}}
+        path.write_text(yaml.safe_dump(data))
+
+    write(4 * MiB)
+    app = create_app(load_policy(str(path)), config_path=str(path))
+    server = await aiohttp_server(app, host="127.0.0.1")
+    state = app[STATE]
+    doc = json.dumps(completion(("get_weather", {"city": "Paris"}))).encode()
+    body = doc[:-1] + b" " * (64 << 10) + b"}"
+    async with openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key="sk-x", max_retries=0
+    ) as client:
+        bad.handlers.append(body_reply(body))
+        assert (await call_non_stream(client, "chat")).choices[0].message.tool_calls
+        write(32 << 10)
+        assert await reload_policy(state, "test")
+        bad.handlers.append(body_reply(body))
+        with pytest.raises(openai.InternalServerError) as err:
+            await call_non_stream(client, "chat")
+    assert err.value.body["code"] == "upstream_too_large"
+    assert "32768 bytes" in err.value.body["message"]
+    # The counter registered at start is the one counting after the reload.
+    assert state.upstream.bounds_exceeded.counts == {("max_response_bytes",): 1}
+    assert 'callgate_upstream_bounds_exceeded_total{bound="max_response_bytes"} 1.0' in (
+        state.metrics.exposition().decode()
+    )
