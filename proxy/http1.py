@@ -423,9 +423,10 @@ class Connection(asyncio.Protocol):
         self.active = False
         # One timer serves both the silence timeout and the overall deadline: it fires every
         # `read_timeout`, or at the deadline when that comes first.
+        now = loop.time()
         self.max_duration = response._limits.max_duration
-        self.deadline = loop.time() + self.max_duration
-        self._arm(loop.time(), read_timeout)
+        self.deadline = now + self.max_duration
+        self._arm(now, read_timeout)
         assert self.transport is not None
         self.transport.write(data)
         return self.head
