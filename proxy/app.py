@@ -120,6 +120,7 @@ def create_app(
     )
     app[STATE] = state
     state.auditor.listeners.append(state.metrics.on_audit)
+    state.metrics.registry.register(state.upstream.bounds_exceeded)  # type: ignore[arg-type]
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -85,6 +85,13 @@ class UpstreamConfig(_Model):
     connect_timeout: float = 10.0
     timeout: float = 600.0
     max_connections: int = Field(default=256, ge=1)
+    # Bounds on one upstream answer (gated routes): its decoded size, streamed or not; how far
+    # its compressed bytes may inflate (checked past 1 MiB decoded: JSON and live event
+    # streams inflate 10-50x, a deflate bomb ~1000x); and its whole duration, from the request
+    # sent to the last byte, so keep-alive comments cannot hold a call open for ever.
+    max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_decompression_ratio: float = Field(default=100.0, ge=1.0)
+    max_duration: float = Field(default=1800.0, gt=0.0)
 
     @field_validator("base_url")
     @classmethod
@@ -98,7 +105,7 @@ class UpstreamConfig(_Model):
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
 
-    @field_validator("connect_timeout", "timeout", mode="before")
+    @field_validator("connect_timeout", "timeout", "max_duration", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)

@@ -60,6 +60,10 @@ async def next_chunk(resp: http1.Response) -> bytes | None:
     """
     try:
         return await resp.next_chunk()
+    except http1.BoundExceeded as exc:  # before ClientPayloadError, which it is
+        raise StreamFailed(str(exc), "upstream_too_large") from None
+    except http1.DeadlinePassed as exc:  # logged by the gate's fail() with its message
+        raise StreamFailed(str(exc), "upstream_timeout") from None
     except TimeoutError:  # aiohttp's ServerTimeoutError too
         raise StreamFailed("upstream stream timed out", "upstream_timeout") from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:

@@ -8,6 +8,11 @@ as much CPU per request as everything else callgate does. This client parses wit
 checks the read timeout with one timer per response rather than per read. The pass-through
 routes, which stream arbitrary bodies both ways, keep aiohttp's client.
 
+Bounds against a hostile or broken upstream (`upstream.max_*`): an answer's decoded size, how
+far its compressed bytes inflate (zlib's `max_length`: a bomb is cut off before it is
+inflated, not after), and its whole duration. Each fails the response with `BoundExceeded`
+or `DeadlinePassed`, which the routes turn into a 502 / 504 or an error event.
+
 The response object offers the part of `aiohttp.ClientResponse` the routes use (`status`,
 `reason`, `headers`, `content.iter_any()`, `read()`, `release()`, `close()`), and failures are
 raised as aiohttp's exception types, so the routes handle both clients the same way.
@@ -20,7 +25,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 import httptools
@@ -29,8 +34,53 @@ from multidict import CIMultiDict, CIMultiDictProxy
 # Buffered body bytes above which the connection stops reading until the consumer catches up.
 HIGH_WATER = 1 << 20
 KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is closed, not reused
+# Decoded bytes below which the decompression ratio is not checked: small bodies (a short
+# repetitive answer, an error) can inflate far more than JSON does, and cost nothing.
+RATIO_FLOOR = 1 << 20
+# Compressed bytes decoded at a time: the ratio bound lets each piece inflate by at most the
+# ratio, so one large read of a bomb cannot decode to ratio x 256 KiB before it is checked.
+DECODE_SLICE = 16 << 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FORBIDDEN = str.maketrans("", "", "\r\n")
+
+
+class BoundExceeded(aiohttp.ClientPayloadError):
+    """The upstream's answer passed a size bound (`bound` names the setting)."""
+
+    def __init__(self, message: str, bound: str) -> None:
+        super().__init__(message)
+        self.bound = bound
+
+
+class DeadlinePassed(aiohttp.ServerTimeoutError):
+    """The upstream's answer was not complete within `upstream.max_duration`."""
+
+    bound = "max_duration"
+
+
+class Limits:
+    """The bounds on one answer, and what is told when one is passed (e.g. a metric)."""
+
+    __slots__ = ("max_bytes", "max_duration", "max_ratio", "on_exceeded")
+
+    def __init__(
+        self,
+        max_bytes: int = 64 << 20,
+        max_ratio: float = 100.0,
+        max_duration: float = 1800.0,
+        on_exceeded: Callable[[str], None] | None = None,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_ratio = max_ratio
+        self.max_duration = max_duration
+        self.on_exceeded = on_exceeded
+
+    def exceeded(self, bound: str) -> None:
+        if self.on_exceeded is not None:
+            self.on_exceeded(bound)
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class Origin:
@@ -63,19 +113,21 @@ class Decoder:
         self.inner = zlib.decompressobj(32 + zlib.MAX_WBITS)
         self.started = False
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | memoryview, limit: int) -> bytes:
+        """What `data` decodes to, but at most `limit` + 1 bytes: more than `limit` means the
+        caller's bound is passed (zlib stops there, and the rest is never inflated)."""
         if not self.started and data and self.encoding == "deflate" and data[0] & 0x0F != 8:
             # No zlib header (its first byte names method 8): raw deflate. Decided on the
             # first byte, as zlib may accept a lone first byte before it checks the header.
             self.inner = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            out = self.inner.decompress(data)
+            out = self.inner.decompress(data, limit + 1)
         except zlib.error:
             if self.started or self.encoding != "deflate":
                 raise
             # Some servers send "deflate" without the zlib wrapper.
             self.inner = zlib.decompressobj(-zlib.MAX_WBITS)
-            out = self.inner.decompress(data)
+            out = self.inner.decompress(data, limit + 1)
         self.started = True
         return out
 
@@ -92,8 +144,11 @@ _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 class Response:
     """An upstream response whose body arrives in the background (see the module docstring)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, limits: Limits = DEFAULT_LIMITS) -> None:
         self._conn: Connection | None = conn
+        self._limits = limits
+        self._decoded = 0  # body bytes so far, after decoding
+        self._wire = 0  # body bytes so far, as received (when there is a Content-Encoding)
         self._loop = conn.loop
         self.status = 0
         self.reason = ""
@@ -115,17 +170,42 @@ class Response:
         if self._error is not None:
             return  # e.g. an encoding callgate cannot decode: none of it goes on
         if self._decoder is not None:
-            try:
-                data = self._decoder.feed(data)
-            except zlib.error as exc:
-                raise aiohttp.ClientPayloadError(f"upstream body does not decode: {exc}") from None
+            if len(data) <= DECODE_SLICE:
+                data = self._decode(data)
+            else:
+                view, step = memoryview(data), DECODE_SLICE
+                pieces = [self._decode(view[i : i + step]) for i in range(0, len(view), step)]
+                data = b"".join(pieces)
             if not data:
                 return
+        else:
+            if len(data) > self._limits.max_bytes - self._decoded:
+                raise self._exceeded("max_response_bytes")
+            self._decoded += len(data)
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and self._conn is not None:
             self._conn.pause()
         self._wake()
+
+    def _decode(self, data: bytes | memoryview) -> bytes:
+        """Decode compressed body bytes within the bounds (raising BoundExceeded past one)."""
+        assert self._decoder is not None
+        limits = self._limits
+        self._wire += len(data)
+        room = limits.max_bytes - self._decoded
+        bound = "max_response_bytes"
+        by_ratio = max(RATIO_FLOOR, int(limits.max_ratio * self._wire)) - self._decoded
+        if by_ratio < room:
+            room, bound = by_ratio, "max_decompression_ratio"
+        try:
+            out = self._decoder.feed(data, room)
+        except zlib.error as exc:
+            raise aiohttp.ClientPayloadError(f"upstream body does not decode: {exc}") from None
+        if len(out) > room:
+            raise self._exceeded(bound)
+        self._decoded += len(out)
+        return out
 
     def _finish(self) -> None:
         if self._decoder is not None:
@@ -135,9 +215,30 @@ class Response:
                 self._fail(aiohttp.ClientPayloadError(f"upstream body does not decode: {exc}"))
                 return
             if tail:
+                if len(tail) > self._limits.max_bytes - self._decoded:
+                    self._fail(self._exceeded("max_response_bytes"))
+                    return
+                self._decoded += len(tail)
                 self._chunks.append(tail)
         self._done = True
         self._wake()
+
+    def _exceeded(self, bound: str) -> BoundExceeded:
+        """The error for a passed size bound (raised by the caller: the connection closes)."""
+        limits = self._limits
+        limits.exceeded(bound)
+        if bound == "max_decompression_ratio":
+            message = (
+                f"upstream answer inflates more than upstream.max_decompression_ratio allows "
+                f"({limits.max_ratio:g}x: {self._wire} compressed bytes decode past "
+                f"{self._decoded} bytes)"
+            )
+        else:
+            message = (
+                f"upstream answer is larger than upstream.max_response_bytes "
+                f"({limits.max_bytes} bytes decoded)"
+            )
+        return BoundExceeded(message, bound)
 
     def _fail(self, exc: BaseException) -> None:
         if not self._done and self._error is None:
@@ -216,6 +317,8 @@ class Connection(asyncio.Protocol):
         self.until_close = False  # body length is "until the server closes"
         self.active = False  # bytes arrived since the read-timeout timer last looked
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time by which the whole answer must be in
+        self.max_duration = 0.0
         self.paused = False
         self.idle_since = 0.0
         self._headers: list[tuple[str, str]] = []
@@ -318,16 +421,40 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         self.until_close = False
         self.active = False
-        self.timer = loop.call_later(read_timeout, self._check_timeout, read_timeout)
+        # One timer serves both the silence timeout and the overall deadline: it fires every
+        # `read_timeout`, or at the deadline when that comes first.
+        now = loop.time()
+        self.max_duration = response._limits.max_duration
+        self.deadline = now + self.max_duration
+        self._arm(now, read_timeout)
         assert self.transport is not None
         self.transport.write(data)
         return self.head
 
-    def _check_timeout(self, read_timeout: float) -> None:
+    def _arm(self, now: float, read_timeout: float) -> None:
+        at = now + read_timeout
+        final = at >= self.deadline
+        self.timer = self.loop.call_at(
+            self.deadline if final else at, self._check_timeout, read_timeout, final
+        )
+
+    def _check_timeout(self, read_timeout: float, final: bool) -> None:
+        if final:
+            # Data arriving (keep-alive comments, a slow drip) does not move the deadline.
+            self.timer = None
+            if self.response is not None:
+                self.response._limits.exceeded("max_duration")
+            self._abort(
+                DeadlinePassed(
+                    f"upstream answer not complete within upstream.max_duration "
+                    f"({self.max_duration:g} s)"
+                )
+            )
+            return
         if self.active or self.paused:
             # Paused, nothing can arrive: the consumer is slow, not the upstream.
             self.active = False
-            self.timer = self.loop.call_later(read_timeout, self._check_timeout, read_timeout)
+            self._arm(self.loop.time(), read_timeout)
             return
         self.timer = None
         self._abort(aiohttp.ServerTimeoutError(f"no data from the upstream for {read_timeout:g} s"))
@@ -386,10 +513,12 @@ class Pool:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.limits = limits
         self.ssl_context = ssl_context
         self.idle: dict[tuple[str, str, int], list[Connection]] = {}
         self.open: set[Connection] = set()
@@ -428,7 +557,7 @@ class Pool:
         if body:
             data += body
         conn = await self._acquire(origin)
-        response = Response(conn)
+        response = Response(conn, self.limits)
         try:
             return await conn.send(data, response, self.read_timeout)
         except BaseException:

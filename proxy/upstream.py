@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import http1
 from proxy.config import UpstreamConfig
+from proxy.metrics import Counts
+
+log = structlog.get_logger("callgate.upstream")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes for us.
 _HOP = frozenset(
@@ -98,6 +102,9 @@ class _Failures:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
         if exc is None:
             return
+        if isinstance(exc, http1.DeadlinePassed):
+            log.warning("upstream_bound_exceeded", bound=exc.bound, error=str(exc))
+            raise UpstreamError(str(exc), 504, "upstream_timeout") from None
         if isinstance(exc, TimeoutError):
             raise UpstreamError(
                 "upstream timed out before answering", 504, "upstream_timeout"
@@ -116,6 +123,12 @@ _failures = _Failures()
 class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
+        # Answers cut off by a bound, by the setting that cut them (a Prometheus counter).
+        self.bounds_exceeded = Counts(
+            "callgate_upstream_bounds_exceeded",
+            "Upstream answers cut off by an upstream.max_* bound",
+            ("bound",),
+        )
         self.base_url = config.base_url
         self._target = parse_target(config.base_url)
         self._targets = {config.base_url: self._target}  # other policies' (after a reload)
@@ -123,10 +136,21 @@ class Upstream:
         self._raw: aiohttp.ClientSession | None = None
 
     def reconfigure(self, config: UpstreamConfig) -> None:
-        """Apply a reloaded policy's upstream URL and key; pool and timeouts stay until restart."""
-        clients = (self._json, self._raw)
+        """Apply a reloaded policy's upstream URL, key and bounds (to requests from now on);
+        pool and timeouts stay until restart."""
+        kept = (self._json, self._raw, self.bounds_exceeded)
         self.__init__(config)  # type: ignore[misc]  # re-derives every URL-dependent field
-        self._json, self._raw = clients
+        self._json, self._raw, self.bounds_exceeded = kept
+        if self._json is not None:
+            self._json.limits = self._limits()
+
+    def _limits(self) -> http1.Limits:
+        return http1.Limits(
+            max_bytes=self.config.max_response_bytes,
+            max_ratio=self.config.max_decompression_ratio,
+            max_duration=self.config.max_duration,
+            on_exceeded=self.bounds_exceeded.inc,
+        )
 
     async def start(self) -> None:
         # Gated routes: callgate's own client (proxy.http1), decoding gzip and deflate.
@@ -134,8 +158,11 @@ class Upstream:
             limit=self.config.max_connections,
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.timeout,
+            limits=self._limits(),
         )
-        # Everything else streams verbatim, both ways, through aiohttp's client.
+        # Everything else streams verbatim, both ways, through aiohttp's client. Not bounded by
+        # max_response_bytes or max_duration: nothing is decoded or held (the body streams on
+        # with back-pressure), and a file download may rightly be large and slow.
         self._raw = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=self.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
@@ -243,6 +270,12 @@ class Upstream:
         resp = await self.open(method, path_qs, headers, body, target=target)
         try:
             payload = await resp.read()
+        except http1.BoundExceeded as exc:
+            log.warning("upstream_bound_exceeded", bound=exc.bound, error=str(exc))
+            raise UpstreamError(str(exc), 502, "upstream_too_large") from None
+        except http1.DeadlinePassed as exc:
+            log.warning("upstream_bound_exceeded", bound=exc.bound, error=str(exc))
+            raise UpstreamError(str(exc), 504, "upstream_timeout") from None
         except TimeoutError:
             raise UpstreamError(
                 "upstream timed out mid-response", 504, "upstream_timeout"
