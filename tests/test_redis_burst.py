@@ -96,7 +96,7 @@ def stop_processes(procs: list[tuple[Any, Path, str]]) -> None:
 
 
 @pytest.fixture
-def upstream() -> Iterator[ThreadedUpstream]:
+def threaded_upstream() -> Iterator[ThreadedUpstream]:
     server = ThreadedUpstream()
     server.start()
     try:
@@ -150,9 +150,9 @@ def read_records(files: list[Path], expected: int) -> list[dict[str, Any]]:
 
 
 async def test_cold_burst_across_three_processes_gets_exactly_the_limit(
-    redis_server: RedisServer, upstream: ThreadedUpstream, tmp_path: Path
+    redis_server: RedisServer, threaded_upstream: ThreadedUpstream, tmp_path: Path
 ):
-    procs = start_processes(tmp_path, upstream.url, redis_server.url)
+    procs = start_processes(tmp_path, threaded_upstream.url, redis_server.url)
     try:
         deadline = time.monotonic() + 30
         for proc, log, url in procs:
