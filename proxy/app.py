@@ -130,6 +130,7 @@ def create_app(
 
     async def start(_: web.Application) -> None:
         await state.upstream.start()
+        await state.store.start()  # Redis: opens the pool and loads the scripts before serving
         await state.auditor.start()
 
     async def stop(_: web.Application) -> None:

@@ -217,8 +217,13 @@ class AuditConfig(_Model):
 class StoreConfig(_Model):
     backend: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
+    # Bounds one Redis call once it holds a connection (connect, send, read, one retry).
     timeout: float = 0.5
     key_prefix: str = "callgate:"
+    # Connections per process, all opened at start. A call waits for a free one up to
+    # `pool_timeout` (that wait is not counted in `timeout`; past it, on_store_error applies).
+    pool_size: int = Field(default=32, ge=1, le=10_000)
+    pool_timeout: float = 5.0
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -226,6 +231,14 @@ class StoreConfig(_Model):
         seconds = parse_duration(v)
         if seconds <= 0:
             raise ValueError("timeout must be positive")
+        return seconds
+
+    @field_validator("pool_timeout", mode="before")
+    @classmethod
+    def _pool_wait(cls, v: Any) -> float:
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("pool_timeout must be positive")
         return seconds
 
     @field_validator("url")

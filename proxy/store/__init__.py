@@ -17,7 +17,13 @@ def open_store(config, clock=None) -> Store:  # type: ignore[no-untyped-def]
     if config.backend == "redis":
         from proxy.store.redis import RedisStore
 
-        return RedisStore(config.url, timeout=config.timeout, prefix=config.key_prefix)
+        return RedisStore(
+            config.url,
+            timeout=config.timeout,
+            pool_size=config.pool_size,
+            pool_timeout=config.pool_timeout,
+            prefix=config.key_prefix,
+        )
     from proxy.store.memory import MemoryStore
 
     return MemoryStore(clock=clock)

@@ -206,6 +206,9 @@ class MemoryStore:
             out.append(hit[1] if hit else None)
         return out
 
+    async def start(self) -> None:
+        return None
+
     async def ping(self) -> None:
         return None
 

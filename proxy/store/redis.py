@@ -20,10 +20,14 @@ members: the members are the truth. Timestamps and amounts are integers below 2*
 Lua's doubles; numbers going back to Redis are formatted with `%d`, never `tostring` (which
 rounds to 14 digits).
 
-Every call is bounded by `timeout` (connect, read, and the whole call including one retry on a
-fresh connection, which is what lets the pool survive a Redis restart). A connection that dies
-after Redis ran a reservation but before the reply arrived is retried with the same reservation
-id; the script finds that reservation's members already recorded and records nothing again.
+Connections: a pool of `pool_size`, all opened (and both scripts loaded) by `start()` before
+the app serves, so a burst right after start does not open connections and load scripts once per
+request. A call first waits for a free connection, up to `pool_timeout` (waiting is local
+queueing, not Redis being slow; a wait past it is a store error all the same), then holds it for
+at most `timeout`: connect if the connection is down, send, read, and one retry on a fresh
+connection (which is what lets the pool survive a Redis restart). A connection that dies after
+Redis ran a reservation but before the reply arrived is retried with the same reservation id;
+the script finds that reservation's members already recorded and records nothing again.
 
 Redis Cluster is not supported: the keys of one reservation (a rate-limit log and a ledger)
 usually hash to different slots. Use a single primary (with replicas / Sentinel for failover).
@@ -37,7 +41,9 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
+import structlog
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -45,6 +51,7 @@ from redis.exceptions import RedisError
 from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest, StoreError
 
 T = TypeVar("T")
+log = structlog.get_logger("callgate.store")
 
 # Largest integer a Lua number (a double) holds exactly.
 MAX_EXACT = 2**53 - 1
@@ -238,26 +245,105 @@ class RedisStore:
         url: str,
         *,
         timeout: float = 0.5,
+        pool_size: int = 32,
+        pool_timeout: float = 5.0,
         prefix: str = "callgate:",
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._timeout = timeout
+        self._pool_size = pool_size
+        self._pool_timeout = pool_timeout
         self._prefix = prefix
         self._clock = clock
+        # One slot per pooled connection: a call holds a slot for exactly as long as it holds a
+        # connection, so the wait for a slot is the wait for a connection, timed on its own
+        # (`pool_timeout`), and `timeout` starts only once a connection is ours. The blocking
+        # pool never makes a caller wait (a slot guarantees a free connection); it is there so
+        # an excess caller would wait rather than fail with "Too many connections".
+        self._slots = asyncio.Semaphore(pool_size)
+        self._warm = False
+        self._warming = asyncio.Lock()
         # One quick retry on a fresh connection: after a Redis restart every pooled connection
         # is dead, and the first command on each fails once. The whole call stays bounded by
         # `timeout` (see _call), retries included.
-        self._redis = Redis.from_url(
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_size,
+            timeout=pool_timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
             decode_responses=False,
         )
+        self._pool = pool
+        self._redis = Redis.from_pool(pool)
         self._reserve = self._redis.register_script(RESERVE_LUA)
         self._release = self._redis.register_script(RELEASE_LUA)
 
+    async def start(self) -> None:
+        """Warm up before serving. Redis being down is not fatal here: /readyz reports it (and
+        warms up once Redis answers), and calls meanwhile apply on_store_error."""
+        try:
+            await self._warm_up()
+        except StoreError as exc:
+            log.warning("store_warm_up_failed", error=str(exc))
+
+    async def _warm_up(self) -> None:
+        async with self._warming:
+            if not self._warm:
+                await self._open_all()
+                self._warm = True
+
+    async def _open_all(self) -> None:
+        """Open every connection of the pool and load both scripts (a fresh Redis has none).
+
+        Holds every slot meanwhile, so no call competes for the connections being opened.
+        """
+        held = 0
+        opened: list[AbstractConnection] = []
+
+        async def open_one() -> None:
+            # Nothing awaits between the pool handing a connection over and its being listed,
+            # so a cancellation cannot lose one (get_connection returns it to the pool itself
+            # if cancelled while connecting).
+            opened.append(await self._pool.get_connection())
+
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                while held < self._pool_size:
+                    await self._slots.acquire()
+                    held += 1
+            async with asyncio.timeout(self._pool_timeout):
+                try:
+                    await asyncio.gather(*(open_one() for _ in range(self._pool_size)))
+                finally:
+                    for conn in opened:
+                        await self._pool.release(conn)
+                # EVALSHA then finds them: no NOSCRIPT round trip on the first calls. (After a
+                # Redis restart, Script reloads on NOSCRIPT by itself.)
+                for script in (self._reserve, self._release):
+                    await self._redis.script_load(script.script)
+        except TimeoutError:
+            raise StoreError(
+                f"redis warm-up: not done within {self._pool_timeout:g}s"
+                f" ({len(opened)} of {self._pool_size} connections open)"
+            ) from None
+        except (RedisError, OSError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise StoreError(f"redis warm-up: {detail}") from None
+        finally:
+            for _ in range(held):
+                self._slots.release()
+
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise StoreError(
+                f"redis {what}: no free connection within {self._pool_timeout:g}s"
+                f" (pool_size {self._pool_size})"
+            ) from None
         try:
             async with asyncio.timeout(self._timeout):
                 return await op()
@@ -266,6 +352,8 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise StoreError(f"redis {what}: {detail}") from None
+        finally:
+            self._slots.release()
 
     def _keys(self, key: str) -> tuple[str, str]:
         return self._prefix + key, f"{self._prefix}sum:{key}"
@@ -329,6 +417,9 @@ class RedisStore:
         return await self._call("stash read", lambda: self._redis.mget(full))
 
     async def ping(self) -> None:
+        if not self._warm:
+            # Start-up could not warm up (Redis was down): ready only once it has.
+            await self._warm_up()
         await self._call("ping", self._redis.ping)
 
     async def close(self) -> None:
