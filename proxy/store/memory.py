@@ -230,6 +230,9 @@ class MemoryStore:
         stash = self._stash
         if key in stash:
             self._drop_stash(key)  # a rewrite is accounted once, and is the newest again
+        # A copy of exactly its length: orjson.dumps leaves a 4 KiB allocation behind even a
+        # 50-byte result, which would make the real footprint many times what is counted.
+        value = bytes(memoryview(value))
         size = sys.getsizeof(key) + sys.getsizeof(value) + STASH_ENTRY_OVERHEAD
         evicted = 0
         if size > self.stash_max_bytes:
