@@ -19,6 +19,7 @@ from proxy.routes.incoming import PRINCIPAL, request_id
 from proxy.routes.passthrough import forward
 from proxy.state import STATE, AppState
 from proxy.store import Store, open_store
+from proxy.store.memory import MemoryStore
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("callgate.http")
@@ -113,7 +114,9 @@ def create_app(
     )
     state = AppState(
         policy=policy,
-        store=store if store is not None else open_store(config.store, clock),
+        store=store
+        if store is not None
+        else open_store(config.store, clock, stash_max_bytes=config.server.stash_max_bytes),
         auditor=Auditor(config.audit),
         upstream=Upstream(config.upstream),
         config_path=config_path,
@@ -121,6 +124,8 @@ def create_app(
     app[STATE] = state
     state.auditor.listeners.append(state.metrics.on_audit)
     state.metrics.registry.register(state.upstream.bounds_exceeded)  # type: ignore[arg-type]
+    if isinstance(state.store, MemoryStore):
+        state.store.on_evict = state.metrics.stash_evictions.inc
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -252,6 +252,8 @@ class StoreConfig(_Model):
 class ServerConfig(_Model):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     stash_ttl: float = 86400.0
+    # Memory store: stashes past this many bytes evict the oldest (Redis: its maxmemory).
+    stash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     hide_denied_tools: bool = False
     # SIGTERM: readiness goes false, requests keep being served for `drain_delay` seconds (so a
     # load balancer stops sending), then no new connections and in-flight requests and streams

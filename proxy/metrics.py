@@ -115,6 +115,11 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.stash_evictions = Counter(
+            "callgate_stash_evictions",
+            "Stashed blocked calls the memory store evicted before their TTL (stash_max_bytes)",
+            registry=r,
+        )
         self.reloads = Counter(
             "callgate_policy_reloads", "Policy reload attempts", ["result"], registry=r
         )

@@ -22,6 +22,7 @@ log = structlog.get_logger("callgate.reload")
 _RESTART_ONLY = (
     ("store",),
     ("server", "max_body_bytes"),
+    ("server", "stash_max_bytes"),
     ("server", "drain_delay"),
     ("server", "shutdown_grace"),
     ("server", "reload_interval"),

@@ -67,7 +67,7 @@ def call_key(principal: str, call_id: str) -> str:
     """Stash key under which a surviving call finds its response's entry (full-input turns).
 
     Scoped by principal: replaying someone else's call id must not pull in their calls."""
-    return stash.responses_key(f"call:{principal}:{call_id}")
+    return stash.responses_call_key(principal, call_id)
 
 
 def conversation_id(body: dict[str, Any]) -> str | None:
@@ -79,7 +79,7 @@ def conversation_id(body: dict[str, Any]) -> str | None:
 
 def conversation_key(conversation: str) -> str:
     """Stash key for the error outputs a conversation's next turn must carry."""
-    return stash.responses_key("conversation:" + conversation)
+    return stash.responses_conversation_key(conversation)
 
 
 # -- reading ------------------------------------------------------------------------------

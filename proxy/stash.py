@@ -13,18 +13,32 @@ from typing import Any
 import orjson
 import structlog
 
-from proxy.store import Store
+from proxy.store import Store, key_part
 
 log = structlog.get_logger("callgate.stash")
 
 
+# Key layout. Clients choose principals, call ids, response and conversation ids, so every such
+# part is escaped (key_part) for the ":" that could end it: no choice of them reaches another
+# key. Principals keep their ":" (API-key fingerprints have one); the call id after them cannot.
+
+
 def chat_key(principal: str, call_id: str) -> str:
     # Scoped by principal: replaying someone else's call id must not pull in their calls.
-    return f"stash:chat:{principal}:{call_id}"
+    return f"stash:chat:{principal}:{key_part(call_id, ':')}"
 
 
 def responses_key(response_id: str) -> str:
-    return f"stash:responses:{response_id}"
+    """A response's entry: its id has no ":", unlike the two kinds of key below."""
+    return f"stash:responses:{key_part(response_id, ':')}"
+
+
+def responses_call_key(principal: str, call_id: str) -> str:
+    return f"stash:responses:call:{principal}:{key_part(call_id, ':')}"
+
+
+def responses_conversation_key(conversation: str) -> str:
+    return f"stash:responses:conversation:{key_part(conversation, ':')}"
 
 
 async def put(store: Store, keys: list[str], value: dict[str, Any], ttl: float) -> None:

@@ -9,7 +9,7 @@ from proxy.config import MICROS
 from proxy.gates.decision import Block
 from proxy.gates.ratelimit import scope_key
 from proxy.policy import Budget, to_micros
-from proxy.store import ChargeRequest, Outcome
+from proxy.store import ChargeRequest, Outcome, key_part
 from proxy.toolcalls import CallContext, ToolCall
 
 GATE = "budget"
@@ -47,7 +47,7 @@ def cost_of(budget: Budget, call: ToolCall, args: Any, ctx: CallContext) -> int:
 
 def charge_request(budget: Budget, principal: str, cost_micros: int) -> ChargeRequest:
     ledger = budget.ledger_config
-    key = f"budget:{budget.ledger}@{scope_key(ledger.scope, principal)}"
+    key = f"budget:{key_part(budget.ledger, '@')}@{scope_key(ledger.scope, principal)}"
     return ChargeRequest(
         key, budget.max_micros, ledger.window, cost_micros, budget.use.mode == "enforce"
     )

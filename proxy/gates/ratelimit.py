@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from proxy.config import RateLimitConfig
 from proxy.gates.decision import Block
-from proxy.store import Outcome, SlotRequest
+from proxy.store import Outcome, SlotRequest, key_part
 
 GATE = "rate_limit"
 
 
 def scope_key(scope: str, principal: str) -> str:
-    return "*" if scope == "global" else principal
+    """The key's last part: "*" for a global limit, else the principal, which never is "*"."""
+    return "*" if scope == "global" else key_part(principal, "*")
 
 
 def slot_request(namespace: str, tool: str, principal: str, cfg: RateLimitConfig) -> SlotRequest:
-    key = f"rl:{namespace}:{tool}@{scope_key(cfg.scope, principal)}"
+    # The model names the tool: neither it nor the namespace may move the "@" (key_part).
+    scope = scope_key(cfg.scope, principal)
+    key = f"rl:{key_part(namespace, ':@')}:{key_part(tool, '@')}@{scope}"
     return SlotRequest(key, cfg.max_calls, cfg.window, cfg.cooldown, cfg.mode == "enforce")
 
 

@@ -7,13 +7,23 @@ from proxy.store.base import (
     SlotRequest,
     Store,
     StoreError,
+    key_part,
 )
 
-__all__ = ["ChargeRequest", "Outcome", "Reservation", "SlotRequest", "Store", "StoreError"]
+__all__ = [
+    "ChargeRequest",
+    "Outcome",
+    "Reservation",
+    "SlotRequest",
+    "Store",
+    "StoreError",
+    "key_part",
+]
 
 
-def open_store(config, clock=None) -> Store:  # type: ignore[no-untyped-def]
-    """The store the config names. Memory takes an injectable wall clock (tests)."""
+def open_store(config, clock=None, *, stash_max_bytes=None) -> Store:  # type: ignore[no-untyped-def]
+    """The store the config names. Memory takes an injectable wall clock (tests) and a bound on
+    its stashes' bytes (Redis bounds its own memory: maxmemory)."""
     if config.backend == "redis":
         from proxy.store.redis import RedisStore
 
@@ -26,4 +36,6 @@ def open_store(config, clock=None) -> Store:  # type: ignore[no-untyped-def]
         )
     from proxy.store.memory import MemoryStore
 
-    return MemoryStore(clock=clock)
+    if stash_max_bytes is None:
+        return MemoryStore(clock=clock)
+    return MemoryStore(clock=clock, stash_max_bytes=stash_max_bytes)

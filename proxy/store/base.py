@@ -13,6 +13,27 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+def key_part(value: str, reserved: str) -> str:
+    """`value` with `%` and each character of `reserved` percent-escaped.
+
+    Store keys are literal separators and variable parts (principals, tool names, call ids:
+    some chosen by a client or a model). Each part is escaped for the separators that end it,
+    so a key splits back into its parts one way only: principal "a:b" with call "c" and
+    principal "a" with call "b:c" make different keys. Values without those characters, the
+    usual case, are kept as they are (and so are the keys they made before).
+    """
+    if "%" not in value:
+        for c in reserved:
+            if c in value:
+                break
+        else:
+            return value
+    out = value.replace("%", "%25")
+    for c in reserved:
+        out = out.replace(c, f"%{ord(c):02X}")
+    return out
+
+
 class StoreError(Exception):
     """The store could not answer (down, slow, or broken); gates apply on_store_error."""
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest
 
-SWEEP_EVERY = 4096  # reservations between sweeps of stale keys
+SWEEP_EVERY = 4096  # reservations between sweeps of stale keys, at least
+STASH_MAX_BYTES = 64 * 1024 * 1024
+# What a stash costs beyond its key and value objects (sys.getsizeof counts those): the
+# (expiry, value, size) tuple, the float and int in it, and the ordered dict's slot and link
+# (about 210 bytes measured with tracemalloc at 50k entries; rounded up).
+STASH_ENTRY_OVERHEAD = 240
 COMPACT_AT = 4096  # expired entries a log keeps at its head before giving the memory back
 _NEVER = float("-inf")
 
@@ -73,10 +80,31 @@ class _Log:
 
 
 class MemoryStore:
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    """Rate-limit logs, budget ledgers and stashes of one process.
+
+    Stashes are bounded in bytes (`stash_max_bytes`): past it the oldest are evicted, and
+    `on_evict(n)` is told. A stash is a convenience for a client's next turn, and losing one
+    costs that turn the blocked call's record. Logs are never evicted: dropping one inside its
+    window would reset a limit. They are swept once stale, so they are bounded by the keys (tool
+    x principal, ledger x principal) that recorded a call within their window.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] | None = None,
+        *,
+        stash_max_bytes: int = STASH_MAX_BYTES,
+        on_evict: Callable[[int], object] | None = None,
+    ) -> None:
         self._clock = clock or time.time
         self._logs: dict[str, _Log] = {}
-        self._stash: dict[str, tuple[float, bytes]] = {}
+        # key -> (expires, value, accounted bytes), oldest write first: evictions and expiry
+        # (one TTL for every stash, so the oldest expires first) both pop from the front.
+        self._stash: OrderedDict[str, tuple[float, bytes, int]] = OrderedDict()
+        self.stash_bytes = 0
+        self.stash_max_bytes = stash_max_bytes
+        self.stash_evictions = 0
+        self.on_evict = on_evict
         self._ids = itertools.count(1)
         self._until_sweep = SWEEP_EVERY
 
@@ -85,14 +113,19 @@ class MemoryStore:
         by the principals active within a window, not by every principal ever seen."""
         for key in [k for k, log in self._logs.items() if log.last <= now - log.horizon]:
             del self._logs[key]
-        for key in [k for k, (expires, _) in self._stash.items() if expires <= now]:
-            del self._stash[key]
+        for key in [k for k, (expires, _, _) in self._stash.items() if expires <= now]:
+            self._drop_stash(key)
+        # The next sweep waits for as many reservations as there are keys now: a sweep costs
+        # O(1) per reservation however many principals are active.
+        self._until_sweep = max(SWEEP_EVERY, len(self._logs) + len(self._stash))
+
+    def _drop_stash(self, key: str) -> None:
+        self.stash_bytes -= self._stash.pop(key)[2]
 
     async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
         now = self._clock()
         self._until_sweep -= 1
         if self._until_sweep <= 0:
-            self._until_sweep = SWEEP_EVERY
             self._sweep(now)
         # Every item is checked before any is recorded (all or nothing), and each item's log
         # is kept for recording. (Plain loops: on the path of every tool call, a comprehension
@@ -193,7 +226,35 @@ class MemoryStore:
                 log.remove(int(member))
 
     async def put_stash(self, key: str, value: bytes, ttl: float) -> None:
-        self._stash[key] = (self._clock() + ttl, value)
+        now = self._clock()
+        stash = self._stash
+        if key in stash:
+            self._drop_stash(key)  # a rewrite is accounted once, and is the newest again
+        # A copy of exactly its length: orjson.dumps leaves a 4 KiB allocation behind even a
+        # 50-byte result, which would make the real footprint many times what is counted.
+        value = bytes(memoryview(value))
+        size = sys.getsizeof(key) + sys.getsizeof(value) + STASH_ENTRY_OVERHEAD
+        evicted = 0
+        if size > self.stash_max_bytes:
+            evicted = 1  # could never fit: kept no more than an evicted one would be
+        else:
+            stash[key] = (now + ttl, value, size)
+            self.stash_bytes += size
+        # From the oldest: drop the expired, then evict while over the bound. Each entry is
+        # popped at most once, so this is O(1) per write, amortized.
+        while stash:
+            oldest = next(iter(stash))
+            expires, _, old_size = stash[oldest]
+            live = expires > now
+            if live and self.stash_bytes <= self.stash_max_bytes:
+                break
+            del stash[oldest]
+            self.stash_bytes -= old_size
+            evicted += live
+        if evicted:
+            self.stash_evictions += evicted
+            if self.on_evict is not None:
+                self.on_evict(evicted)
 
     async def get_stash_many(self, keys: list[str]) -> list[bytes | None]:
         now = self._clock()
@@ -201,7 +262,7 @@ class MemoryStore:
         for key in keys:
             hit = self._stash.get(key)
             if hit is not None and hit[0] <= now:
-                del self._stash[key]
+                self._drop_stash(key)
                 hit = None
             out.append(hit[1] if hit else None)
         return out
