@@ -72,6 +72,11 @@ async def path_guard(request: web.Request, handler: Handler) -> web.StreamRespon
         target = check_target(request.raw_path)
     except PathRefused as exc:
         return error_response(exc.status, exc.message, "invalid_request_error", "invalid_path")
+    if request.rel_url.raw_path != target.path:
+        # aiohttp routed on a path other than the one checked: never guess which one is meant.
+        return error_response(
+            400, "The request target is ambiguous.", "invalid_request_error", "invalid_path"
+        )
     problem = override_problem(request.headers, target.query)
     if problem is not None:
         return error_response(400, problem, "invalid_request_error", "invalid_path")
