@@ -12,11 +12,12 @@ from proxy.audit import Auditor
 from proxy.errors import error_response
 from proxy.logs import log_request
 from proxy.metrics import metrics_handler, route_label, upstream_time
+from proxy.paths import PathRefused, check_target, override_problem
 from proxy.policy import Policy
 from proxy.routes import responses
 from proxy.routes.chat import chat_completions
 from proxy.routes.incoming import PRINCIPAL, request_id
-from proxy.routes.passthrough import forward
+from proxy.routes.passthrough import TARGET, forward
 from proxy.state import STATE, AppState
 from proxy.store import Store, open_store
 from proxy.store.memory import MemoryStore
@@ -62,6 +63,26 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             log.debug("request", **fields)
         else:
             log_request(log, rid, request.get(PRINCIPAL), fields)
+
+
+@web.middleware
+async def path_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Route only canonical request targets (proxy.paths): any other spelling of a path could
+    reach the upstream's gated endpoints through the verbatim pass-through."""
+    try:
+        target = check_target(request.raw_path)
+    except PathRefused as exc:
+        return error_response(exc.status, exc.message, "invalid_request_error", "invalid_path")
+    if request.rel_url.raw_path != target.path:
+        # aiohttp routed on a path other than the one checked: never guess which one is meant.
+        return error_response(
+            400, "The request target is ambiguous.", "invalid_request_error", "invalid_path"
+        )
+    problem = override_problem(request.headers, target.query)
+    if problem is not None:
+        return error_response(400, problem, "invalid_request_error", "invalid_path")
+    request[TARGET] = target
+    return await handler(request)
 
 
 async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
@@ -110,7 +131,7 @@ def create_app(
 ) -> web.Application:
     config = policy.config
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[request_context]
+        client_max_size=config.server.max_body_bytes, middlewares=[request_context, path_guard]
     )
     state = AppState(
         policy=policy,

@@ -550,7 +550,10 @@ async def test_odd_client_tools_and_input_do_not_500(make_proxy, upstream):
                 "tools": [{"type": ["function"], "name": "x"}, {"type": {"a": 1}}, 5],
             },
         )
-    assert r.status == 200
+        error = (await r.json())["error"]
+    # Unreadable shapes are a 400 naming the field, before anything goes upstream (issue 19).
+    assert r.status == 400 and error["param"] == "input[0].type"
+    assert upstream.received == []
 
 
 # -- 5. usage -------------------------------------------------------------------------------

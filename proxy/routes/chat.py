@@ -16,6 +16,7 @@ from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_strea
 from proxy.gates import decide, release
 from proxy.gates.decision import Decision
 from proxy.policy import Policy
+from proxy.request_shape import chat_problem
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
@@ -51,7 +52,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     policy = state.policy  # this request keeps the policy it started with
     try:
-        raw, body = await read_json(request)
+        raw, body = await read_json(request, chat_problem)
     except BadRequest as exc:
         return exc.response
     ctx = call_context(request, body, policy, ROUTE)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
-from proxy.errors import bad_request
+from proxy.errors import bad_request, error_response
 from proxy.policy import Policy
 from proxy.principal import resolve_principal
+from proxy.request_shape import Problem
 from proxy.toolcalls import CallContext
 
 
@@ -41,7 +43,11 @@ def request_id(request: web.Request) -> str:
     return rid
 
 
-async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+async def read_json(
+    request: web.Request, check: Callable[[dict[str, Any]], Problem | None] | None = None
+) -> tuple[bytes, dict[str, Any]]:
+    """The body as bytes and as a JSON object; BadRequest when it is not one, or when `check`
+    (proxy.request_shape) finds a field callgate reads in a shape it cannot read."""
     raw = await request.read()
     try:
         body = orjson.loads(raw)
@@ -51,6 +57,10 @@ async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
         ) from None
     if not isinstance(body, dict):
         raise BadRequest(bad_request("The request body must be a JSON object."))
+    problem = check(body) if check is not None else None
+    if problem is not None:
+        message, param, code = problem
+        raise BadRequest(error_response(400, message, "invalid_request_error", code, param))
     return raw, body
 
 

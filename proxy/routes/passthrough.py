@@ -8,16 +8,23 @@ from aiohttp import web
 
 from proxy import http1
 from proxy.errors import error_response
+from proxy.paths import Target
 from proxy.state import STATE
 from proxy.upstream import UpstreamError, response_headers
 
 log = structlog.get_logger("callgate.passthrough")
 
 
+# The request target as checked by proxy.app's path guard (proxy.paths): canonical, so what
+# callgate routed on is what the upstream gets.
+TARGET: web.RequestKey[Target] = web.RequestKey("callgate_target", Target)
+
+
 def upstream_path(request: web.Request) -> str:
-    """The path and query relative to /v1, as sent by the client."""
-    path_qs = request.rel_url.raw_path_qs
-    return path_qs[3:] if path_qs.startswith("/v1") else path_qs
+    """The path and query relative to /v1, as sent by the client: the path the guard checked
+    (never aiohttp's re-parsed URL, which can differ for an absolute-form request line) and the
+    query as sent."""
+    return request[TARGET].upstream()
 
 
 async def relay(

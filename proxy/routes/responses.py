@@ -24,6 +24,7 @@ from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_strea
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
+from proxy.request_shape import responses_problem
 from proxy.responses_stream import (
     MAX_APPROVAL_ROUNDS,
     ResponsesStream,
@@ -123,7 +124,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     policy = state.policy  # this request keeps the policy it started with
     try:
-        raw, body = await read_json(request)
+        raw, body = await read_json(request, responses_problem)
     except BadRequest as exc:
         return exc.response
     changed = filter_tools(policy, body)
