@@ -1,4 +1,4 @@
-"""`callgate serve | check | explain | audit verify`."""
+"""`callgate serve | check | explain | audit verify [--strict]`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import orjson
 import yaml
 from yarl import URL
 
-from proxy.audit import verify_file
+from proxy.audit import verify_chain
 from proxy.config import ConfigError
 from proxy.gates import decide
 from proxy.gates.budget import cost_of, format_money
@@ -136,15 +136,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     try:
-        count, problem = verify_file(args.file)
+        result = verify_chain(args.file)
     except OSError as exc:
         print(f"{args.file}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    if problem:
-        print(f"{args.file}: TAMPERED: {problem} ({count} records verified before it)")
+    if result.problem:
+        print(
+            f"{args.file}: TAMPERED: {result.problem}"
+            f" ({result.records} records verified before it)"
+        )
         return 1
-    print(f"{args.file}: OK, {count} records, chain intact")
-    return 0
+    notes = [*result.resumptions, *([result.torn_tail] if result.torn_tail else [])]
+    across = f", {len(result.resumptions)} resumption(s)" if result.resumptions else ""
+    torn = ", torn tail" if result.torn_tail else ""
+    status = "RESUMED" if notes and args.strict else "OK"
+    print(f"{args.file}: {status}, {result.records} records, chain intact{across}{torn}")
+    for note in notes:
+        print(f"  {note}")
+    # --strict: a resumption (records may have been lost to a crash) fails the check.
+    return 2 if notes and args.strict else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check an audit file's hash chain")
     verify.add_argument("file")
+    verify.add_argument(
+        "--strict", action="store_true", help="exit 2 if the chain was resumed after a torn write"
+    )
     verify.set_defaults(func=cmd_audit_verify)
     return parser
 
