@@ -142,8 +142,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return 1
     if result.problem:
         print(
-            f"{args.file}: TAMPERED: {result.problem}"
-            f" ({result.records} records verified before it)"
+            f"{args.file}: TAMPERED: {result.problem} ({result.records} records verified before it)"
         )
         return 1
     notes = [*result.resumptions, *([result.torn_tail] if result.torn_tail else [])]
