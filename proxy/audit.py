@@ -666,10 +666,10 @@ class _Writer:
 
     One long-lived thread fed by a queue costs the event loop a queue put per batch, where a
     thread hop per batch (`asyncio.to_thread`) cost a future each way. Everything queued while
-    a write (or fsync) is under way goes in the next write. The file stays open (O_APPEND); it
-    is reopened when its path no longer names it (rotated away or deleted), checked with a
-    stat() per write: a fraction of an open() and close() per write. Each written batch number
-    is reported through `on_written`, failures through `on_failure`.
+    a write (or fsync) is under way goes in the next write. The file stays open (O_APPEND): an
+    fdatasync needs the fd, and a stat() per write (about what an open() and close() cost)
+    notices when the path names another file (rotated away, deleted) to reopen it. Each written
+    batch number is reported through `on_written`, failures through `on_failure`.
     """
 
     def __init__(
@@ -688,9 +688,20 @@ class _Writer:
         self._queue: SimpleQueue[tuple[bytes, int, int] | None] = SimpleQueue()  # None: stop
         self._unwritten = 0
         self._fd = -1
+        self._ident: tuple[int, int] = (-1, -1)  # the open file's (inode, device)
+        # Held to replace the fd (rotation) and, with fsync: batch, around each fdatasync.
+        self._fd_lock = threading.Lock()
         self.writes = 0  # write() batches that completed (tests, benchmark)
         self._thread = threading.Thread(target=self._run, name="callgate-audit", daemon=True)
         self._thread.start()
+        self._dirty = threading.Event()  # fsync: batch; written since the last fdatasync began
+        self._stopping = False
+        self._syncer: threading.Thread | None = None
+        if fsync == "batch":
+            self._syncer = threading.Thread(
+                target=self._sync_behind, name="callgate-audit-sync", daemon=True
+            )
+            self._syncer.start()
 
     def put(self, lines: bytes, records: int, seq: int) -> None:
         self._queue.put((lines, records, seq))
@@ -700,6 +711,12 @@ class _Writer:
         how many records could not be written. Blocks: run it in a thread."""
         self._queue.put(None)
         self._thread.join()
+        if self._syncer is not None:
+            self._stopping = True
+            self._dirty.set()
+            self._syncer.join()
+        if self._fd >= 0:
+            os.close(self._fd)
         return self._unwritten
 
     def _run(self) -> None:
@@ -742,35 +759,46 @@ class _Writer:
             data = b""
             self.writes += 1
             records = 0
-            if self._fsync == "always":
-                if not self._sync(seq):
-                    continue
-                self._on_written(seq)
-            else:
-                self._on_written(seq)
-                if self._fsync == "batch":
-                    self._sync(None)
+            if self._fsync == "always" and not self._sync(seq):
+                continue
+            self._on_written(seq)
+            if self._fsync == "batch":
+                self._dirty.set()
         self._unwritten = records
-        if self._fd >= 0:
-            os.close(self._fd)
+
+    def _sync_behind(self) -> None:
+        """fsync: batch. One fdatasync after another while writes come in, in a thread of its
+        own so that writes (and their waiters) never queue behind one: on power loss, what
+        was written while the last fdatasync ran is what may be lost."""
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            with self._fd_lock:
+                if self._fd >= 0:
+                    self._sync(None)
+            if self._stopping and not self._dirty.is_set():
+                return
 
     def _open(self) -> int:
-        fd = self._fd
-        if fd >= 0:
+        """The file's fd, opened again when the path names another file (or none) than the
+        one open: rotated away or deleted, the records go on at the path."""
+        if self._fd >= 0:
             try:
                 current = os.stat(self._path)
-                mine = os.fstat(fd)
-                if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
-                    return fd
+                if (current.st_ino, current.st_dev) == self._ident:
+                    return self._fd
             except FileNotFoundError:
                 pass
-            os.close(fd)  # rotated or deleted: write on at the path
-            self._fd = -1
         created = not os.path.exists(self._path)
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        opened = os.fstat(fd)
+        with self._fd_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd, self._ident = fd, (opened.st_ino, opened.st_dev)
         if created and self._fsync != "never":
             _sync_dir(self._path)
-        return self._fd
+        return fd
 
     def _sync(self, seq: int | None) -> bool:
         try:
