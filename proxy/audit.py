@@ -823,12 +823,13 @@ class Verification:
     resumptions: list[str] = field(default_factory=list)
     torn_tail: str | None = None
     problem: str | None = None
+    last_hash: str = GENESIS  # what a file that continues this one (rotated) chains from
 
 
-def verify_chain(path: str) -> Verification:
-    """Check a file's whole chain, across resumptions."""
+def verify_chain(path: str, prev: str = GENESIS) -> Verification:
+    """Check a file's whole chain, across resumptions; `prev`: the last hash of the file it
+    continues (log rotation), if any."""
     result = Verification()
-    prev = GENESIS
     damaged = b""  # unparseable lines not yet accounted for by a resume record
     damaged_line = 0
     blank = b""  # blank lines since the last record (part of a torn tail that follows)
@@ -884,6 +885,7 @@ def verify_chain(path: str) -> Verification:
                 result.resumptions.append(_describe_resume(path, lineno, record, resume))
             prev = stated
             result.records += 1
+    result.last_hash = prev
     if damaged:
         if damaged.endswith(b"\n"):
             result.problem = f"line {damaged_line}: not an audit record"

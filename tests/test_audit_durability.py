@@ -611,3 +611,29 @@ def test_sigkill_at_random_moments_loses_no_delivered_record(tmp_path):
     result = verify_chain(str(path))
     assert result.problem is None, result.problem
     assert result.records >= len(delivered)
+
+
+# --- rotation -----------------------------------------------------------------------------------
+
+
+async def test_rotated_file_is_followed_and_verifies_with_its_predecessor(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    rotated = tmp_path / "audit.jsonl.1"
+    auditor = await started(path)
+    for call_id in ("a", "b"):
+        record(auditor, call_id)
+    await auditor.durable()
+    path.rename(rotated)  # logrotate, without copytruncate
+    for call_id in ("c", "d"):
+        record(auditor, call_id)
+    await auditor.durable()
+    await auditor.close()
+    assert call_ids(rotated) == ["a", "b"]
+    assert call_ids(path) == ["c", "d"]
+    capsys.readouterr()
+    assert main(["audit", "verify", str(path)]) == 1  # alone, it starts mid-chain
+    assert "line 1: chain broken" in capsys.readouterr().out
+    assert main(["audit", "verify", str(rotated), str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "audit.jsonl.1: OK, 2 records" in out and "audit.jsonl: OK, 2 records" in out
+    assert main(["audit", "verify", str(path), str(rotated)]) == 1  # out of order
