@@ -1,4 +1,4 @@
-"""`callgate serve | check | explain | audit verify`."""
+"""`callgate serve | check | explain | audit verify [--strict]`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import orjson
 import yaml
 from yarl import URL
 
-from proxy.audit import verify_file
+from proxy.audit import GENESIS, verify_chain
 from proxy.config import ConfigError
 from proxy.gates import decide
 from proxy.gates.budget import cost_of, format_money
@@ -135,16 +135,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    try:
-        count, problem = verify_file(args.file)
-    except OSError as exc:
-        print(f"{args.file}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    if problem:
-        print(f"{args.file}: TAMPERED: {problem} ({count} records verified before it)")
-        return 1
-    print(f"{args.file}: OK, {count} records, chain intact")
-    return 0
+    prev = GENESIS
+    notes: list[str] = []
+    for i, path in enumerate(args.files):
+        # Rotated files, oldest first: each continues the chain where the previous one ended.
+        try:
+            result = verify_chain(path, prev)
+        except OSError as exc:
+            print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if result.problem:
+            print(
+                f"{path}: TAMPERED: {result.problem} ({result.records} records verified before it)"
+            )
+            return 1
+        if result.torn_tail and i < len(args.files) - 1:
+            print(f"{path}: TAMPERED: {result.torn_tail}, and another file continues it")
+            return 1
+        file_notes = [*result.resumptions, *([result.torn_tail] if result.torn_tail else [])]
+        across = f", {len(result.resumptions)} resumption(s)" if result.resumptions else ""
+        torn = ", torn tail" if result.torn_tail else ""
+        status = "RESUMED" if file_notes and args.strict else "OK"
+        print(f"{path}: {status}, {result.records} records, chain intact{across}{torn}")
+        for note in file_notes:
+            print(f"  {note}")
+        notes += file_notes
+        prev = result.last_hash
+    # --strict: a resumption (records may have been lost to a crash) fails the check.
+    return 2 if notes and args.strict else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="audit file tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check an audit file's hash chain")
-    verify.add_argument("file")
+    verify.add_argument("files", nargs="+", metavar="FILE", help="rotated files: oldest first")
+    verify.add_argument(
+        "--strict", action="store_true", help="exit 2 if the chain was resumed after a torn write"
+    )
     verify.set_defaults(func=cmd_audit_verify)
     return parser
 

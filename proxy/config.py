@@ -212,6 +212,13 @@ class AuditConfig(_Model):
     file: str | None = None
     # Argument keys whose values are replaced by "[REDACTED]" in audit records, at any depth.
     redact: list[str] = Field(default_factory=list)
+    # When the file's writes reach the disk itself: never (the OS decides; a record survives a
+    # killed callgate, not a power loss), batch (fdatasync right after each write, without
+    # holding back the calls it covers), always (fdatasync before the calls a write covers go
+    # out). Applies after a restart, like `file`.
+    fsync: Literal["never", "batch", "always"] = "never"
+    # Arguments whose JSON is longer are recorded as a digest, their size and a preview.
+    max_argument_bytes: int = Field(default=64 * 1024, ge=1024)
 
 
 class StoreConfig(_Model):

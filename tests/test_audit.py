@@ -438,20 +438,30 @@ async def test_records_kept_when_file_cannot_be_written(tmp_path):
     assert verify_file(str(path)) == (2, None)
 
 
-async def test_torn_last_line_does_not_stop_the_auditor(make_proxy, upstream, tmp_path, capsys):
+async def test_torn_last_line_is_cut_and_the_chain_resumed(make_proxy, upstream, tmp_path, capsys):
     path = tmp_path / "audit.jsonl"
     await write_audit(path, make_proxy, upstream, 2)
+    torn = b'{"time": "2030-01-01T00:0'  # a crash mid-write
     with path.open("ab") as fh:
-        fh.write(b'{"time": "2030-01-01T00:0')  # a crash mid-write
+        fh.write(torn)
+    capsys.readouterr()
+    assert main(["audit", "verify", str(path)]) == 0  # a torn tail is no tampering
+    assert "torn write" in capsys.readouterr().out
     with structlog.testing.capture_logs() as entries:
         await write_audit(path, make_proxy, upstream, 1)
-    assert any(e["event"] == "audit_file_damaged" for e in entries)
+    assert any(e["event"] == "audit_torn_tail_cut" for e in entries)
     lines = path.read_text().splitlines()
     assert len(lines) == 4
-    assert json.loads(lines[3])["call_id"] == "c0"  # the new record has a line of its own
+    resume = json.loads(lines[2])["resume"]
+    assert resume["cut_bytes"] == len(torn)
+    assert resume["cut_sha256"] == hashlib.sha256(torn).hexdigest()
+    assert (tmp_path / resume["kept_in"]).read_bytes() == torn  # kept aside, not lost
+    assert json.loads(lines[3])["call_id"] == "c0"
     capsys.readouterr()
-    assert main(["audit", "verify", str(path)]) == 1
-    assert "line 3: not an audit record" in capsys.readouterr().out
+    assert main(["audit", "verify", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "OK, 4 records, chain intact, 1 resumption(s)" in out
+    assert f"after cutting {len(torn)} bytes" in out
 
 
 async def test_unparseable_arguments_naming_a_redacted_key_are_not_recorded(
