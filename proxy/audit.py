@@ -534,6 +534,18 @@ class Auditor:
             if not self._unsealed and self._loop is not None:
                 self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
             self._unsealed.append((record, raw))
+            ctx.audit_batch = self._sealed + 1
+
+    def unwritten(self, ctx: CallContext) -> bool:
+        """Whether a record this request made is not yet in the file: a plain comparison, so
+        every write to a client can afford to ask."""
+        return ctx.audit_batch > self._written
+
+    async def written(self, ctx: CallContext) -> None:
+        """Return once every record this request made is in the file (audit before delivery);
+        raise `AuditUnavailable` if it could not be written."""
+        if ctx.audit_batch > self._written:
+            await self.durable()
 
     async def durable(self) -> None:
         """Return once every record recorded so far is in the file (and on disk with

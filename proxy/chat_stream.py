@@ -12,6 +12,7 @@ breaks while a call is held fails closed: the call is never emitted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from proxy import chat, http1, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
+from proxy.delivery import on_record
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, event_object, next_chunk, open_round
 from proxy.gates import decide, release
@@ -144,6 +146,12 @@ class ChatStream:
 
     async def flush(self) -> None:
         if self.queued:
+            if self.state.auditor.unwritten(self.ctx):
+                try:
+                    await on_record(self.state, self.ctx)  # audit before delivery
+                except StreamFailed:
+                    self.queued.clear()  # never sent unrecorded: the stream fails closed
+                    raise
             data = b"".join(self.queued) if len(self.queued) > 1 else self.queued[0]
             self.queued.clear()
             await self.out.write(data)
@@ -189,8 +197,9 @@ class ChatStream:
         log.warning("stream_failed", code=code, error=message)
         body = error_body(message, "upstream_error", code)
         try:
-            await self.write(b"data: " + body + b"\n\n")
-            await self.flush()
+            with contextlib.suppress(StreamFailed):  # what was queued goes only if on record
+                await self.flush()
+            await self.out.write(b"data: " + body + b"\n\n")  # carries no call: no wait
         except (ConnectionResetError, RuntimeError):
             pass
 
@@ -227,7 +236,7 @@ class ChatStream:
                 if cut:
                     head = data if cut == len(data) else data[:cut]
                     self.text.append(head)
-                    if cut == len(data):
+                    if cut == len(data) and not self.state.auditor.unwritten(self.ctx):
                         await self.out.write(head)
                         continue
                     self.queued.append(head)  # one write with what the rest of the read adds

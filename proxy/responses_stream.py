@@ -38,6 +38,7 @@ from aiohttp import web
 
 from proxy import http1, responses, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
+from proxy.delivery import on_record
 from proxy.forward import StreamFailed, event_object, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
@@ -265,6 +266,8 @@ class ResponsesStream:
     # -- output ---------------------------------------------------------------------------
 
     async def write(self, data: bytes) -> None:
+        if self.state.auditor.unwritten(self.ctx):
+            await on_record(self.state, self.ctx)  # audit before delivery
         await self.out.write(data)
 
     def activate(self) -> None:
@@ -344,7 +347,7 @@ class ResponsesStream:
         }
         data = b"data: " + orjson.dumps(obj) + b"\n\n"
         try:
-            await self.write(b"event: error\n" + data)
+            await self.out.write(b"event: error\n" + data)  # carries no call: no audit wait
         except (ConnectionResetError, RuntimeError):
             pass
         self.ended = True

@@ -28,6 +28,9 @@ class CallContext:
     model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
+    # The audit batch this request's latest file record goes out in (0: none): nothing of the
+    # answer may reach the client before that batch is written (see Auditor.written).
+    audit_batch: int = 0
 
     def request_vars(self) -> dict[str, Any]:
         return {"model": self.model or "", "metadata": self.metadata, "user": self.user or ""}

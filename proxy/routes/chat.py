@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy import chat, stash
 from proxy.blocking import audit_plan, plan
 from proxy.chat_stream import ChatStream
+from proxy.delivery import deliver
 from proxy.errors import error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
 from proxy.gates import decide, release
@@ -60,7 +61,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raw = orjson.dumps(body)
     if body.get("stream") is True:
         return await _gate_stream(request, state, policy, body, raw, ctx)
-    return await _gate_completion(request, state, policy, body, raw, ctx)
+    return await deliver(
+        state, ctx, await _gate_completion(request, state, policy, body, raw, ctx)
+    )
 
 
 async def _gate_stream(

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy import responses, stash
 from proxy.blocking import plan
+from proxy.delivery import deliver
 from proxy.errors import bad_gateway, bad_request, error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
 from proxy.gates import decide, release
@@ -146,9 +147,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         raw = orjson.dumps(body)
     if body.get("stream") is True:
         return await _gate_stream(request, state, policy, body, raw, ctx, inserted, gated)
-    return await _gate_response(
+    answer = await _gate_response(
         request, state, policy, body, raw, ctx, inserted, client_prev, gated
     )
+    return await deliver(state, ctx, answer)
 
 
 # -- non-streaming ------------------------------------------------------------------------
