@@ -42,6 +42,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import error_body, error_response
@@ -203,6 +204,8 @@ class GuardedRequestHandler(RequestHandler):
                 self._head_timer.cancel()
                 self._head_timer = None
             self._head_started = False
+            if self._current_request is not None:
+                self._fail_body_in_flight(self._current_request)
             return
         if not data:
             return
@@ -216,6 +219,26 @@ class GuardedRequestHandler(RequestHandler):
                 self._guard.header_timeout, self._head_timed_out
             )
         self._head_started = True
+
+    def _fail_body_in_flight(self, request: web.BaseRequest) -> None:
+        """A parse error in the body the handler is reading (bad chunking): aiohttp queues it
+        as the next request's error and never ends the body, so the handler would wait for the
+        client to leave. The body raises a 400 instead, which callgate's middleware answers in
+        OpenAI's shape, and the connection closes after it."""
+        message = self._messages[-1][0] if self._messages else None
+        body = request.content
+        if isinstance(message, RawRequestMessage) or body.is_eof():
+            return  # a new request, or the error is in a pipelined head after a whole body
+        self._messages.pop()
+        exc = getattr(message, "exc", None)
+        status, code, text = classify(exc, max(self.max_line_size, self.max_field_size))
+        log.info(
+            "http_error", status=status, code=code, error=type(exc).__name__, peer=request.remote
+        )
+        if body.exception() is None:  # aiohttp's Python parser may have set one already
+            body.set_exception(web.HTTPBadRequest(reason=text))
+        body.feed_eof()  # nothing more to read: aiohttp skips its lingering read of the rest
+        self.close()
 
     def _head_timed_out(self) -> None:
         # Cancelled whenever a head completes, so firing means the awaited head is incomplete.
