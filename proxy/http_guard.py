@@ -28,7 +28,7 @@ import re
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -179,8 +179,9 @@ class GuardedRequestHandler(RequestHandler):
         if guard.active >= guard.max_connections:
             guard.refused += 1
             # From here on the transport talks to the refusal: this handler never starts.
-            assert isinstance(transport, asyncio.Transport)
-            transport.set_protocol(Refusal(transport))
+            # (A cast, not an isinstance check: uvloop's transports are not asyncio's classes.)
+            stream = cast(asyncio.Transport, transport)
+            stream.set_protocol(Refusal(stream))
             return
         guard.active += 1
         super().connection_made(transport)
