@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -314,7 +314,6 @@ def _peer(transport: asyncio.BaseTransport) -> str | None:
     return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
-_EXPECT = "Expect"
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -351,7 +350,7 @@ def _checked(handler: _Handler) -> _Handler:
     def checked(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         if request.version.major != 1:
             return _unsupported_version(request)
-        if _EXPECT in request.headers:
+        if hdrs.EXPECT in request.headers:
             return _expect_guarded(handler, request)
         return handler(request)
 

@@ -28,8 +28,10 @@ import pytest
 import structlog
 import yaml
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 
 from proxy.app import create_app
+from proxy.logs import LibraryLogBridge
 from proxy.server import make_runner
 from tests.conftest import ScriptedUpstream, policy_from
 from tests.test_operations import free_port, wait_http
@@ -393,3 +395,33 @@ async def test_in_process_runner_leaks_no_key(
     assert_no_key(keys, stdlib, "stdlib logging")
     assert any(e["event"] == "http_error" and e["status"] == 431 for e in events), events
     assert runner.guard.active == 0  # every connection was closed and counted out
+
+
+def test_library_log_records_keep_only_their_wording() -> None:
+    """What `callgate serve` does with aiohttp's and asyncio's stdlib records: the wording
+    before any interpolated value, and the exception's class, never its text."""
+    key = make_secret()
+    exc = LineTooLong(f"Bearer {key}".encode(), 8190)
+    records = [
+        ("aiohttp.server", "Error handling request from %s", (key,), exc),
+        ("asyncio", f"Exception in callback RequestHandler.data_received(b'{key}')", (), None),
+        (
+            "asyncio",
+            f"Task exception was never retrieved\nfuture: <Task exception={key!r}>",
+            (),
+            exc,
+        ),
+    ]
+    with structlog.testing.capture_logs() as events:
+        for name, msg, args, error in records:
+            record = logging.LogRecord(
+                name, logging.ERROR, __file__, 1, msg, args,
+                (type(error), error, None) if error else None,
+            )  # fmt: skip
+            LibraryLogBridge().emit(record)
+    assert_no_key({"bridge": key}, repr(events), "the bridge")
+    assert [(e["logger"], e["message"], e.get("error")) for e in events] == [
+        ("aiohttp.server", "Error handling request from", "LineTooLong"),
+        ("asyncio", "Exception in callback RequestHandler.data_received", None),
+        ("asyncio", "Task exception was never retrieved", "LineTooLong"),
+    ]
