@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.audit import Auditor
 from proxy.errors import error_response
@@ -94,6 +95,9 @@ async def _answer(request: web.Request, handler: Handler, rid: str) -> web.Strea
         )
     except web.HTTPException as exc:
         return error_response(exc.status, exc.reason, "invalid_request_error")
+    except (web.RequestPayloadError, HttpProcessingError):
+        # The body broke off mid-read (bad chunking, ...): the error's text quotes body bytes.
+        return error_response(400, "Malformed request body", "invalid_request_error")
     except Exception:
         log.exception("unhandled_error", path=request.path)
         return error_response(

@@ -269,8 +269,23 @@ class ServerConfig(_Model):
     shutdown_grace: float = 30.0
     # Poll the policy file every `reload_interval` seconds (0 disables; SIGHUP always works).
     reload_interval: float = 1.0
+    # Client connections: a request head must be complete `header_timeout` seconds after the
+    # connection opens or its first byte arrives (else 408 and close), a keep-alive connection
+    # idle for `idle_timeout` seconds is closed, and past `max_connections` open connections a
+    # new one is answered 503 and closed while the open ones keep being served.
+    header_timeout: float = Field(default=10.0, gt=0)
+    idle_timeout: float = Field(default=75.0, gt=0)
+    max_connections: int = Field(default=10_000, ge=1)
 
-    @field_validator("stash_ttl", "drain_delay", "shutdown_grace", "reload_interval", mode="before")
+    @field_validator(
+        "stash_ttl",
+        "drain_delay",
+        "shutdown_grace",
+        "reload_interval",
+        "header_timeout",
+        "idle_timeout",
+        mode="before",
+    )
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)

@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -88,6 +89,32 @@ _renderer: Any = None
 _access_fast = False  # JSON lines at level info or below: `log_request` skips structlog
 
 
+# A library's log message is cut at the first character that can start an interpolated value
+# (`%s`, a repr, a formatted tuple): what precedes is the message's fixed wording.
+_VALUE_START = re.compile(r"[%:(<{\[\n'\"=]")
+_LIBRARY_LOGGERS = ("aiohttp", "asyncio")
+
+
+def safe_message(message: object) -> str:
+    """The fixed wording of a log message, without the values it quotes (request bytes, an
+    exception's text)."""
+    text = message if isinstance(message, str) else type(message).__name__
+    return _VALUE_START.split(text, 1)[0].strip()[:120]
+
+
+class LibraryLogBridge(logging.Handler):
+    """aiohttp's and asyncio's stdlib log records as callgate's JSON lines, reduced to the
+    message's wording and the exception's class: aiohttp logs a parse error with its text,
+    which quotes the request's bytes (an `Authorization` header among them), and asyncio's
+    "Exception in callback" quotes the callback's arguments."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name, "message": safe_message(record.msg)}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = type(record.exc_info[1]).__name__
+        structlog.get_logger("callgate.library").log(record.levelno, "library_log", **fields)
+
+
 def _add_timestamp(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     event["timestamp"] = utc_iso()
     return event
@@ -155,3 +182,9 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    bridge = LibraryLogBridge(threshold)
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers[:] = [bridge]
+        library.setLevel(threshold)
+        library.propagate = False  # nothing reaches the root logger's (or Python's last) handler

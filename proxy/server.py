@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import resource
 import signal
 
 import structlog
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.config import ServerConfig
+from proxy.http_guard import GuardedAppRunner
 from proxy.logs import configure_logging, flush_logs
 from proxy.policy import Policy
 from proxy.reload import reload_policy, watch
@@ -18,13 +21,47 @@ from proxy.state import STATE
 
 log = structlog.get_logger("callgate")
 GC_THRESHOLD = 20_000
+# File descriptors beyond the client connections: upstream pool, store, audit file, listener.
+SPARE_FDS = 1024
+
+
+def make_runner(app: web.Application, server: ServerConfig) -> GuardedAppRunner:
+    """The runner `callgate serve` uses: protocol errors in OpenAI's shape, the request-head
+    and idle timeouts and the connection bound of `server` (see proxy.http_guard)."""
+    return GuardedAppRunner(
+        app,
+        header_timeout=server.header_timeout,
+        idle_timeout=server.idle_timeout,
+        max_connections=server.max_connections,
+        shutdown_timeout=server.shutdown_grace,
+    )
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Room for `max_connections` clients: past the soft limit of open files, accept() fails
+    and the bound would never be the one reached. Raised up to the hard limit if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + SPARE_FDS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if soft < wanted:
+            log.warning(
+                "open_files_limit",
+                limit=soft,
+                max_connections=max_connections,
+                hint="raise `ulimit -n` or lower server.max_connections",
+            )
 
 
 async def run(policy: Policy, config_path: str | None, host: str, port: int) -> None:
     app = create_app(policy, config_path=config_path)
     state = app[STATE]
     server = policy.config.server
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=server.shutdown_grace)
+    _raise_fd_limit(server.max_connections)
+    runner = make_runner(app, server)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

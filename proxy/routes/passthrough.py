@@ -68,5 +68,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
             content_length=request.content_length,
         )
     except UpstreamError as exc:
+        broken = request.content.exception()
+        if isinstance(broken, web.HTTPException | web.RequestPayloadError):
+            raise broken from None  # the client's body was malformed, not the upstream: a 400
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
     return await relay(request, resp)
