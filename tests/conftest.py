@@ -18,10 +18,20 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from proxy.app import create_app
 from proxy.policy import load_policy_text
+from proxy.server import make_runner
 from proxy.state import STATE, AppState
+
+
+class GuardedTestServer(TestServer):
+    """The app behind the runner `callgate serve` uses (protocol errors in OpenAI's shape,
+    header and idle timeouts, the connection bound), so every test meets the real server."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return make_runner(self.app, self.app[STATE].policy.config.server)
 
 
 class FakeClock:
@@ -229,7 +239,8 @@ async def make_proxy(
         policy = policy_from(config, upstream_url or upstream.url)
         kw.setdefault("clock", clock)
         app = create_app(policy, **kw)
-        server = await aiohttp_server(app, host="127.0.0.1")
+        server = GuardedTestServer(app, host="127.0.0.1")
+        await server.start_server()
         proxy = Proxy(server, app[STATE])
         made.append(proxy)
         return proxy
@@ -237,6 +248,7 @@ async def make_proxy(
     yield make
     for proxy in made:
         await proxy.close_clients()
+        await proxy.server.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
