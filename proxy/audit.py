@@ -527,7 +527,14 @@ class Auditor:
         for listener in self.listeners:
             listener(record)
         if self._log_records:
-            log.info("tool_call_decision", **record)
+            limit = self.config.max_argument_bytes
+            if len(call.arguments) > limit:
+                # The log line is bounded like the file's: no megabytes of arguments on stdout.
+                preview = _preview(args)
+                logged = _digest_form("truncated", f"over {limit} bytes", raw, preview)
+                log.info("tool_call_decision", **{**record, "arguments": logged})
+            else:
+                log.info("tool_call_decision", **record)
         if self._file and not self._closed:
             # Serialized and sealed with the batch it is written in: cheaper run back to back.
             # The first record of a batch schedules its flush (sooner if someone waits).

@@ -156,3 +156,18 @@ async def test_deep_calls_do_not_cost_other_requests_their_records(make_proxy, u
     on_file = {r["call_id"]: r for r in lines}
     assert set(on_file) == delivered | {f"deep_{i}" for i in range(0, n, 4)}
     assert all(on_file[c]["arguments"]["secret"] == "[REDACTED]" for c in delivered)
+
+
+async def test_huge_arguments_are_decided_and_their_log_line_is_bounded(make_proxy, upstream):
+    from structlog.testing import capture_logs
+
+    proxy = await make_proxy({"on_block": "strip", "audit": {"log": True}})
+    huge = {"blob": "x" * 3_000_000}
+    upstream.push(completion(("ok", huge), ids=["c_huge"]))
+    with capture_logs() as logs:
+        out = await proxy.client().chat.completions.create(model="m", messages=MSGS, tools=TOOLS)
+    assert [c.id for c in out.choices[0].message.tool_calls] == ["c_huge"]
+    [line] = [e for e in logs if e.get("event") == "tool_call_decision"]
+    logged = line["arguments"]
+    assert logged["bytes"] == len(json.dumps(huge)) and len(logged["preview"]) <= 1024
+    assert len(json.dumps(line, default=str)) < 4096
