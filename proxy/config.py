@@ -276,6 +276,9 @@ class ServerConfig(_Model):
     header_timeout: float = Field(default=10.0, gt=0)
     idle_timeout: float = Field(default=75.0, gt=0)
     max_connections: int = Field(default=10_000, ge=1)
+    # APIs where a model makes tool calls callgate cannot see (proxy.paths.UNGATED_APIS): refused
+    # unless listed here, so that no client routes its agent around the gates by accident.
+    ungated_apis: list[Literal["assistants", "batches", "realtime"]] = Field(default_factory=list)
 
     @field_validator(
         "stash_ttl",

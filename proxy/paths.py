@@ -236,6 +236,25 @@ def gated_alias(path: str) -> bool:
     return False
 
 
+# Where a model's tool calls reach the client without passing callgate's gates: Assistants
+# runs (`requires_action` carries the calls), batches (a file of chat or responses requests run
+# upstream; their output file holds the calls) and the Realtime API (calls on a websocket).
+UNGATED_APIS: dict[str, tuple[str, ...]] = {
+    "assistants": ("/v1/threads",),
+    "batches": ("/v1/batches",),
+    "realtime": ("/v1/realtime",),
+}
+
+
+def ungated_api(path: str) -> str | None:
+    """The ungated API a canonical path belongs to, if any."""
+    for name, prefixes in UNGATED_APIS.items():
+        for prefix in prefixes:
+            if path == prefix or path.startswith(prefix + "/"):
+                return name
+    return None
+
+
 def _show(path: str) -> str:
     # Echo at most a bounded, printable part of the client's path.
     return repr(path if len(path) <= 200 else path[:200] + "...")

@@ -170,7 +170,7 @@ async def test_response_status_and_headers_kept(make_proxy, echo):
         },
     )
     proxy = await make_proxy({}, upstream_url=echo.url)
-    status, headers, body = await fetch("POST", proxy.url + "/batches", json={"a": 1})
+    status, headers, body = await fetch("POST", proxy.url + "/files", json={"a": 1})
     assert status == 201
     assert body == b'{"ok": true}'
     assert headers["x-request-id"] == "req_201"

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from proxy import http1
 from proxy.errors import error_response
-from proxy.paths import Target
+from proxy.paths import Target, ungated_api
 from proxy.state import STATE
 from proxy.upstream import UpstreamError, response_headers
 
@@ -58,6 +58,15 @@ async def relay(
 
 async def forward(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    api = ungated_api(request[TARGET].path)
+    if api is not None and api not in state.policy.config.server.ungated_apis:
+        return error_response(
+            403,
+            f"callgate cannot gate the tool calls of the {api} API, so it does not forward it; "
+            f"use Chat Completions or Responses, or list {api!r} in server.ungated_apis.",
+            "invalid_request_error",
+            "ungated_api",
+        )
     data = request.content.iter_any() if request.body_exists else None
     try:
         resp = await state.upstream.open_raw(
