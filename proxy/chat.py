@@ -47,6 +47,68 @@ def calls_of(message: dict[str, Any]) -> list[ToolCall]:
     return calls
 
 
+def _object_text(value: Any) -> str:
+    """Arguments as the text of a JSON object: what every server's request schema takes.
+
+    vLLM and llama.cpp's server parse an assistant turn's arguments as JSON and Ollama as an
+    object; arguments that are none of that (a call blocked as `invalid_arguments`, an empty
+    string for a call without parameters) would fail the whole request, so they go as `{}`.
+    The error result next to the call tells the model what was wrong with them.
+    """
+    text = _text(value)
+    if text.startswith("{"):
+        try:
+            if isinstance(orjson.loads(text), dict):
+                return text
+        except orjson.JSONDecodeError:
+            pass
+    return "{}"
+
+
+def wire_call(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `tool_calls` entry as callgate sends it upstream (reprompts, stashed calls): null
+    members left out, function arguments as JSON object text. Other members (ids, a
+    provider's extras such as thought signatures) are kept as they came."""
+    call = {k: v for k, v in raw.items() if v is not None}
+    fn = call.get("function")
+    if isinstance(fn, dict):
+        fn = {k: v for k, v in fn.items() if v is not None}
+        fn["arguments"] = _object_text(fn.get("arguments"))
+        call["function"] = fn
+    return call
+
+
+def content_text(content: Any) -> str:
+    """An assistant turn's `content` as a string: llama-cpp-python refuses null (and an
+    omitted `content`), Ollama refuses null without tool calls; `""` is valid everywhere."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: their text, in order
+        return "".join(
+            str(p.get("text") or "")
+            for p in content
+            if isinstance(p, dict) and p.get("type") in ("text", "output_text")
+        )
+    return ""
+
+
+def assistant_turn(content: Any, tool_calls: Any, legacy: Any = None) -> dict[str, Any]:
+    """The model's turn as callgate writes it upstream on a reprompt round, in the form every
+    OpenAI-compatible server accepts (README, "Upstream compatibility"): `content` a string,
+    no null members, and the legacy `function_call` only when there are no `tool_calls`
+    (llama.cpp-style servers mirror one beside them; sending both is not OpenAI's shape)."""
+    turn: dict[str, Any] = {"role": "assistant", "content": content_text(content)}
+    calls = [wire_call(c) for c in tool_calls if isinstance(c, dict)] if tool_calls else []
+    if calls:
+        turn["tool_calls"] = calls
+    elif isinstance(legacy, dict):
+        turn["function_call"] = {
+            "name": str(legacy.get("name") or ""),
+            "arguments": _object_text(legacy.get("arguments")),
+        }
+    return turn
+
+
 def error_content(decision: Decision) -> str:
     return orjson.dumps(decision.error_result()).decode()
 

@@ -507,7 +507,7 @@ class ChatStream:
                 self.state.store,
                 [stash.chat_key(self.ctx.principal, i) for i in kept],
                 {
-                    "calls": [c.wire() for c in stashed],
+                    "calls": [chat.wire_call(c.wire()) for c in stashed],
                     "results": [chat.tool_result_messages([by_id[c.id]])[0] for c in stashed],
                 },
                 self.policy.config.server.stash_ttl,
@@ -546,12 +546,12 @@ class ChatStream:
 
     async def reprompt(self, p: Plan) -> http1.Response | None:
         calls: list[HeldCall] = self.reprompt_calls
-        turn: dict[str, Any] = {"role": "assistant", "content": self.round_content()}
-        legacy = [c for c in calls if c.legacy]
-        if legacy:
-            turn["function_call"] = {"name": legacy[0].name, "arguments": legacy[0].arguments}
-        else:
-            turn["tool_calls"] = [c.wire() for c in calls]
+        legacy = next((c for c in calls if c.legacy), None)
+        turn = chat.assistant_turn(
+            self.round_content(),
+            [c.wire() for c in calls if not c.legacy],
+            {"name": legacy.name, "arguments": legacy.arguments} if legacy else None,
+        )
         messages = [*(self.body.get("messages") or []), turn, *chat.tool_result_messages(p.blocked)]
         self.body = {**self.body, "messages": messages}
         self.round += 1

@@ -358,7 +358,21 @@ def replayable(output: list[Any]) -> list[Any]:
             continue
         if type_of(item) == "reasoning" and not item.get("encrypted_content"):
             continue
-        out.append(item)
+        out.append(_without_nulls(item))
+    return out
+
+
+def _without_nulls(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item sent back as input without its null members (and its content parts'):
+    OpenAI reads a null as absent, but servers that validate input items strictly (vLLM's
+    and Ollama's Responses layers) refuse a null where the schema has a string."""
+    out = {k: v for k, v in item.items() if v is not None}
+    parts = out.get("content")
+    if isinstance(parts, list):
+        out["content"] = [
+            {k: v for k, v in p.items() if v is not None} if isinstance(p, dict) else p
+            for p in parts
+        ]
     return out
 
 

@@ -80,14 +80,6 @@ async def _gate_stream(
     )
 
 
-def _assistant_turn(message: dict[str, Any]) -> dict[str, Any]:
-    turn: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-    for key in ("tool_calls", "function_call"):
-        if message.get(key):
-            turn[key] = message[key]
-    return turn
-
-
 async def _gate_completion(
     request: web.Request,
     state: AppState,
@@ -151,7 +143,11 @@ async def _gate_completion(
                 usage = add_usage(None, data.get("usage"))
             message = per_choice[0][0]["message"]
             messages = list(body.get("messages") or [])
-            messages.append(_assistant_turn(message))
+            messages.append(
+                chat.assistant_turn(
+                    message.get("content"), message.get("tool_calls"), message.get("function_call")
+                )
+            )
             messages.extend(chat.tool_result_messages(p.blocked))
             body = {**body, "messages": messages}
             payload = orjson.dumps(body)
@@ -171,7 +167,7 @@ async def _gate_completion(
                     state.store,
                     [stash.chat_key(ctx.principal, i) for i in kept],
                     {
-                        "calls": [raw for raw, _ in removed],
+                        "calls": [chat.wire_call(raw) for raw, _ in removed],
                         "results": chat.tool_result_messages([d for _, d in removed]),
                     },
                     policy.config.server.stash_ttl,
