@@ -6,9 +6,21 @@ reprompt round the upstream refuses never makes the client's answer worse.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
+from aiohttp import web
+
 from proxy import chat, responses
+from tests.conftest import SSE, completion, records
+from tests.responses_streams import FakeResponses, fc, msg, response, sse_event
+from tests.streams import chat_stream, chunk
+
+RTOOLS = [
+    {"type": "function", "name": n, "parameters": {"type": "object", "properties": {}}}
+    for n in ("get_weather", "delete_file")
+]
 
 
 def test_assistant_turn_is_the_widely_accepted_form() -> None:
@@ -74,3 +86,168 @@ def test_replayed_response_items_carry_no_nulls() -> None:
         },
         {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
     ]
+
+
+# -- a reprompt round the upstream fails: the client gets the strip answer ------------------
+
+DENY = {"tools": {"delete_file": {"allow": False}}}
+MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
+BLOCKED = ("delete_file", {"path": "/"})
+
+
+def _error(status: int) -> web.Response:
+    body = {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}
+    return web.json_response(body, status=status)
+
+
+def _failures(proxy: Any, route: str, status: str) -> float | None:
+    return proxy.state.metrics.registry.get_sample_value(
+        "callgate_reprompt_failures_total", {"route": route, "status": status}
+    )
+
+
+def _check_failed_record(seen: list[dict[str, Any]], status: str) -> None:
+    assert [(r["tool"], r["decision"], r["action"]) for r in seen] == [
+        ("delete_file", "blocked", "reprompt_failed")
+    ]
+    assert seen[0]["upstream_status"] == status
+
+
+FAILURES = [
+    (lambda: _error(500), "500"),
+    (lambda: _error(400), "400"),
+    (
+        lambda: web.Response(body=b"<html>bad gateway</html>", content_type="application/json"),
+        "malformed",
+    ),
+    (lambda: web.json_response({"object": "chat.completion"}), "malformed"),
+]
+
+
+@pytest.mark.parametrize(("reply", "status"), FAILURES)
+async def test_chat_reprompt_failure_answers_as_strip(make_proxy, upstream, reply, status):
+    proxy = await make_proxy(DENY)
+    seen = records(proxy)
+    upstream.push(completion(BLOCKED, content="Deleting."), lambda _: reply())
+    # Retries on: a 5xx would make the SDK send the whole request again.
+    client = proxy.client().with_options(max_retries=2)
+    result = await client.chat.completions.create(model="m", messages=MSGS)
+    message = result.choices[0].message
+    assert message.tool_calls is None and result.choices[0].finish_reason == "stop"
+    assert message.content.startswith("Deleting.\n\n[callgate] blocked tool call: delete_file")
+    assert len(upstream.bodies()) == 2  # the round, its reprompt; no retry
+    _check_failed_record(seen, status)
+    assert _failures(proxy, "chat.completions", status) == 1
+
+
+async def test_chat_reprompt_timeout_answers_as_strip(make_proxy, upstream):
+    proxy = await make_proxy({**DENY, "upstream": {"timeout": 0.3}})
+    seen = records(proxy)
+
+    async def slow(received: Any) -> dict[str, Any]:
+        await asyncio.sleep(1.0)
+        return completion(content="too late")
+
+    upstream.push(completion(BLOCKED), slow)
+    result = await proxy.client().chat.completions.create(model="m", messages=MSGS)
+    assert result.choices[0].message.content.startswith("[callgate] blocked tool call")
+    _check_failed_record(seen, "timeout")
+
+
+STREAM_FAILURES = [
+    (lambda: _error(500), "500"),
+    (lambda: SSE([b"data: {not json\n\n"]), "malformed"),
+    (lambda: SSE([{"error": {"message": "model crashed", "type": "server_error"}}]), "error_event"),
+    (lambda: SSE([chunk({"role": "assistant", "content": None})], done=False), "malformed"),
+]
+
+
+@pytest.mark.parametrize(("reply", "status"), STREAM_FAILURES)
+async def test_chat_stream_reprompt_failure_ends_as_strip(make_proxy, upstream, reply, status):
+    proxy = await make_proxy(DENY)
+    seen = records(proxy)
+    upstream.push(SSE(chat_stream(BLOCKED, text="Deleting it.")), lambda _: reply())
+    client = proxy.client()
+    stream = await client.chat.completions.create(
+        model="m", messages=MSGS, stream=True, stream_options={"include_usage": True}
+    )
+    text, finish, usage = "", None, None
+    async for event in stream:  # an error event would raise APIError here
+        usage = event.usage or usage
+        for choice in event.choices:
+            assert not choice.delta.tool_calls
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text.startswith("Deleting it. \n\n[callgate] blocked tool call: delete_file")
+    assert finish == "stop"
+    assert usage is None  # the scripted round reported none
+    _check_failed_record(seen, status)
+    assert _failures(proxy, "chat.completions", status) == 1
+
+
+async def test_chat_stream_reprompt_failure_with_the_stream_helper(make_proxy, upstream):
+    proxy = await make_proxy(DENY)
+    upstream.push(SSE(chat_stream(BLOCKED)), lambda _: _error(500))
+    async with proxy.client().chat.completions.stream(model="m", messages=MSGS) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.tool_calls in (None, [])
+    assert final.choices[0].message.content.startswith("[callgate] blocked tool call")
+
+
+async def test_responses_reprompt_failure_answers_as_strip(make_proxy, upstream):
+    proxy = await make_proxy(DENY)
+    seen = records(proxy)
+    api = FakeResponses()
+    upstream.push(
+        api.reply(response(msg("Deleting."), fc("delete_file", {"path": "/"}, "c1"))),
+        lambda _: _error(503),
+    )
+    result = (
+        await proxy.client()
+        .with_options(max_retries=2)
+        .responses.create(model="m", input="hi", tools=RTOOLS)
+    )
+    assert [o.type for o in result.output] == ["message", "message"]
+    assert "[callgate] blocked tool call: delete_file" in result.output_text
+    assert len(upstream.bodies("/v1/responses")) == 2
+    _check_failed_record(seen, "503")
+    assert _failures(proxy, "responses", "503") == 1
+    # The next turn continues the response the client saw; the upstream gets the error output.
+    upstream.push(api.reply(response(msg("Ok."))))
+    nxt = await proxy.client().responses.create(
+        model="m", input="fine", previous_response_id=result.id, tools=RTOOLS
+    )
+    assert nxt.output_text == "Ok."
+    sent = upstream.bodies("/v1/responses")[-1]["input"]
+    assert sent[0]["type"] == "function_call_output" and sent[0]["call_id"] == "c1"
+
+
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [
+        (lambda: _error(500), "500"),
+        (
+            lambda: SSE([sse_event({"type": "error", "code": "x", "message": "boom"})]),
+            "error_event",
+        ),
+        (lambda: SSE([b": keep-alive\n\n"], done=False), "malformed"),  # truncated
+    ],
+)
+async def test_responses_stream_reprompt_failure_ends_as_strip(make_proxy, upstream, reply, status):
+    proxy = await make_proxy(DENY)
+    seen = records(proxy)
+    api = FakeResponses()
+    upstream.push(
+        api.reply(response(msg("Deleting."), fc("delete_file", {"path": "/"}, "c1"))),
+        lambda _: reply(),
+    )
+    client = proxy.client()
+    async with client.responses.stream(model="m", input="hi", tools=RTOOLS) as stream:
+        events = [e async for e in stream]
+        final = await stream.get_final_response()
+    assert events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [o.type for o in final.output] == ["message", "message"]
+    assert "[callgate] blocked tool call: delete_file" in final.output_text
+    _check_failed_record(seen, status)
+    assert _failures(proxy, "responses", status) == 1
