@@ -5,6 +5,7 @@ Pure functions over the decoded JSON; the route (proxy.routes.chat) does the I/O
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -247,3 +248,34 @@ def tool_name(tool: Any) -> str | None:
         if isinstance(inner, dict):
             return inner.get("name")
     return tool.get("name")
+
+
+def relaxed_tool_choice(
+    body: dict[str, Any], blocked: set[str], denied: Callable[[str], bool]
+) -> dict[str, Any]:
+    """Request members to change on a reprompt round, so it does not force again what was
+    just blocked (every round would be blocked until `max_reprompts` runs out).
+
+    A `tool_choice` that forces a blocked tool by name, or `required` (also as
+    `allowed_tools` mode), or a legacy `function_call` naming a blocked function, becomes
+    `auto`, or `none` when no tool is left that the model may call: the tools of the request
+    minus those just blocked and those the policy never allows (`denied`).
+    """
+    tools = body.get("tools")
+    names = [n for n in map(tool_name, tools if isinstance(tools, list) else []) if n]
+    left = [n for n in names if n not in blocked and not denied(n)]
+    choice = body.get("tool_choice")
+    if choice == "required" or (isinstance(choice, dict) and tool_name(choice) in blocked):
+        return {"tool_choice": "auto" if left else "none"}
+    allowed = choice.get("allowed_tools") if isinstance(choice, dict) else None
+    if isinstance(allowed, dict) and allowed.get("mode") == "required":
+        listed = {tool_name(t) for t in allowed.get("tools") or []}
+        if not any(n in listed for n in left):
+            return {"tool_choice": "none"}
+        return {"tool_choice": {**choice, "allowed_tools": {**allowed, "mode": "auto"}}}
+    legacy = body.get("function_call")
+    if isinstance(legacy, dict) and legacy.get("name") in blocked:
+        functions = body.get("functions")
+        fns = [f.get("name") for f in functions if isinstance(f, dict)] if functions else []
+        return {"function_call": "auto" if any(n not in blocked for n in fns) else "none"}
+    return {}

@@ -589,7 +589,9 @@ class ChatStream:
             {"name": legacy.name, "arguments": legacy.arguments} if legacy else None,
         )
         messages = [*(self.body.get("messages") or []), turn, *chat.tool_result_messages(p.blocked)]
-        self.body = {**self.body, "messages": messages}
+        blocked = {d.call.name for d in p.blocked}
+        relaxed = chat.relaxed_tool_choice(self.body, blocked, reprompt.denied(self.policy))
+        self.body = {**self.body, "messages": messages, **relaxed}
         self.round += 1
         self.choices.clear()
         self.text = []

@@ -9,9 +9,13 @@ HTTP 200 (never a 5xx, which SDKs retry: a retried request takes its rate-limit 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 
+from proxy.chat import never_allowed
 from proxy.gates.decision import Decision
+from proxy.policy import Policy
 from proxy.state import AppState
 from proxy.toolcalls import CallContext
 
@@ -47,3 +51,8 @@ def failed(
         state.auditor.record(d, ctx, "blocked", "reprompt_failed", upstream_status=status)
     state.metrics.reprompt_failures.labels(route, status).inc()
     log.warning("reprompt_failed", route=route, status=status, blocked=len(blocked))
+
+
+def denied(policy: Policy) -> Callable[[str], bool]:
+    """Whether the policy never lets the model call a tool (for a reprompt's `tool_choice`)."""
+    return lambda name: never_allowed(policy.for_tool(name))

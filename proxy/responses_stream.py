@@ -1004,6 +1004,12 @@ class ResponsesStream:
         if is_reprompt:
             self.pending, self.reprompted = self.reprompted, None
         self.body = responses.next_round_body(self.body, self.round_data, outputs)
+        if is_reprompt and self.pending is not None:
+            blocked = {d.call.name for d in self.pending.plan.blocked}
+            relaxed = responses.relaxed_tool_choice(
+                self.body, blocked, reprompt.denied(self.policy)
+            )
+            self.body.update(relaxed)
         self.prefix = [*self.prefix, *self.round_items]
         self.round += 1
         if is_reprompt:

@@ -251,3 +251,143 @@ async def test_responses_stream_reprompt_failure_ends_as_strip(make_proxy, upstr
     assert "[callgate] blocked tool call: delete_file" in final.output_text
     _check_failed_record(seen, status)
     assert _failures(proxy, "responses", status) == 1
+
+
+# -- tool_choice on reprompt rounds ------------------------------------------------------------
+
+
+def _fn(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+CHAT_TOOLS = [_fn("get_weather"), _fn("delete_file")]
+NEVER = {"delete_file"}.__contains__  # what the policy never allows
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "relaxed"),
+    [
+        (CHAT_TOOLS, {"type": "function", "function": {"name": "delete_file"}}, "auto"),
+        (CHAT_TOOLS, "required", "auto"),
+        ([_fn("delete_file")], "required", "none"),
+        ([_fn("delete_file")], {"type": "function", "function": {"name": "delete_file"}}, "none"),
+        (CHAT_TOOLS, "auto", None),  # nothing forced: left alone
+        (CHAT_TOOLS, {"type": "function", "function": {"name": "get_weather"}}, None),
+        (
+            CHAT_TOOLS,
+            {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "required", "tools": CHAT_TOOLS},
+            },
+            {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "auto", "tools": CHAT_TOOLS},
+            },
+        ),
+        (
+            CHAT_TOOLS,
+            {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "required", "tools": [_fn("delete_file")]},
+            },
+            "none",
+        ),
+    ],
+)
+def test_chat_tool_choice_relaxed(tools: Any, choice: Any, relaxed: Any) -> None:
+    body = {"tools": tools, "tool_choice": choice}
+    got = chat.relaxed_tool_choice(body, {"delete_file"}, NEVER)
+    assert got == ({} if relaxed is None else {"tool_choice": relaxed})
+    assert body["tool_choice"] == choice  # the client's request is not changed
+
+
+def test_chat_legacy_function_call_relaxed() -> None:
+    body = {"functions": [{"name": "delete_file"}], "function_call": {"name": "delete_file"}}
+    assert chat.relaxed_tool_choice(body, {"delete_file"}, NEVER) == {"function_call": "none"}
+    body["functions"].append({"name": "get_weather"})
+    assert chat.relaxed_tool_choice(body, {"delete_file"}, NEVER) == {"function_call": "auto"}
+
+
+def test_chat_tool_choice_none_when_every_other_tool_is_denied() -> None:
+    # get_weather was blocked (say, by its rate limit); delete_file is never allowed.
+    body = {"tools": CHAT_TOOLS, "tool_choice": "required"}
+    assert chat.relaxed_tool_choice(body, {"get_weather"}, NEVER) == {"tool_choice": "none"}
+
+
+@pytest.mark.parametrize(
+    ("choice", "relaxed"),
+    [
+        ("required", "auto"),
+        ({"type": "function", "name": "delete_file"}, "auto"),
+        ({"type": "function", "name": "get_weather"}, None),
+        ({"type": "allowed_tools", "mode": "required", "tools": RTOOLS}, "allowed-auto"),
+        (
+            {"type": "allowed_tools", "mode": "required", "tools": [RTOOLS[1]]},
+            "none",
+        ),
+        ({"type": "allowed_tools", "mode": "auto", "tools": RTOOLS}, None),
+    ],
+)
+def test_responses_tool_choice_relaxed(choice: Any, relaxed: Any) -> None:
+    body = {"tools": RTOOLS, "tool_choice": choice}
+    got = responses.relaxed_tool_choice(body, {"delete_file"}, NEVER)
+    if relaxed is None:
+        assert got == {}
+    elif relaxed == "allowed-auto":
+        assert got == {"tool_choice": {**choice, "mode": "auto"}}
+    else:
+        assert got == {"tool_choice": relaxed}
+    only = {"tools": [RTOOLS[1]], "tool_choice": "required"}
+    assert responses.relaxed_tool_choice(only, {"delete_file"}, NEVER) == {"tool_choice": "none"}
+    shell = {"tools": [{"type": "shell"}], "tool_choice": {"type": "shell"}}
+    assert responses.relaxed_tool_choice(shell, {"shell"}, NEVER) == {"tool_choice": "none"}
+
+
+FORCE_DELETE = {"type": "function", "function": {"name": "delete_file"}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_reprompt_round_does_not_force_the_blocked_tool(make_proxy, upstream, stream):
+    proxy = await make_proxy(DENY)
+    first = SSE(chat_stream(BLOCKED)) if stream else completion(BLOCKED)
+    answer = (
+        SSE(chat_stream(text="I may not delete files."))
+        if stream
+        else completion(content="I may not delete files.")
+    )
+    upstream.push(first, answer)
+    client = proxy.client()
+    kw: dict[str, Any] = {"tools": CHAT_TOOLS, "tool_choice": FORCE_DELETE}
+    if stream:
+        async with client.chat.completions.stream(model="m", messages=MSGS, **kw) as s:
+            final = await s.get_final_completion()
+    else:
+        final = await client.chat.completions.create(model="m", messages=MSGS, **kw)
+    assert final.choices[0].message.content.strip() == "I may not delete files."
+    first_body, second_body = upstream.bodies()
+    assert first_body["tool_choice"] == FORCE_DELETE
+    assert second_body["tool_choice"] == "auto"
+    assert second_body["tools"] == CHAT_TOOLS
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_reprompt_round_does_not_force_the_blocked_tool(
+    make_proxy, upstream, stream
+):
+    proxy = await make_proxy(DENY)
+    api = FakeResponses()
+    upstream.push(
+        api.reply(response(fc("delete_file", {"path": "/"}, "c1"))),
+        api.reply(response(msg("I may not delete files."))),
+    )
+    client = proxy.client()
+    kw: dict[str, Any] = {"tools": RTOOLS, "tool_choice": "required"}
+    if stream:
+        async with client.responses.stream(model="m", input="hi", **kw) as s:
+            final = await s.get_final_response()
+    else:
+        final = await client.responses.create(model="m", input="hi", **kw)
+    assert final.output_text == "I may not delete files."
+    first_body, second_body = upstream.bodies("/v1/responses")
+    assert first_body["tool_choice"] == "required"
+    assert second_body["tool_choice"] == "auto"

@@ -221,7 +221,9 @@ async def _gate_round(
         )
         messages.extend(chat.tool_result_messages(p.blocked))
         last = _Reprompted(reply, data, choice, p.blocked, rounds)
-        return last, {**body, "messages": messages}
+        blocked = {d.call.name for d in p.blocked}
+        relaxed = chat.relaxed_tool_choice(body, blocked, reprompt.denied(policy))
+        return last, {**body, "messages": messages, **relaxed}
 
     for choice, ds in per_choice:
         blocked = [d for d in ds if not d.allowed]

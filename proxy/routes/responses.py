@@ -252,6 +252,11 @@ async def _gate_response(
                     first_id = data.get("id") if isinstance(data.get("id"), str) else None
                 outputs = [responses.error_output(d) for d in p.blocked] + answers
                 body = responses.next_round_body(body, data, outputs)
+                if p.action == "reprompt":
+                    blocked = {d.call.name for d in p.blocked}
+                    body.update(
+                        responses.relaxed_tool_choice(body, blocked, reprompt.denied(policy))
+                    )
                 payload = orjson.dumps(body)
                 audited = True
                 if p.action == "reprompt":
