@@ -244,7 +244,6 @@ async def _gate_response(
                     approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
                 )
                 if p.action == "error" or not again:
-                    audited = True
                     return await settle(this, p)
                 answers = [responses.approval_response(d) for d in approvals]
                 if not rounds:
@@ -271,8 +270,8 @@ async def _gate_response(
                 rounds += 1
                 log.info("reprompt", round=rounds, blocked=len(p.blocked), approvals=len(answers))
             except Exception as exc:
-                if audited:
-                    raise
+                if audited or any(d.recorded for d in [*decisions, *approvals]):
+                    raise  # settled and on record: not a round to fail closed
                 return await _fail_round(state, ctx, [*decisions, *approvals], exc)
     finally:
         if last is not None:  # asked, and the request ended (cancelled) before the answer
