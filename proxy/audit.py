@@ -478,7 +478,12 @@ class Auditor:
                 self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
 
     def record(
-        self, decision: Decision, ctx: CallContext, outcome: str, action: str | None
+        self,
+        decision: Decision,
+        ctx: CallContext,
+        outcome: str,
+        action: str | None,
+        upstream_status: str | None = None,
     ) -> None:
         if decision.recorded:
             return  # recorded when it was sent, before its round was settled
@@ -523,6 +528,8 @@ class Auditor:
             "arguments": args,
             "latency_ms": round(decision.latency_ms, 3),
         }
+        if upstream_status is not None:  # action `reprompt_failed`: how the upstream failed it
+            record["upstream_status"] = upstream_status
         self.records += 1
         for listener in self.listeners:
             listener(record)

@@ -5,6 +5,7 @@ Pure functions over the decoded JSON; the route (proxy.routes.chat) does the I/O
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -45,6 +46,68 @@ def calls_of(message: dict[str, Any]) -> list[ToolCall]:
             ToolCall(LEGACY_ID, str(legacy.get("name") or ""), _text(legacy.get("arguments")))
         )
     return calls
+
+
+def _object_text(value: Any) -> str:
+    """Arguments as the text of a JSON object: what every server's request schema takes.
+
+    vLLM and llama.cpp's server parse an assistant turn's arguments as JSON and Ollama as an
+    object; arguments that are none of that (a call blocked as `invalid_arguments`, an empty
+    string for a call without parameters) would fail the whole request, so they go as `{}`.
+    The error result next to the call tells the model what was wrong with them.
+    """
+    text = _text(value)
+    if text.startswith("{"):
+        try:
+            if isinstance(orjson.loads(text), dict):
+                return text
+        except orjson.JSONDecodeError:
+            pass
+    return "{}"
+
+
+def wire_call(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `tool_calls` entry as callgate sends it upstream (reprompts, stashed calls): null
+    members left out, function arguments as JSON object text. Other members (ids, a
+    provider's extras such as thought signatures) are kept as they came."""
+    call = {k: v for k, v in raw.items() if v is not None}
+    fn = call.get("function")
+    if isinstance(fn, dict):
+        fn = {k: v for k, v in fn.items() if v is not None}
+        fn["arguments"] = _object_text(fn.get("arguments"))
+        call["function"] = fn
+    return call
+
+
+def content_text(content: Any) -> str:
+    """An assistant turn's `content` as a string: llama-cpp-python refuses null (and an
+    omitted `content`), Ollama refuses null without tool calls; `""` is valid everywhere."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: their text, in order
+        return "".join(
+            str(p.get("text") or "")
+            for p in content
+            if isinstance(p, dict) and p.get("type") in ("text", "output_text")
+        )
+    return ""
+
+
+def assistant_turn(content: Any, tool_calls: Any, legacy: Any = None) -> dict[str, Any]:
+    """The model's turn as callgate writes it upstream on a reprompt round, in the form every
+    OpenAI-compatible server accepts (README, "Upstream compatibility"): `content` a string,
+    no null members, and the legacy `function_call` only when there are no `tool_calls`
+    (llama.cpp-style servers mirror one beside them; sending both is not OpenAI's shape)."""
+    turn: dict[str, Any] = {"role": "assistant", "content": content_text(content)}
+    calls = [wire_call(c) for c in tool_calls if isinstance(c, dict)] if tool_calls else []
+    if calls:
+        turn["tool_calls"] = calls
+    elif isinstance(legacy, dict):
+        turn["function_call"] = {
+            "name": str(legacy.get("name") or ""),
+            "arguments": _object_text(legacy.get("arguments")),
+        }
+    return turn
 
 
 def error_content(decision: Decision) -> str:
@@ -185,3 +248,34 @@ def tool_name(tool: Any) -> str | None:
         if isinstance(inner, dict):
             return inner.get("name")
     return tool.get("name")
+
+
+def relaxed_tool_choice(
+    body: dict[str, Any], blocked: set[str], denied: Callable[[str], bool]
+) -> dict[str, Any]:
+    """Request members to change on a reprompt round, so it does not force again what was
+    just blocked (every round would be blocked until `max_reprompts` runs out).
+
+    A `tool_choice` that forces a blocked tool by name, or `required` (also as
+    `allowed_tools` mode), or a legacy `function_call` naming a blocked function, becomes
+    `auto`, or `none` when no tool is left that the model may call: the tools of the request
+    minus those just blocked and those the policy never allows (`denied`).
+    """
+    tools = body.get("tools")
+    names = [n for n in map(tool_name, tools if isinstance(tools, list) else []) if n]
+    left = [n for n in names if n not in blocked and not denied(n)]
+    choice = body.get("tool_choice")
+    if choice == "required" or (isinstance(choice, dict) and tool_name(choice) in blocked):
+        return {"tool_choice": "auto" if left else "none"}
+    allowed = choice.get("allowed_tools") if isinstance(choice, dict) else None
+    if isinstance(allowed, dict) and allowed.get("mode") == "required":
+        listed = {tool_name(t) for t in allowed.get("tools") or []}
+        if not any(n in listed for n in left):
+            return {"tool_choice": "none"}
+        return {"tool_choice": {**choice, "allowed_tools": {**allowed, "mode": "auto"}}}
+    legacy = body.get("function_call")
+    if isinstance(legacy, dict) and legacy.get("name") in blocked:
+        functions = body.get("functions")
+        fns = [f.get("name") for f in functions if isinstance(f, dict)] if functions else []
+        return {"function_call": "auto" if any(n not in blocked for n in fns) else "none"}
+    return {}

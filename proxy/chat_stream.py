@@ -20,7 +20,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from proxy import chat, http1, sse, stash
+from proxy import chat, http1, reprompt, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.delivery import on_record
 from proxy.errors import error_body
@@ -33,6 +33,7 @@ from proxy.toolcalls import CallContext, ToolCall
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat_stream")
+ROUTE = "chat.completions"
 _background: set[asyncio.Task[None]] = set()  # refunds scheduled from cancelled handlers
 
 
@@ -85,6 +86,16 @@ class HeldCall:
 
 
 @dataclass(slots=True)
+class Reprompted:
+    """A round the upstream is being asked again about, until the next round sends something:
+    what `strip` answers for it if that round fails upstream."""
+
+    blocked: list[Decision]
+    template: dict[str, Any]  # the round's finishing chunk (id, created, model, ...)
+    index: int  # its choice index
+
+
+@dataclass(slots=True)
 class ChoiceState:
     open: dict[int, HeldCall] = field(default_factory=dict)
     calls: list[HeldCall] = field(default_factory=list)
@@ -125,6 +136,9 @@ class ChatStream:
         self.ended = False  # an error event was sent: the client stream is over
         self.reprompt_plan: Plan | None = None
         self.reprompt_calls: list[HeldCall] = []
+        self.reprompt_at: tuple[dict[str, Any], int] = ({}, 0)  # finishing chunk, choice index
+        self.pending: Reprompted | None = None  # asked again; the next round sent nothing yet
+        self.any_text = False  # the client got text in an earlier round
         # With an error-mode tool in the policy, allowed calls wait for the response's fate:
         # a request that fails must not have sent any of its calls (their slots are refunded).
         self.defer_calls = policy.has_error_mode
@@ -142,7 +156,14 @@ class ChatStream:
 
     async def write(self, data: bytes) -> None:
         # Queued, then sent once per upstream read: one socket write for many events.
+        if self.pending is not None:
+            self.reprompt_answered()  # the round answers: no strip fallback from here on
         self.queued.append(data)
+
+    def reprompt_answered(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            reprompt.asked(self.state, self.ctx, pending.blocked)
 
     async def flush(self) -> None:
         if self.queued:
@@ -168,6 +189,7 @@ class ChatStream:
     def settle_unfinished(self, message: str, code: str, action: str = "fail_closed") -> None:
         """The stream ends early: record every decided call once, drop held ones (closed), and
         give back the reservations of allowed calls the client never received."""
+        self.reprompt_answered()
         unsent: list[Decision] = []
         for st in self.choices.values():
             if not st.finished:
@@ -210,7 +232,10 @@ class ChatStream:
             try:
                 await self.pump(resp)
             except StreamFailed as exc:
-                await self.fail(str(exc), exc.code)
+                if self.pending is not None:
+                    await self.strip_finish(str(exc), exc.code, reprompt.label(exc.code))
+                else:
+                    await self.fail(str(exc), exc.code)
                 return
             except (ConnectionResetError, asyncio.CancelledError):
                 # The client left mid-stream: what was decided is still recorded.
@@ -221,6 +246,7 @@ class ChatStream:
             finally:
                 resp.close()  # a no-op once read to the end; cancels the upstream otherwise
             if self.reprompt_plan is None:
+                self.reprompt_answered()
                 return
             next_resp = await self.reprompt(self.reprompt_plan)
             if next_resp is None:
@@ -271,7 +297,9 @@ class ChatStream:
         payload = sse.data_of(event)
         if payload is None:
             if not self.draining:
-                await self.write(event)  # comments, keep-alives, other fields
+                # Comments, keep-alives, other fields: queued past write(), as they answer
+                # nothing (a failing reprompt round may still end the stream as strip would).
+                self.queued.append(event)
             return False
         if payload == sse.DONE:
             if any(st.open or (st.calls and not st.finished) for st in self.choices.values()):
@@ -292,6 +320,10 @@ class ChatStream:
             await self.write(event)
             return False
         obj = event_object(payload)
+        if "error" in obj and "choices" not in obj and self.pending is not None:
+            message = "the upstream sent an error event: " + str(obj.get("error"))[:300]
+            await self.strip_finish(message, "upstream_error", "error_event")
+            return True
         if "error" in obj and "choices" not in obj:
             self.settle_unfinished("the upstream sent an error event", "upstream_error")
             log.warning("upstream_error_event", error=str(obj.get("error"))[:300])
@@ -472,7 +504,8 @@ class ChatStream:
             return
         can_reprompt = self.single_choice and self.round < self.policy.config.max_reprompts
         p = plan(st.decisions, can_reprompt)
-        audit_plan(self.state.auditor, p, self.ctx)
+        if p.action != "reprompt":  # recorded once the next round answers, or fails
+            audit_plan(self.state.auditor, p, self.ctx)
         if p.action == "error":
             await release(self.state.store, p.allowed)
             for data in out:
@@ -490,6 +523,7 @@ class ChatStream:
             st.deferred.clear()
             self.reprompt_plan = p
             self.reprompt_calls = list(st.calls)
+            self.reprompt_at = (obj, ci)
             self.usage = add_usage(self.usage, obj.get("usage"))
             self.draining = True
             return
@@ -516,7 +550,7 @@ class ChatStream:
                 self.state.store,
                 [stash.chat_key(self.ctx.principal, i) for i in kept],
                 {
-                    "calls": [c.wire() for c in stashed],
+                    "calls": [chat.wire_call(c.wire()) for c in stashed],
                     "results": [chat.tool_result_messages([by_id[c.id]])[0] for c in stashed],
                 },
                 self.policy.config.server.stash_ttl,
@@ -555,24 +589,54 @@ class ChatStream:
 
     async def reprompt(self, p: Plan) -> http1.Response | None:
         calls: list[HeldCall] = self.reprompt_calls
-        turn: dict[str, Any] = {"role": "assistant", "content": self.round_content()}
-        legacy = [c for c in calls if c.legacy]
-        if legacy:
-            turn["function_call"] = {"name": legacy[0].name, "arguments": legacy[0].arguments}
-        else:
-            turn["tool_calls"] = [c.wire() for c in calls]
+        legacy = next((c for c in calls if c.legacy), None)
+        content = self.round_content()
+        self.any_text = self.any_text or bool(content)
+        turn = chat.assistant_turn(
+            content,
+            [c.wire() for c in calls if not c.legacy],
+            {"name": legacy.name, "arguments": legacy.arguments} if legacy else None,
+        )
         messages = [*(self.body.get("messages") or []), turn, *chat.tool_result_messages(p.blocked)]
-        self.body = {**self.body, "messages": messages}
+        blocked = {d.call.name for d in p.blocked}
+        relaxed = chat.relaxed_tool_choice(self.body, blocked, reprompt.denied(self.policy))
+        self.body = {**self.body, "messages": messages, **relaxed}
         self.round += 1
         self.choices.clear()
         self.text = []
         self.draining = False
         self.reprompt_plan = None
-        self.state.metrics.reprompts.labels("chat.completions").inc()
+        self.reprompt_answered()  # the round before answered, with calls blocked again
+        self.pending = Reprompted(p.blocked, *self.reprompt_at)
+        self.state.metrics.reprompts.labels(ROUTE).inc()
         log.info("reprompt", round=self.round, blocked=len(p.blocked), stream=True)
-        resp, message, code = await open_round(
+        resp, message, code, status = await open_round(
             self.state, self.request, self.body, self.policy.config.upstream
         )
         if resp is None:
-            await self.fail(message, code)
+            label = str(status) if status is not None else reprompt.label(code)
+            await self.strip_finish(message, code, label)
         return resp
+
+    async def strip_finish(self, message: str, code: str, status: str) -> None:
+        """The reprompt round failed upstream before it sent anything: end the client's
+        stream as `strip` would have ended the round before (the notice, a normal finish),
+        not with an error event."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        reprompt.failed(self.state, self.ctx, ROUTE, pending.blocked, status)
+        self.settle_unfinished(message, code)  # anything the failed round had decided
+        template, ci = pending.template, pending.index
+        text = ("\n\n" if self.any_text else "") + chat.notice(pending.blocked)
+        for choice in (
+            {"index": ci, "delta": {"content": text}, "logprobs": None, "finish_reason": None},
+            {"index": ci, "delta": {}, "logprobs": None, "finish_reason": "stop"},
+        ):
+            await self.write(self.chunk(template, choice))
+        options = self.body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") and self.usage:
+            head = {k: v for k, v in template.items() if k != "choices"}
+            await self.write(sse.encode({**head, "choices": [], "usage": self.usage}))
+        await self.write(b"data: [DONE]\n\n")
+        await self.flush()
+        self.ended = True

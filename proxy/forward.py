@@ -155,8 +155,9 @@ async def serve_stream(
 
 async def open_round(
     state: AppState, request: web.Request, body: dict[str, Any], target: UpstreamConfig
-) -> tuple[http1.Response | None, str, str]:
-    """Open the next round of a stream: (response, "", "") or (None, message, code)."""
+) -> tuple[http1.Response | None, str, str, int | None]:
+    """Open the next round of a stream: (response, "", "", 200) or (None, message, code, the
+    upstream's HTTP status when it answered with one)."""
     started = time.perf_counter()
     try:
         resp = await state.upstream.open(
@@ -167,11 +168,11 @@ async def open_round(
             target=target,
         )
     except UpstreamError as exc:
-        return None, str(exc), exc.code
+        return None, str(exc), exc.code, None
     finally:
         add_upstream_time(time.perf_counter() - started)
     if resp.status == 200 and is_event_stream(resp):
-        return resp, "", ""
+        return resp, "", "", 200
     try:
         detail = (await resp.read())[:500].decode(errors="replace")
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -179,11 +180,13 @@ async def open_round(
     finally:
         resp.release()
     if resp.status == 200:
-        return None, "upstream answered the reprompt without an event stream", "upstream_malformed"
+        message = "upstream answered the reprompt without an event stream"
+        return None, message, "upstream_malformed", None
     return (
         None,
         f"upstream answered the reprompt with HTTP {resp.status}: {detail}",
         "upstream_error",
+        resp.status,
     )
 
 

@@ -120,6 +120,13 @@ class Metrics:
             "Stashed blocked calls the memory store evicted before their TTL (stash_max_bytes)",
             registry=r,
         )
+        self.reprompt_failures = Counter(
+            "callgate_reprompt_failures",
+            "Reprompt rounds the upstream refused or failed (answered as strip), by upstream "
+            "status: an HTTP status, timeout, unreachable, malformed or error_event",
+            ["route", "status"],
+            registry=r,
+        )
         self.reloads = Counter(
             "callgate_policy_reloads", "Policy reload attempts", ["result"], registry=r
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -358,7 +359,21 @@ def replayable(output: list[Any]) -> list[Any]:
             continue
         if type_of(item) == "reasoning" and not item.get("encrypted_content"):
             continue
-        out.append(item)
+        out.append(_without_nulls(item))
+    return out
+
+
+def _without_nulls(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item sent back as input without its null members (and its content parts'):
+    OpenAI reads a null as absent, but servers that validate input items strictly (vLLM's
+    and Ollama's Responses layers) refuse a null where the schema has a string."""
+    out = {k: v for k, v in item.items() if v is not None}
+    parts = out.get("content")
+    if isinstance(parts, list):
+        out["content"] = [
+            {k: v for k, v in p.items() if v is not None} if isinstance(p, dict) else p
+            for p in parts
+        ]
     return out
 
 
@@ -442,6 +457,34 @@ def next_round_body(
     output = data.get("output") if isinstance(data.get("output"), list) else []
     items = [*as_input_list(body.get("input")), *replayable(output), *outputs]
     return {**body, "input": items}
+
+
+def relaxed_tool_choice(
+    body: dict[str, Any], blocked: set[str], denied: Callable[[str], bool]
+) -> dict[str, Any]:
+    """The Responses API's `relaxed_tool_choice` (see proxy.chat): a `tool_choice` that forces
+    a just-blocked tool (`{"type": "function", "name": ...}`, a custom or built-in client tool
+    by type) or `required` (also as `allowed_tools` mode) becomes `auto`, or `none` when no
+    tool is left that the model may call."""
+    tools = body.get("tools")
+    keys = [k[0] for k in map(tool_keys, tools if isinstance(tools, list) else []) if k]
+    left = [k for k in keys if k not in blocked and not denied(k)]
+    choice = body.get("tool_choice")
+    if choice == "required":
+        return {"tool_choice": "auto" if left else "none"}
+    if not isinstance(choice, dict):
+        return {}
+    if choice.get("type") == "allowed_tools":
+        if choice.get("mode") != "required":
+            return {}
+        listed = {k[0] for k in map(tool_keys, choice.get("tools") or []) if k}
+        if not any(k in listed for k in left):
+            return {"tool_choice": "none"}
+        return {"tool_choice": {**choice, "mode": "auto"}}
+    forced = tool_keys(choice)[:1]
+    if forced and forced[0] in blocked:
+        return {"tool_choice": "auto" if left else "none"}
+    return {}
 
 
 # -- the client's next turn ---------------------------------------------------------------

@@ -36,7 +36,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from proxy import http1, responses, sse, stash
+from proxy import http1, reprompt, responses, sse, stash
 from proxy.blocking import Plan, audit_plan, plan
 from proxy.delivery import on_record
 from proxy.forward import StreamFailed, event_object, next_chunk, open_round
@@ -69,6 +69,7 @@ _LIFECYCLE = ("response.created", "response.in_progress", "response.queued")
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _ARG_EVENTS = ("response.function_call_arguments.", "response.custom_tool_call_input.")
 
+ROUTE = "responses"
 PENDING, KEEP, DROP = "pending", "keep", "drop"
 MAX_APPROVAL_ROUNDS = 8  # upstream rounds spent answering MCP approval requests, per request
 
@@ -140,6 +141,27 @@ def error_message(obj: dict[str, Any]) -> str:
 
 def may_matter(data: bytes) -> bool:
     return any(marker in data for marker in _MATTERS)
+
+
+@dataclass(slots=True)
+class Reprompted:
+    """A round the upstream is being asked again about, until the next round sends something:
+    its end, as `strip` would have settled it, is what the client gets if that round fails."""
+
+    ev: Ev  # the round's terminal event (not sent)
+    response: dict[str, Any]
+    output: list[Any] | None
+    plan: Plan
+    cut: list[Decision]
+    approvals: list[Decision]
+    answers: list[dict[str, Any]]
+    # The stream's state at the end of that round, restored to settle it.
+    body: dict[str, Any]
+    prefix: list[Any]
+    round: int
+    round_items: list[Any]
+    round_data: dict[str, Any]
+    usage: dict[str, Any] | None
 
 
 @dataclass(slots=True)
@@ -246,6 +268,8 @@ class ResponsesStream:
         # Set when this round ends by asking the upstream again: (outputs to send, is a reprompt).
         self.next_round: tuple[list[dict[str, Any]], bool] | None = None
         self.round_data: dict[str, Any] = {}
+        self.reprompted: Reprompted | None = None  # this round's end, if it asks again
+        self.pending: Reprompted | None = None  # asked again; the next round sent nothing yet
         self.reset_round()
 
     def reset_round(self) -> None:
@@ -266,9 +290,16 @@ class ResponsesStream:
     # -- output ---------------------------------------------------------------------------
 
     async def write(self, data: bytes) -> None:
+        if self.pending is not None:
+            self.reprompt_answered()  # the round answers: no strip fallback from here on
         if self.state.auditor.unwritten(self.ctx):
             await on_record(self.state, self.ctx)  # audit before delivery
         await self.out.write(data)
+
+    def reprompt_answered(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            reprompt.asked(self.state, self.ctx, pending.plan.blocked)
 
     def activate(self) -> None:
         """From here on, number every event we send ourselves."""
@@ -370,6 +401,7 @@ class ResponsesStream:
         has not received (recorded as blocked, slot given back, never sent).
 
         Returns (calls the client received, calls it did not: each with a block)."""
+        self.reprompt_answered()
         decided = {id(d) for d in self.decisions}
         delivered: list[Decision] = []
         withheld: list[Decision] = []
@@ -442,11 +474,15 @@ class ResponsesStream:
             try:
                 await self.pump(resp)
             except StreamFailed as exc:
-                await self.fail(str(exc), exc.code)
+                if self.pending is not None:
+                    await self.strip_finish(str(exc), exc.code, reprompt.label(exc.code))
+                else:
+                    await self.fail(str(exc), exc.code)
                 return
             finally:
                 resp.close()  # a no-op once read to the end; cancels the upstream otherwise
             if self.next_round is None or self.ended:
+                self.reprompt_answered()
                 return
             next_resp = await self.reprompt(*self.next_round)
             if next_resp is None:
@@ -489,7 +525,9 @@ class ResponsesStream:
         """Handle one complete event. True when this round's stream is over."""
         payload = sse.data_of(event)
         if payload is None:
-            await self.write(event)  # comments, keep-alives: no number, no order to keep
+            # Comments, keep-alives: no number, no order to keep. They answer nothing (a
+            # failing reprompt round may still end the stream as strip would): past write().
+            await self.out.write(event)
             return False
         if payload == sse.DONE:
             if self.finished and self.next_round is None:
@@ -531,6 +569,10 @@ class ResponsesStream:
             return False
         if kind in _TERMINAL:
             return await self.terminal(ev)
+        if (kind == "error" or ("error" in obj and "type" not in obj)) and self.pending:
+            message = f"the upstream sent an error event: {error_message(obj)}"
+            await self.strip_finish(message, "upstream_error", "error_event")
+            return True
         if kind == "error" or ("error" in obj and "type" not in obj):
             # The upstream's own error event passes through, once every call is recorded;
             # nothing held goes out.
@@ -674,6 +716,11 @@ class ResponsesStream:
         output: list[Any] | None = response.get("output")
         if self.round:
             self.usage = add_usage(self.usage, response.get("usage"))
+        if kind == "response.failed" and self.pending is not None:
+            error = response.get("error")
+            why = error.get("message") if isinstance(error, dict) else None
+            await self.strip_finish(f"the upstream response failed: {why}", "upstream_failed")
+            return True
         if kind == "response.failed":
             return await self.failed(obj, response, output)
         pending = [
@@ -703,7 +750,8 @@ class ResponsesStream:
         approvals, self.approvals = self.approvals, []
         decided, self.decisions = self.decisions, []
         p = approval_plan(plan(decided, can_reprompt), approvals)
-        audit_round(self.state, self.ctx, p, decided, approvals)
+        # A reprompt's blocked calls are recorded once the next round answers, or fails.
+        audit_round(self.state, self.ctx, p, [] if p.action == "reprompt" else decided, approvals)
         if p.action == "error":
             # Nothing of this round's calls went out (held, see `hold_calls`): all given back.
             await release(self.state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
@@ -724,8 +772,27 @@ class ResponsesStream:
             outputs = [responses.error_output(d) for d in [*p.blocked, *cut]] + answers
             self.next_round = (outputs, p.action == "reprompt")
             self.round_data = response
+            if p.action == "reprompt":
+                self.reprompted = Reprompted(
+                    ev, response, output, p, cut, approvals, answers, self.body, self.prefix,
+                    self.round, self.round_items, self.round_data, self.usage,
+                )  # fmt: skip
             return True
+        await self.conclude(ev, response, output, p, cut, approvals, answers)
+        return False
 
+    async def conclude(
+        self,
+        ev: Ev,
+        response: dict[str, Any],
+        output: list[Any] | None,
+        p: Plan,
+        cut: list[Decision],
+        approvals: list[Decision],
+        answers: list[dict[str, Any]],
+    ) -> None:
+        """Send the settled round's end: the notice (`strip`), the terminal event with the
+        `output` the client saw; stash what the next turn needs."""
         restored = self.as_streamed(output) if output else None
         swapped = restored is not None and restored != output
         output = restored if restored is not None else list(self.round_items)
@@ -743,7 +810,28 @@ class ResponsesStream:
         await self.send_terminal(ev, response, kept, bool(withheld or approvals or swapped))
         settled = Plan(p.action, p.allowed, withheld)
         await self.save(settled, response, groups, removed, extra, answers)
-        return False
+
+    async def strip_finish(self, message: str, code: str, status: str | None = None) -> None:
+        """The reprompt round failed upstream before it sent anything: settle the round before
+        it as `strip` would have (notice, its terminal event), not with an error event."""
+        snap, self.pending = self.pending, None
+        assert snap is not None
+        reprompt.failed(
+            self.state, self.ctx, ROUTE, snap.plan.blocked, status or reprompt.label(code)
+        )
+        await self.abandon(message, code)  # anything the failed round had decided
+        self.body, self.prefix, self.round = snap.body, snap.prefix, snap.round
+        self.round_items, self.round_data, self.usage = (
+            snap.round_items,
+            snap.round_data,
+            snap.usage,
+        )
+        self.next_round = None
+        p = Plan("strip", snap.plan.allowed, snap.plan.blocked)
+        await self.conclude(
+            snap.ev, snap.response, snap.output, p, snap.cut, snap.approvals, snap.answers
+        )
+        self.finished = self.ended = True
 
     async def failed(
         self, obj: dict[str, Any], response: dict[str, Any], output: list[Any] | None
@@ -915,7 +1003,16 @@ class ResponsesStream:
         self, outputs: list[dict[str, Any]], is_reprompt: bool
     ) -> http1.Response | None:
         """Ask the upstream again (blocked calls' errors, approval answers); same client stream."""
+        self.reprompt_answered()  # the round before answered, with calls blocked again
+        if is_reprompt:
+            self.pending, self.reprompted = self.reprompted, None
         self.body = responses.next_round_body(self.body, self.round_data, outputs)
+        if is_reprompt and self.pending is not None:
+            blocked = {d.call.name for d in self.pending.plan.blocked}
+            relaxed = responses.relaxed_tool_choice(
+                self.body, blocked, reprompt.denied(self.policy)
+            )
+            self.body.update(relaxed)
         self.prefix = [*self.prefix, *self.round_items]
         self.round += 1
         if is_reprompt:
@@ -928,9 +1025,11 @@ class ResponsesStream:
         self.reset_round()
         self.activate()
         log.info("reprompt", round=self.round, outputs=len(outputs), stream=True)
-        resp, message, code = await open_round(
+        resp, message, code, status = await open_round(
             self.state, self.request, self.body, self.policy.config.upstream
         )
-        if resp is None:
+        if resp is None and self.pending is not None:
+            await self.strip_finish(message, code, str(status) if status is not None else None)
+        elif resp is None:
             await self.fail(message, code)
         return resp

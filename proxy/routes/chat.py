@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
-from proxy import chat, stash
+from proxy import chat, reprompt, stash
 from proxy.blocking import audit_plan, plan
 from proxy.chat_stream import ChatStream
 from proxy.delivery import deliver
@@ -22,6 +23,7 @@ from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
+from proxy.upstream import UpstreamReply
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat")
@@ -84,12 +86,28 @@ async def _gate_stream(
     )
 
 
-def _assistant_turn(message: dict[str, Any]) -> dict[str, Any]:
-    turn: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-    for key in ("tool_calls", "function_call"):
-        if message.get(key):
-            turn[key] = message[key]
-    return turn
+@dataclass(slots=True)
+class _Reprompted:
+    """A round callgate asked the upstream again about: what `strip` answers for it when the
+    next round fails upstream."""
+
+    reply: UpstreamReply
+    data: dict[str, Any]
+    choice: dict[str, Any]
+    blocked: list[Decision]
+    round: int
+
+
+def _strip_answer(
+    state: AppState, ctx: CallContext, last: _Reprompted, usage: Any, status: str
+) -> web.Response:
+    """The reprompt round failed upstream (`status`): the answer `strip` would have given for
+    the round before it, with that round's status (200) and headers."""
+    reprompt.failed(state, ctx, ROUTE, last.blocked, status)
+    chat.strip_calls(last.choice, last.blocked, with_notice=True)
+    if last.round:
+        last.data["usage"] = usage
+    return json_reply(last.reply, last.data)
 
 
 async def _gate_completion(
@@ -103,83 +121,130 @@ async def _gate_completion(
     path = upstream_path(request)
     rounds = 0
     usage: dict[str, Any] | None = None
-    while True:
-        reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
-        if isinstance(reply, web.Response):
-            return reply  # the upstream could not be reached: an error in OpenAI's shape
-        if reply.status != 200:
-            return raw_reply(reply)  # upstream errors reach the client unchanged
-        data = parse_reply(reply)
-        if isinstance(data, web.Response):
-            return data
-        if rounds:
-            usage = add_usage(usage, data.get("usage"))
-        choices = data.get("choices")
-        if not isinstance(choices, list):
-            choices = []
-        per_choice: list[tuple[dict[str, Any], list[Decision]]] = []
-        decisions: list[Decision] = []
-        for choice in choices:
-            message = choice.get("message") if isinstance(choice, dict) else None
-            if not isinstance(message, dict):
-                continue
-            # One at a time, in order: parallel calls to one tool take slots first-come.
-            ds = [await decide(c, policy, state.store, ctx) for c in chat.calls_of(message)]
-            per_choice.append((choice, ds))
-            decisions.extend(ds)
-        if not decisions:
-            if not rounds:
-                return raw_reply(reply)
-            data["usage"] = usage
-            return json_reply(reply, data)
-
-        p = plan(decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
-        audit_plan(state.auditor, p, ctx)
-        if p.action == "pass":
-            if not rounds:
-                return raw_reply(reply)  # byte for byte what the upstream sent
-            data["usage"] = usage
-            return json_reply(reply, data)
-        if p.action == "error":
-            await release(state.store, p.allowed)
-            first = p.blocked[0]
-            assert first.block is not None
-            return error_response(
-                403,
-                f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
-                "tool_call_blocked",
-                first.block.gate,
+    last: _Reprompted | None = None  # the round a pending reprompt was asked about
+    try:
+        while True:
+            reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
+            if isinstance(reply, web.Response):
+                if last is not None:  # callgate's own 504 (timeout) or 502 (unreachable)
+                    status = "timeout" if reply.status == 504 else "unreachable"
+                    return _strip_answer(state, ctx, last, usage, status)
+                return reply  # the upstream could not be reached: an error in OpenAI's shape
+            if reply.status != 200:
+                if last is not None:
+                    return _strip_answer(state, ctx, last, usage, str(reply.status))
+                return raw_reply(reply)  # upstream errors reach the client unchanged
+            data = parse_reply(reply)
+            if last is not None and (
+                isinstance(data, web.Response) or not isinstance(data.get("choices"), list)
+            ):
+                return _strip_answer(state, ctx, last, usage, "malformed")
+            if isinstance(data, web.Response):
+                return data
+            if last is not None:
+                reprompt.asked(state, ctx, last.blocked)
+                last = None
+            if rounds:
+                usage = add_usage(usage, data.get("usage"))
+            answer = await _gate_round(
+                request, state, policy, body, reply, data, ctx, rounds, usage
             )
-        if p.action == "reprompt":
+            if isinstance(answer, web.StreamResponse):
+                return answer
             if not rounds:
                 usage = add_usage(None, data.get("usage"))
-            message = per_choice[0][0]["message"]
-            messages = list(body.get("messages") or [])
-            messages.append(_assistant_turn(message))
-            messages.extend(chat.tool_result_messages(p.blocked))
-            body = {**body, "messages": messages}
+            last, body = answer
             payload = orjson.dumps(body)
             rounds += 1
             state.metrics.reprompts.labels(ROUTE).inc()
-            log.info("reprompt", round=rounds, blocked=len(p.blocked))
-            continue
+            log.info("reprompt", round=rounds, blocked=len(last.blocked))
+    finally:
+        if last is not None:  # asked, and the request ended (cancelled) before the answer
+            reprompt.asked(state, ctx, last.blocked)
 
-        for choice, ds in per_choice:
-            blocked = [d for d in ds if not d.allowed]
-            if not blocked:
-                continue
-            removed = chat.strip_calls(choice, blocked, with_notice=p.action == "strip")
-            kept = [d.call.id for d in ds if d.allowed and d.call.id not in ("", chat.LEGACY_ID)]
-            if kept and removed:
-                await stash.put(
-                    state.store,
-                    [stash.chat_key(ctx.principal, i) for i in kept],
-                    {
-                        "calls": [raw for raw, _ in removed],
-                        "results": chat.tool_result_messages([d for _, d in removed]),
-                    },
-                    policy.config.server.stash_ttl,
-                )
-        if rounds:
-            data["usage"] = usage
+
+async def _gate_round(
+    request: web.Request,
+    state: AppState,
+    policy: Policy,
+    body: dict[str, Any],
+    reply: UpstreamReply,
+    data: dict[str, Any],
+    ctx: CallContext,
+    rounds: int,
+    usage: dict[str, Any] | None,
+) -> web.StreamResponse | tuple[_Reprompted, dict[str, Any]]:
+    """Gate one round's answer: the client's answer, or (the round, the body of the next
+    round) when the model is asked again."""
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        choices = []
+    per_choice: list[tuple[dict[str, Any], list[Decision]]] = []
+    decisions: list[Decision] = []
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        # One at a time, in order: parallel calls to one tool take slots first-come.
+        ds = [await decide(c, policy, state.store, ctx) for c in chat.calls_of(message)]
+        per_choice.append((choice, ds))
+        decisions.extend(ds)
+    if not decisions:
+        if not rounds:
+            return raw_reply(reply)
+        data["usage"] = usage
         return json_reply(reply, data)
+
+    p = plan(decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
+    if p.action != "reprompt":
+        audit_plan(state.auditor, p, ctx)
+    if p.action == "pass":
+        if not rounds:
+            return raw_reply(reply)  # byte for byte what the upstream sent
+        data["usage"] = usage
+        return json_reply(reply, data)
+    if p.action == "error":
+        await release(state.store, p.allowed)
+        first = p.blocked[0]
+        assert first.block is not None
+        return error_response(
+            403,
+            f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
+            "tool_call_blocked",
+            first.block.gate,
+        )
+    if p.action == "reprompt":
+        # Recorded once the next round is answered (reprompt.asked / reprompt.failed).
+        choice = per_choice[0][0]
+        message = choice["message"]
+        messages = list(body.get("messages") or [])
+        messages.append(
+            chat.assistant_turn(
+                message.get("content"), message.get("tool_calls"), message.get("function_call")
+            )
+        )
+        messages.extend(chat.tool_result_messages(p.blocked))
+        last = _Reprompted(reply, data, choice, p.blocked, rounds)
+        blocked = {d.call.name for d in p.blocked}
+        relaxed = chat.relaxed_tool_choice(body, blocked, reprompt.denied(policy))
+        return last, {**body, "messages": messages, **relaxed}
+
+    for choice, ds in per_choice:
+        blocked = [d for d in ds if not d.allowed]
+        if not blocked:
+            continue
+        removed = chat.strip_calls(choice, blocked, with_notice=p.action == "strip")
+        kept = [d.call.id for d in ds if d.allowed and d.call.id not in ("", chat.LEGACY_ID)]
+        if kept and removed:
+            await stash.put(
+                state.store,
+                [stash.chat_key(ctx.principal, i) for i in kept],
+                {
+                    "calls": [chat.wire_call(raw) for raw, _ in removed],
+                    "results": chat.tool_result_messages([d for _, d in removed]),
+                },
+                policy.config.server.stash_ttl,
+            )
+    if rounds:
+        data["usage"] = usage
+    return json_reply(reply, data)

@@ -11,14 +11,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
-from proxy import responses, stash
-from proxy.blocking import plan
+from proxy import reprompt, responses, stash
+from proxy.blocking import Plan, plan
 from proxy.delivery import deliver
 from proxy.errors import bad_gateway, bad_request, error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
@@ -156,6 +157,18 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 # -- non-streaming ------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Round:
+    """One round's answer and its decisions, as far as its settling needs them."""
+
+    reply: UpstreamReply
+    data: dict[str, Any]
+    body: dict[str, Any]  # the request it answers
+    decisions: list[Decision]
+    approvals: list[Decision]
+    number: int  # 0 for the client's own request
+
+
 async def _gate_response(
     request: web.Request,
     state: AppState,
@@ -171,111 +184,168 @@ async def _gate_response(
     rounds = reprompts = approval_rounds = 0
     usage: dict[str, Any] | None = None
     first_id: str | None = None
-    while True:
-        reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
-        if isinstance(reply, web.Response):
-            return reply
-        if reply.status != 200:
-            return raw_reply(reply)  # upstream errors reach the client unchanged
-        data = parse_reply(reply)
-        if isinstance(data, web.Response):
-            return data
-        problem = responses.malformed_output(data.get("output"))
-        if problem is not None:
-            log.error("upstream_malformed_output", error=problem)
-            return bad_gateway(
-                f"The upstream returned a response callgate cannot gate: {problem}",
-                "upstream_malformed",
+    # The round a pending reprompt was asked about, and its blocked calls: what `strip`
+    # answers if the next round fails upstream.
+    last: tuple[_Round, list[Decision]] | None = None
+
+    async def settle(r: _Round, p: Plan) -> web.StreamResponse:
+        return await _settle(state, policy, ctx, r, p, inserted, client_prev, usage, first_id)
+
+    try:
+        while True:
+            reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
+            failure: str | None = None
+            data: dict[str, Any] | web.Response = {}
+            if isinstance(reply, web.Response):  # callgate's own 504 (timeout) or 502
+                failure = "timeout" if reply.status == 504 else "unreachable"
+            elif reply.status != 200:
+                failure = str(reply.status)
+            else:
+                data = parse_reply(reply)
+                if isinstance(data, web.Response):
+                    failure = "malformed"
+                else:
+                    problem = responses.malformed_output(data.get("output"))
+                    if problem is not None:
+                        log.error("upstream_malformed_output", error=problem)
+                        failure = "malformed"
+                        data = bad_gateway(
+                            f"The upstream returned a response callgate cannot gate: {problem}",
+                            "upstream_malformed",
+                        )
+            if failure is not None and last is not None:
+                prev, blocked = last
+                last = None
+                reprompt.failed(state, ctx, ROUTE, blocked, failure)
+                return await settle(prev, Plan("strip", [], blocked))
+            if isinstance(reply, web.Response):
+                return reply
+            if reply.status != 200:
+                return raw_reply(reply)  # upstream errors reach the client unchanged
+            if isinstance(data, web.Response):
+                return data
+            if last is not None:
+                reprompt.asked(state, ctx, last[1])
+                last = None
+            if rounds:
+                usage = add_usage(usage, data.get("usage"))
+            output: list[Any] = data.get("output") or []
+            # One at a time, in order: parallel calls to one tool take slots first-come.
+            decisions = [
+                await decide(c, policy, state.store, ctx) for c in responses.calls_of(output)
+            ]
+            approvals = await decide_approvals(
+                state, policy, ctx, responses.approvals_of(output, gated)
             )
-        if rounds:
-            usage = add_usage(usage, data.get("usage"))
-        output: list[Any] = data.get("output") or []
-        # One at a time, in order: parallel calls to one tool take slots first-come.
-        decisions = [await decide(c, policy, state.store, ctx) for c in responses.calls_of(output)]
-        approvals = await decide_approvals(
-            state, policy, ctx, responses.approvals_of(output, gated)
-        )
-        audited = False
-        try:
-            p = approval_plan(plan(decisions, reprompts < policy.config.max_reprompts), approvals)
-            if p.action == "error":
-                audited = True
-                audit_round(state, ctx, p, decisions, approvals)
-                await release(state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
-                first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
-                assert first.block is not None
-                return error_response(
-                    403,
-                    f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
-                    "tool_call_blocked",
-                    first.block.gate,
+            this = _Round(reply, data, body, decisions, approvals, rounds)
+            audited = False
+            try:
+                p = approval_plan(
+                    plan(decisions, reprompts < policy.config.max_reprompts), approvals
                 )
-            answers = [responses.approval_response(d) for d in approvals]
-            again = p.action == "reprompt" or (
-                approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
-            )
-            if again:
+                again = p.action == "reprompt" or (
+                    approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
+                )
+                if p.action == "error" or not again:
+                    return await settle(this, p)
+                answers = [responses.approval_response(d) for d in approvals]
                 if not rounds:
                     usage = add_usage(None, data.get("usage"))
                     first_id = data.get("id") if isinstance(data.get("id"), str) else None
                 outputs = [responses.error_output(d) for d in p.blocked] + answers
                 body = responses.next_round_body(body, data, outputs)
+                if p.action == "reprompt":
+                    blocked = {d.call.name for d in p.blocked}
+                    body.update(
+                        responses.relaxed_tool_choice(body, blocked, reprompt.denied(policy))
+                    )
                 payload = orjson.dumps(body)
                 audited = True
-                audit_round(state, ctx, p, decisions, approvals)
-                rounds += 1
                 if p.action == "reprompt":
+                    # The blocked calls are recorded once the next round answers, or fails.
+                    audit_round(state, ctx, p, [], approvals)
+                    last = (this, p.blocked)
                     reprompts += 1
                     state.metrics.reprompts.labels(ROUTE).inc()
                 else:
+                    audit_round(state, ctx, p, decisions, approvals)
                     approval_rounds += 1
+                rounds += 1
                 log.info("reprompt", round=rounds, blocked=len(p.blocked), approvals=len(answers))
-                continue
+            except Exception as exc:
+                if audited or any(d.recorded for d in [*decisions, *approvals]):
+                    raise  # settled and on record: not a round to fail closed
+                return await _fail_round(state, ctx, [*decisions, *approvals], exc)
+    finally:
+        if last is not None:  # asked, and the request ended (cancelled) before the answer
+            reprompt.asked(state, ctx, last[1])
 
-            hide = list(inserted)
-            extra: dict[str, Any] = {}
-            changed = bool(rounds)
-            if p.blocked or approvals:
-                changed = True
-                kept, groups, removed = responses.split_output(
-                    output,
-                    responses.positions_of(output, p.blocked),
-                    {d.call.id for d in approvals},
-                )
-                if p.action == "strip":
-                    text = responses.notice_text(p.blocked, responses.has_text(kept))
-                    note = responses.notice_item(text)
-                    kept.append(note)
-                    extra["extra"] = [note]
-                data["output"] = kept
-                if "output_text" in data:
-                    data["output_text"] = responses.output_text(kept)
-                hide += removed
-                extra.update(
-                    outputs=[responses.error_output(d) for d in p.blocked] + answers,
-                    groups=groups,
-                    calls=[d.call.id for d in p.allowed],
-                )
-            if rounds:
-                data["usage"] = usage
-                if "previous_response_id" in data:
-                    data["previous_response_id"] = client_prev
-                if responses.stored(body, data):
-                    extra["previous_response_id"] = client_prev or ""  # "" stands for null
-                if first_id and responses.stored(body, data) and body.get("conversation") is None:
-                    extra["input_of"] = first_id  # the client's own input went with round one
-            out = raw_reply(reply) if not changed else json_reply(reply, data)
-            audited = True
-            audit_round(state, ctx, p, decisions, approvals)
-            rid = data.get("id")
-            if isinstance(rid, str):
-                value = responses.entry(hide=hide, **extra)
-                await save_entry(state, policy, ctx.principal, rid, value, body)
-            return out  # unchanged: byte for byte what the upstream sent
-        except Exception as exc:
-            if audited:
-                raise
-            return await _fail_round(state, ctx, [*decisions, *approvals], exc)
+
+async def _settle(
+    state: AppState,
+    policy: Policy,
+    ctx: CallContext,
+    r: _Round,
+    p: Plan,
+    inserted: list[str],
+    client_prev: str | None,
+    usage: dict[str, Any] | None,
+    first_id: str | None,
+) -> web.StreamResponse:
+    """The client's answer from round `r`, whose calls were decided as `p` says."""
+    reply, data, body, decisions, approvals = r.reply, r.data, r.body, r.decisions, r.approvals
+    output: list[Any] = data.get("output") or []
+    if p.action == "error":
+        audit_round(state, ctx, p, decisions, approvals)
+        await release(state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
+        first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
+        assert first.block is not None
+        return error_response(
+            403,
+            f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
+            "tool_call_blocked",
+            first.block.gate,
+        )
+    answers = [responses.approval_response(d) for d in approvals]
+    hide = list(inserted)
+    extra: dict[str, Any] = {}
+    changed = bool(r.number)
+    if p.blocked or approvals:
+        changed = True
+        kept, groups, removed = responses.split_output(
+            output,
+            responses.positions_of(output, p.blocked),
+            {d.call.id for d in approvals},
+        )
+        if p.action == "strip":
+            text = responses.notice_text(p.blocked, responses.has_text(kept))
+            note = responses.notice_item(text)
+            kept.append(note)
+            extra["extra"] = [note]
+        data["output"] = kept
+        if "output_text" in data:
+            data["output_text"] = responses.output_text(kept)
+        hide += removed
+        extra.update(
+            outputs=[responses.error_output(d) for d in p.blocked] + answers,
+            groups=groups,
+            calls=[d.call.id for d in p.allowed],
+        )
+    if r.number:
+        data["usage"] = usage
+        if "previous_response_id" in data:
+            data["previous_response_id"] = client_prev
+        if responses.stored(body, data):
+            extra["previous_response_id"] = client_prev or ""  # "" stands for null
+        if first_id and responses.stored(body, data) and body.get("conversation") is None:
+            extra["input_of"] = first_id  # the client's own input went with round one
+    out = raw_reply(reply) if not changed else json_reply(reply, data)  # unchanged: as sent
+    audit_round(state, ctx, p, decisions, approvals)
+    rid = data.get("id")
+    if isinstance(rid, str):
+        value = responses.entry(hide=hide, **extra)
+        await save_entry(state, policy, ctx.principal, rid, value, body)
+    return out
 
 
 async def _fail_round(
