@@ -14,7 +14,8 @@ from yarl import URL
 from proxy.audit import GENESIS, verify_chain
 from proxy.config import ConfigError
 from proxy.gates import decide
-from proxy.gates.budget import cost_of, format_money
+from proxy.gates.decision import Block
+from proxy.gates.registry import NAMES
 from proxy.policy import Policy, load_policy
 from proxy.store.memory import MemoryStore
 from proxy.toolcalls import CallContext, ToolCall
@@ -77,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _explain(policy: Policy, tool: str, arguments: str, principal: str) -> list[str]:
+    """One line per gate name (proxy.gates.registry.NAMES), from the tool's own gate list."""
     store = MemoryStore()
     ctx = CallContext(principal=principal, request_id="explain", route="explain")
     call = ToolCall("call_explain", tool, arguments)
@@ -85,38 +87,27 @@ async def _explain(policy: Policy, tool: str, arguments: str, principal: str) ->
     lines = [f"tool: {tool}  (policy entry: {tp.name!r}, principal: {principal})"]
     blocked_at = decision.block.gate if decision.block else None
     shadow = {b.gate: b for b in decision.shadow}
-    configured = {
-        "rules": True,  # the allow list is always in force
-        "rate_limit": tp.rate_limit is not None,
-        "budget": tp.budget is not None,
-    }
+    details: dict[str, list[str]] = {}
+    for check in tp.checks:
+        details.setdefault(check.name, []).append(check.describe())
+    for gate in tp.reservations:
+        item = gate.request(decision, ctx) if not decision.unread else None
+        described = "" if item is None or isinstance(item, Block) else gate.describe_item(item)
+        details.setdefault(gate.name, []).append(described)
     reached = True
-    for gate in ("rules", "rate_limit", "budget"):
-        if not configured[gate]:
-            lines.append(f"  {gate:<10} -        (not configured)")
-            continue
-        if not reached:
-            lines.append(f"  {gate:<10} skipped  (an earlier gate blocked)")
-            continue
-        if gate == blocked_at and decision.block is not None:
-            lines.append(f"  {gate:<10} BLOCK    {decision.block.message}")
+    for name in NAMES:
+        if name not in details:
+            lines.append(f"  {name:<10} -        (not configured)")
+        elif not reached:
+            lines.append(f"  {name:<10} skipped  (an earlier gate blocked)")
+        elif name == blocked_at and decision.block is not None:
+            lines.append(f"  {name:<10} BLOCK    {decision.block.message}")
             reached = False
-        elif gate in shadow:
-            lines.append(f"  {gate:<10} shadow   would block: {shadow[gate].message}")
+        elif name in shadow:
+            lines.append(f"  {name:<10} shadow   would block: {shadow[name].message}")
         else:
-            detail = ""
-            if gate == "rate_limit" and tp.rate_limit:
-                rl = tp.rate_limit
-                detail = f"max_calls={rl.max_calls} window={rl.window:g}s cooldown={rl.cooldown:g}s"
-            elif gate == "budget" and tp.budget:
-                cost = cost_of(tp.budget, call, decision.args, ctx)
-                detail = (
-                    f"cost {format_money(cost)} against ledger {tp.budget.ledger!r} "
-                    f"({tp.budget.ledger_config.max_spend} per {tp.budget.ledger_config.window:g}s)"
-                )
-            elif gate == "rules":
-                detail = f"{len(tp.rules)} rule(s)" + (", schema" if tp.schema is not None else "")
-            lines.append(f"  {gate:<10} pass     {detail}")
+            detail = ", ".join(d for d in details[name] if d)
+            lines.append(f"  {name:<10} pass     {detail}".rstrip())
     verdict = "ALLOWED" if decision.allowed else f"BLOCKED (on_block: {tp.on_block})"
     lines.append(f"decision: {verdict}")
     if decision.block is not None:

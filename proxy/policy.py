@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -151,6 +151,10 @@ class ToolPolicy:
     schema_check: Callable[[Any], bool] | None
     rate_limit: RateLimitConfig | None
     budget: Budget | None
+    # The gates a call to this tool passes, in order (proxy.gates.registry): what the pipeline
+    # runs and what `callgate explain` reports.
+    checks: tuple[Any, ...] = ()
+    reservations: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +242,10 @@ def _compile_tool(
                 to_micros(ledger.max_spend),
             )
 
-    return ToolPolicy(
+    # Imported here: the gates' modules import this one (Rule, Budget).
+    from proxy.gates.registry import compile_gates
+
+    tool_policy = ToolPolicy(
         name=name,
         namespace=tool.namespace,
         allow=tool.allow,
@@ -250,6 +257,8 @@ def _compile_tool(
         rate_limit=tool.rate_limit,
         budget=budget,
     )
+    checks, reservations = compile_gates(tool_policy)
+    return replace(tool_policy, checks=checks, reservations=reservations)
 
 
 def compile_policy(config: Config, node: Any = None, source: str = "<string>") -> Policy:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.audit import verify_file
-from proxy.gates.rules import MAX_ARGUMENT_DEPTH, nesting_exceeds
+from proxy.gates.arguments import MAX_ARGUMENT_DEPTH, nesting_exceeds
 from tests.conftest import SSE, completion, records
 from tests.responses_streams import FakeResponses, fc, response
 from tests.streams import chat_stream

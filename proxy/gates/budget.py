@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from proxy.config import MICROS
-from proxy.gates.decision import Block
+from proxy.gates.decision import Block, Decision
 from proxy.gates.ratelimit import scope_key
 from proxy.policy import Budget, to_micros
-from proxy.store import ChargeRequest, Outcome, key_part
+from proxy.store import ChargeRequest, Outcome, SlotRequest, key_part
 from proxy.toolcalls import CallContext, ToolCall
 
 GATE = "budget"
@@ -59,3 +60,45 @@ def block_for(outcome: Outcome, request: ChargeRequest) -> Block:
         f"{format_money(request.cost_micros)} > {format_money(request.max_micros)}"
     )
     return Block(GATE, "max_spend", message, outcome.retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGate:
+    budget: Budget
+    name: str = GATE
+    kind: str = GATE
+
+    @property
+    def enforce(self) -> bool:
+        return self.budget.use.mode == "enforce"
+
+    @property
+    def on_store_error(self) -> str:
+        return self.budget.use.on_store_error
+
+    @property
+    def constant(self) -> bool:
+        return self.budget.cost_micros is not None
+
+    def request(self, decision: Decision, ctx: CallContext) -> ChargeRequest | Block:
+        try:
+            cost = cost_of(self.budget, decision.call, decision.args, ctx)
+        except ValueError as exc:
+            return Block(GATE, "cost_error", f"Budget: {exc}")
+        return charge_request(self.budget, ctx.principal, cost)
+
+    def block_for(self, outcome: Outcome, item: SlotRequest | ChargeRequest) -> Block:
+        assert isinstance(item, ChargeRequest)
+        return block_for(outcome, item)
+
+    def describe_item(self, item: SlotRequest | ChargeRequest) -> str:
+        assert isinstance(item, ChargeRequest)
+        ledger = self.budget.ledger_config
+        return (
+            f"cost {format_money(item.cost_micros)} against ledger {self.budget.ledger!r} "
+            f"({ledger.max_spend} per {ledger.window:g}s)"
+        )
+
+
+def build(tool: Any) -> BudgetGate | None:
+    return None if tool.budget is None else BudgetGate(tool.budget)

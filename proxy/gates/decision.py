@@ -27,6 +27,7 @@ class Decision:
     # Gates that let the call through only because the store failed and they fail open.
     fail_open: list[str] = field(default_factory=list)
     args: Any = None
+    unread: bool = False  # the arguments could not be read: steps that look at them are skipped
     token: list[tuple[str, str]] = field(default_factory=list)
     latency_ms: float = 0.0
     # Set by the auditor: a decision has one record, made before the client can see the call

@@ -1,25 +1,28 @@
-"""One pipeline per tool call: rules -> rate limit + budget (reserved together) -> decision.
+"""One pipeline per tool call: the tool's gates in order (proxy.gates.registry), then the
+decision.
 
-The rate-limit slot and the budget charge go to the store as one all-or-nothing reservation, so
-a budget block never leaves a rate-limit slot consumed. Audit happens after the response's fate
-is known (see proxy.audit), so a call withheld for another call's sake is recorded as such.
+Checks run one after another; a block stops the call (or, in shadow mode, is recorded and the
+rest of its group is skipped). The reservations (rate-limit slot, budget charge) then go to the
+store as one all-or-nothing reservation, so a budget block never leaves a rate-limit slot
+consumed. Audit happens after the response's fate is known (see proxy.audit), so a call
+withheld for another call's sake is recorded as such.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import structlog
 
-from proxy.gates import budget as budget_gate
-from proxy.gates import ratelimit as ratelimit_gate
+from proxy.gates.base import Check, Reservation, StoreItem
 from proxy.gates.decision import Block, Decision
-from proxy.gates.rules import check_rules, parse_arguments
 from proxy.policy import Policy, ToolPolicy
-from proxy.store import ChargeRequest, SlotRequest, Store, StoreError
+from proxy.store import Store, StoreError
 from proxy.toolcalls import CallContext, ToolCall
 
 log = structlog.get_logger("callgate.gates")
+MAX_DERIVED = 50_000  # cached reservation items per policy: bounded by principals x tools
 
 
 async def decide(call: ToolCall, policy: Policy, store: Store, ctx: CallContext) -> Decision:
@@ -27,7 +30,8 @@ async def decide(call: ToolCall, policy: Policy, store: Store, ctx: CallContext)
     tool = policy.for_tool(call.name)
     decision = Decision(call=call, tool_policy=tool.name, on_block=tool.on_block)
     try:
-        await _run(decision, tool, policy, store, ctx)
+        if not await _checks(decision, tool.checks, ctx):
+            await _reserve(decision, tool, policy, store, ctx)
     except Exception as exc:
         # A gate that cannot decide blocks: the policy fails closed, the request carries on.
         log.exception("gate_error", tool=call.name, call_id=call.id)
@@ -48,100 +52,83 @@ def _stop(decision: Decision, block: Block, enforce: bool) -> bool:
     return False
 
 
-async def _run(
+async def _checks(decision: Decision, checks: tuple[Check, ...], ctx: CallContext) -> bool:
+    """Run the checks in order; True when one blocked (enforced) and the call is decided."""
+    shadowed: str | None = None  # a group that blocked in shadow mode: the rest is skipped
+    for gate in checks:
+        if gate.name == shadowed or (gate.needs_args and decision.unread):
+            continue
+        block = gate.check(decision, ctx)
+        if inspect.isawaitable(block):
+            block = await block
+        if block is not None:
+            if _stop(decision, block, gate.enforce):
+                return True
+            shadowed = gate.name
+    return False
+
+
+Items = tuple[tuple[StoreItem, ...], tuple[Reservation, ...]]
+
+
+async def _reserve(
     decision: Decision, tool: ToolPolicy, policy: Policy, store: Store, ctx: CallContext
 ) -> None:
-    call = decision.call
-    rules_enforce = tool.rules_mode == "enforce"
-    args, block = parse_arguments(call)
-    decision.args = args
-    if block is None:
-        block = check_rules(tool, call, args, ctx)
-    if block is not None and _stop(decision, block, rules_enforce):
+    if not tool.reservations:
         return
-
-    requests = _store_requests(tool, call, args, ctx, policy.derived)
-    if isinstance(requests, Block):
-        assert tool.budget is not None
-        if _stop(decision, requests, tool.budget.use.mode == "enforce"):
-            return
-        requests = _store_requests(tool, call, args, ctx, policy.derived, with_budget=False)
-        assert not isinstance(requests, Block)
-    items, configs = requests
-    if not items:
+    items = _items(decision, tool, ctx, policy.derived)
+    if items is None:
         return
-
+    requests, gates = items
     try:
-        reservation = await store.reserve(items)
+        reservation = await store.reserve(requests)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
-        log.warning("store_error", error=reason, tool=call.name, call_id=call.id)
-        for item, (gate, on_error, _cfg) in zip(items, configs, strict=True):
-            block = Block(gate, "store_error", f"Store unavailable: {reason}")
-            if on_error == "fail_open":
-                decision.fail_open.append(gate)
+        log.warning("store_error", error=reason, tool=decision.call.name, call_id=decision.call.id)
+        for item, gate in zip(requests, gates, strict=True):
+            block = Block(gate.name, "store_error", f"Store unavailable: {reason}")
+            if gate.on_store_error == "fail_open":
+                decision.fail_open.append(gate.name)
             elif _stop(decision, block, item.enforce):
                 return
         return
 
     decision.token = reservation.token
-    for item, outcome, (_gate, _on_error, cfg) in zip(
-        items, reservation.outcomes, configs, strict=True
-    ):
-        if outcome.ok:
-            continue
-        if isinstance(item, SlotRequest):
-            block = ratelimit_gate.block_for(outcome, cfg)  # type: ignore[arg-type]
-        else:
-            block = budget_gate.block_for(outcome, item)
-        if _stop(decision, block, item.enforce):
+    for item, outcome, gate in zip(requests, reservation.outcomes, gates, strict=True):
+        if not outcome.ok and _stop(decision, gate.block_for(outcome, item), item.enforce):
             return
 
 
-Requests = tuple[
-    tuple[SlotRequest | ChargeRequest, ...],
-    tuple[tuple[str, str, object], ...],  # per item: (gate, on_store_error, config)
-]
-MAX_DERIVED = 50_000  # cached request sets per policy: bounded by principals x tools
-
-
-def _store_requests(
-    tool: ToolPolicy,
-    call: ToolCall,
-    args: object,
-    ctx: CallContext,
-    derived: dict[object, object],
-    with_budget: bool = True,
-) -> Requests | Block:
-    """The rate-limit slot and budget charge to reserve for a call (a Block when its cost
-    cannot be priced). They depend only on the tool, the principal and a constant cost, so they
-    are built once per pair and kept with the policy; the store never mutates them."""
-    budget = tool.budget if with_budget else None
-    constant = budget is None or budget.cost_micros is not None
-    key = (tool.name, call.name, ctx.principal, with_budget)
+def _items(
+    decision: Decision, tool: ToolPolicy, ctx: CallContext, derived: dict[object, object]
+) -> Items | None:
+    """The store items of the call's reservations (None when a Block stopped it). Items that
+    depend only on the tool and the principal are built once per pair and kept with the
+    policy; the store never mutates them."""
+    reservations = tool.reservations
+    constant = all(gate.constant for gate in reservations)
+    key = (tool.name, decision.call.name, ctx.principal)
     if constant:
         cached = derived.get(key)
         if cached is not None:
             return cached  # type: ignore[return-value]
-    items: list[SlotRequest | ChargeRequest] = []
-    configs: list[tuple[str, str, object]] = []
-    if tool.rate_limit is not None:
-        rl = tool.rate_limit
-        items.append(ratelimit_gate.slot_request(tool.namespace, call.name, ctx.principal, rl))
-        configs.append((ratelimit_gate.GATE, rl.on_store_error, rl))
-    if budget is not None:
-        try:
-            cost = budget_gate.cost_of(budget, call, args, ctx)
-        except ValueError as exc:
-            return Block(budget_gate.GATE, "cost_error", f"Budget: {exc}")
-        items.append(budget_gate.charge_request(budget, ctx.principal, cost))
-        configs.append((budget_gate.GATE, budget.use.on_store_error, budget.use))
-    requests = (tuple(items), tuple(configs))
+    requests: list[StoreItem] = []
+    gates: list[Reservation] = []
+    for gate in reservations:
+        item = gate.request(decision, ctx)
+        if isinstance(item, Block):
+            # Cannot be priced: an enforced gate stops the call, a shadow one is left out.
+            if _stop(decision, item, gate.enforce):
+                return None
+            continue
+        requests.append(item)
+        gates.append(gate)
+    items = (tuple(requests), tuple(gates))
     if constant:
         if len(derived) >= MAX_DERIVED:
             derived.clear()
-        derived[key] = requests
-    return requests
+        derived[key] = items
+    return items if requests else None
 
 
 async def release(store: Store, decisions: list[Decision]) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from proxy.config import RateLimitConfig
-from proxy.gates.decision import Block
-from proxy.store import Outcome, SlotRequest, key_part
+from proxy.gates.decision import Block, Decision
+from proxy.store import ChargeRequest, Outcome, SlotRequest, key_part
+from proxy.toolcalls import CallContext
 
 GATE = "rate_limit"
 
@@ -27,3 +31,34 @@ def block_for(outcome: Outcome, cfg: RateLimitConfig) -> Block:
     else:
         message = f"Rate limit: {outcome.count} >= {cfg.max_calls}"
     return Block(GATE, outcome.limit, message, outcome.retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    namespace: str
+    config: RateLimitConfig
+    name: str = GATE
+    kind: str = GATE
+    constant: bool = True
+
+    @property
+    def enforce(self) -> bool:
+        return self.config.mode == "enforce"
+
+    @property
+    def on_store_error(self) -> str:
+        return self.config.on_store_error
+
+    def request(self, decision: Decision, ctx: CallContext) -> SlotRequest:
+        return slot_request(self.namespace, decision.call.name, ctx.principal, self.config)
+
+    def block_for(self, outcome: Outcome, item: SlotRequest | ChargeRequest) -> Block:
+        return block_for(outcome, self.config)
+
+    def describe_item(self, item: SlotRequest | ChargeRequest) -> str:
+        rl = self.config
+        return f"max_calls={rl.max_calls} window={rl.window:g}s cooldown={rl.cooldown:g}s"
+
+
+def build(tool: Any) -> RateLimit | None:
+    return None if tool.rate_limit is None else RateLimit(tool.namespace, tool.rate_limit)
