@@ -31,7 +31,7 @@ from proxy.config import (
     parse_money,
     read_config_text,
 )
-from proxy.schemacheck import compile_check
+from proxy.schemafast import compile_check
 
 DEFAULT_TOOL = "*"
 
@@ -146,8 +146,8 @@ class ToolPolicy:
     rules: tuple[Rule, ...]
     rules_mode: str
     schema: jsonschema.protocols.Validator | None
-    # The same schema as a compiled validity check (proxy.schemacheck), when it can be one:
-    # jsonschema then runs only to word the error of arguments already known to be invalid.
+    # The same schema as a compiled validity check (proxy.schemafast, jsonschema-rs), when it
+    # can be one: jsonschema then runs only to word errors (and to judge what it calls invalid).
     schema_check: Callable[[Any], bool] | None
     rate_limit: RateLimitConfig | None
     budget: Budget | None
