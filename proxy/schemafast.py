@@ -118,8 +118,9 @@ def compile_check(schema: Any) -> Callable[[Any], bool] | None:
             offline=True,  # never fetch a remote schema at load time
             pattern_options=jsonschema_rs.FancyRegexOptions(),  # for the `$` lookahead
         )
-    # Declining is always safe: the caller falls back to jsonschema.
-    except (_Unsupported, RecursionError, ValueError, jsonschema_rs.ValidationError):
+    # Declining is always safe: the caller falls back to jsonschema. Whatever jsonschema-rs
+    # refuses (a value it cannot convert, a schema too deep, one it reads as invalid) is declined.
+    except Exception:
         return None
     check: Callable[[Any], bool] = validator.is_valid
     return check
