@@ -16,7 +16,7 @@ import cel
 import jsonschema
 from cel.stdlib import STDLIB_FUNCTIONS
 
-from proxy.cel_native import Fallback, ascii_lower, ascii_upper, compile_native
+from proxy.cel import Fallback, ascii_lower, ascii_upper, compile_native
 from proxy.config import (
     MICROS,
     BudgetUse,
@@ -31,7 +31,7 @@ from proxy.config import (
     parse_money,
     read_config_text,
 )
-from proxy.schemacheck import compile_check
+from proxy.schemafast import compile_check
 
 DEFAULT_TOOL = "*"
 
@@ -73,7 +73,7 @@ def args_fields(source: str) -> frozenset[str] | None:
 class Expr:
     """A compiled CEL expression, with what it needs from its environment worked out once.
 
-    Most expressions also get a compiled Python form (proxy.cel_native) that answers the common
+    Most expressions also get a compiled Python form (proxy.cel) that answers the common
     case in a fraction of the interpreter's time and defers to it for everything else. For the
     interpreter, converting values into CEL dominates an evaluation, so only the variables the
     expression names are passed, and only the extension functions it calls are registered.
@@ -146,8 +146,8 @@ class ToolPolicy:
     rules: tuple[Rule, ...]
     rules_mode: str
     schema: jsonschema.protocols.Validator | None
-    # The same schema as a compiled validity check (proxy.schemacheck), when it can be one:
-    # jsonschema then runs only to word the error of arguments already known to be invalid.
+    # The same schema as a compiled validity check (proxy.schemafast, jsonschema-rs), when it
+    # can be one: jsonschema then runs only to word errors (and to judge what it calls invalid).
     schema_check: Callable[[Any], bool] | None
     rate_limit: RateLimitConfig | None
     budget: Budget | None
