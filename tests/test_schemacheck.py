@@ -16,7 +16,7 @@ import pytest
 
 from proxy import schemafast
 from proxy.gates import decide
-from proxy.gates.rules import MAX_ARGUMENT_DEPTH
+from proxy.gates.arguments import MAX_ARGUMENT_DEPTH
 from proxy.policy import load_policy_text
 from proxy.schemafast import compile_check, translate_pattern
 from proxy.store.memory import MemoryStore
