@@ -21,13 +21,13 @@ import structlog
 from aiohttp import web
 
 from proxy import chat, http1, reprompt, sse, stash
-from proxy.blocking import Plan, audit_plan, plan
 from proxy.delivery import on_record
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, event_object, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
+from proxy.rounds import Plan, asked_again, refuse, settle
 from proxy.state import AppState
 from proxy.toolcalls import CallContext, ToolCall
 from proxy.usage import add_usage
@@ -503,20 +503,14 @@ class ChatStream:
             )
             return
         can_reprompt = self.single_choice and self.round < self.policy.config.max_reprompts
-        p = plan(st.decisions, can_reprompt)
-        if p.action != "reprompt":  # recorded once the next round answers, or fails
-            audit_plan(self.state.auditor, p, self.ctx)
+        p = settle(self.state, self.ctx, st.decisions, can_reprompt)
         if p.action == "error":
-            await release(self.state.store, p.allowed)
+            refusal = await refuse(self.state, p)
             for data in out:
                 await self.write(data)
             out.clear()
-            first = p.blocked[0]
-            assert first.block is not None
-            message = f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}"
-            await self.write(
-                b"data: " + error_body(message, "tool_call_blocked", first.block.gate) + b"\n\n"
-            )
+            error = error_body(refusal.message, refusal.type, refusal.code)
+            await self.write(b"data: " + error + b"\n\n")
             self.ended = True
             return
         if p.action == "reprompt":
@@ -608,8 +602,7 @@ class ChatStream:
         self.reprompt_plan = None
         self.reprompt_answered()  # the round before answered, with calls blocked again
         self.pending = Reprompted(p.blocked, *self.reprompt_at)
-        self.state.metrics.reprompts.labels(ROUTE).inc()
-        log.info("reprompt", round=self.round, blocked=len(p.blocked), stream=True)
+        asked_again(self.state, ROUTE, self.round, len(p.blocked), stream=True)
         resp, message, code, status = await open_round(
             self.state, self.request, self.body, self.policy.config.upstream
         )

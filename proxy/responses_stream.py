@@ -37,12 +37,12 @@ import structlog
 from aiohttp import web
 
 from proxy import http1, reprompt, responses, sse, stash
-from proxy.blocking import Plan, audit_plan, plan
 from proxy.delivery import on_record
 from proxy.forward import StreamFailed, event_object, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
+from proxy.rounds import Plan, asked_again, refuse, settle
 from proxy.state import AppState
 from proxy.toolcalls import CallContext, ToolCall
 from proxy.usage import add_usage
@@ -106,28 +106,6 @@ async def save_entry(
         outputs = value.get("outputs")
         key = responses.conversation_key(conversation)
         await stash.put(state.store, [key], {"outputs": outputs} if outputs else {}, ttl)
-
-
-def approval_plan(p: Plan, approvals: list[Decision]) -> Plan:
-    """A blocked approval whose mode is `error` fails the response."""
-    if p.action != "error" and any(not d.allowed and d.on_block == "error" for d in approvals):
-        return Plan("error", p.allowed, p.blocked)
-    return p
-
-
-def audit_round(
-    state: AppState, ctx: CallContext, p: Plan, decisions: list[Decision], approvals: list[Decision]
-) -> None:
-    """One record per decision of a settled round: the MCP approvals, then the calls."""
-    for d in approvals:
-        if p.action == "error":
-            state.auditor.record(d, ctx, "blocked" if d.block else "withheld", "error")
-        else:
-            state.auditor.record(
-                d, ctx, "allowed" if d.allowed else "blocked", "approve" if d.allowed else "deny"
-            )
-    if decisions:
-        audit_plan(state.auditor, p, ctx)
 
 
 def error_message(obj: dict[str, Any]) -> str:
@@ -749,16 +727,11 @@ class ResponsesStream:
         can_reprompt = self.reprompts < self.policy.config.max_reprompts
         approvals, self.approvals = self.approvals, []
         decided, self.decisions = self.decisions, []
-        p = approval_plan(plan(decided, can_reprompt), approvals)
-        # A reprompt's blocked calls are recorded once the next round answers, or fails.
-        audit_round(self.state, self.ctx, p, [] if p.action == "reprompt" else decided, approvals)
+        p = settle(self.state, self.ctx, decided, can_reprompt, approvals)
         if p.action == "error":
             # Nothing of this round's calls went out (held, see `hold_calls`): all given back.
-            await release(self.state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
-            first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
-            assert first.block is not None
-            message = f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}"
-            await self.send_error(message, "tool_call_blocked", first.block.gate)
+            refusal = await refuse(self.state, p, approvals)
+            await self.send_error(refusal.message, refusal.type, refusal.code)
             return True
         self.settled = True
         await self.flush_all()
@@ -1017,14 +990,14 @@ class ResponsesStream:
         self.round += 1
         if is_reprompt:
             self.reprompts += 1
-            self.state.metrics.reprompts.labels("responses").inc()
+            asked_again(self.state, "responses", self.round, len(outputs), stream=True)
         else:
             self.approval_rounds += 1
+            log.info("approval_round", round=self.round, outputs=len(outputs), stream=True)
         self.next_round = None
         self.round_data = {}
         self.reset_round()
         self.activate()
-        log.info("reprompt", round=self.round, outputs=len(outputs), stream=True)
         resp, message, code, status = await open_round(
             self.state, self.request, self.body, self.policy.config.upstream
         )

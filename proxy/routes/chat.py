@@ -10,15 +10,15 @@ import structlog
 from aiohttp import web
 
 from proxy import chat, reprompt, stash
-from proxy.blocking import audit_plan, plan
 from proxy.chat_stream import ChatStream
 from proxy.delivery import deliver
 from proxy.errors import error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
-from proxy.gates import decide, release
+from proxy.gates import decide
 from proxy.gates.decision import Decision
 from proxy.policy import Policy
 from proxy.request_shape import chat_problem
+from proxy.rounds import asked_again, refuse, settle
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
@@ -156,8 +156,7 @@ async def _gate_completion(
             last, body = answer
             payload = orjson.dumps(body)
             rounds += 1
-            state.metrics.reprompts.labels(ROUTE).inc()
-            log.info("reprompt", round=rounds, blocked=len(last.blocked))
+            asked_again(state, ROUTE, rounds, len(last.blocked))
     finally:
         if last is not None:  # asked, and the request ended (cancelled) before the answer
             reprompt.asked(state, ctx, last.blocked)
@@ -195,24 +194,15 @@ async def _gate_round(
         data["usage"] = usage
         return json_reply(reply, data)
 
-    p = plan(decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
-    if p.action != "reprompt":
-        audit_plan(state.auditor, p, ctx)
+    p = settle(state, ctx, decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
     if p.action == "pass":
         if not rounds:
             return raw_reply(reply)  # byte for byte what the upstream sent
         data["usage"] = usage
         return json_reply(reply, data)
     if p.action == "error":
-        await release(state.store, p.allowed)
-        first = p.blocked[0]
-        assert first.block is not None
-        return error_response(
-            403,
-            f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
-            "tool_call_blocked",
-            first.block.gate,
-        )
+        refusal = await refuse(state, p)
+        return error_response(refusal.status, refusal.message, refusal.type, refusal.code)
     if p.action == "reprompt":
         # Recorded once the next round is answered (reprompt.asked / reprompt.failed).
         choice = per_choice[0][0]

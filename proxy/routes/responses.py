@@ -19,7 +19,6 @@ import structlog
 from aiohttp import web
 
 from proxy import reprompt, responses, stash
-from proxy.blocking import Plan, plan
 from proxy.delivery import deliver
 from proxy.errors import bad_gateway, bad_request, error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
@@ -30,11 +29,10 @@ from proxy.request_shape import responses_problem
 from proxy.responses_stream import (
     MAX_APPROVAL_ROUNDS,
     ResponsesStream,
-    approval_plan,
-    audit_round,
     decide_approvals,
     save_entry,
 )
+from proxy.rounds import Plan, asked_again, plan_round, record_round, refuse
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import forward, upstream_path
 from proxy.state import STATE, AppState
@@ -240,9 +238,7 @@ async def _gate_response(
             this = _Round(reply, data, body, decisions, approvals, rounds)
             audited = False
             try:
-                p = approval_plan(
-                    plan(decisions, reprompts < policy.config.max_reprompts), approvals
-                )
+                p = plan_round(decisions, reprompts < policy.config.max_reprompts, approvals)
                 again = p.action == "reprompt" or (
                     approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
                 )
@@ -263,15 +259,15 @@ async def _gate_response(
                 audited = True
                 if p.action == "reprompt":
                     # The blocked calls are recorded once the next round answers, or fails.
-                    audit_round(state, ctx, p, [], approvals)
+                    record_round(state, ctx, p, decisions, approvals)
                     last = (this, p.blocked)
                     reprompts += 1
-                    state.metrics.reprompts.labels(ROUTE).inc()
+                    asked_again(state, ROUTE, rounds + 1, len(p.blocked), approvals=len(answers))
                 else:
-                    audit_round(state, ctx, p, decisions, approvals)
+                    record_round(state, ctx, p, decisions, approvals)
                     approval_rounds += 1
+                    log.info("approval_round", round=rounds + 1, approvals=len(answers))
                 rounds += 1
-                log.info("reprompt", round=rounds, blocked=len(p.blocked), approvals=len(answers))
             except Exception as exc:
                 if audited or any(d.recorded for d in [*decisions, *approvals]):
                     raise  # settled and on record: not a round to fail closed
@@ -296,16 +292,9 @@ async def _settle(
     reply, data, body, decisions, approvals = r.reply, r.data, r.body, r.decisions, r.approvals
     output: list[Any] = data.get("output") or []
     if p.action == "error":
-        audit_round(state, ctx, p, decisions, approvals)
-        await release(state.store, [*p.allowed, *(d for d in approvals if d.allowed)])
-        first = next(d for d in [*p.blocked, *approvals] if not d.allowed)
-        assert first.block is not None
-        return error_response(
-            403,
-            f"Tool call {first.call.name!r} blocked by callgate: {first.block.message}",
-            "tool_call_blocked",
-            first.block.gate,
-        )
+        record_round(state, ctx, p, decisions, approvals)
+        refusal = await refuse(state, p, approvals)
+        return error_response(refusal.status, refusal.message, refusal.type, refusal.code)
     answers = [responses.approval_response(d) for d in approvals]
     hide = list(inserted)
     extra: dict[str, Any] = {}
@@ -340,7 +329,7 @@ async def _settle(
         if first_id and responses.stored(body, data) and body.get("conversation") is None:
             extra["input_of"] = first_id  # the client's own input went with round one
     out = raw_reply(reply) if not changed else json_reply(reply, data)  # unchanged: as sent
-    audit_round(state, ctx, p, decisions, approvals)
+    record_round(state, ctx, p, decisions, approvals)
     rid = data.get("id")
     if isinstance(rid, str):
         value = responses.entry(hide=hide, **extra)
