@@ -10,6 +10,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.audit import Auditor
+from proxy.auth import Authenticator
+from proxy.auth.middleware import auth_middleware
 from proxy.errors import error_response
 from proxy.logs import log_request
 from proxy.metrics import metrics_handler, route_label, upstream_time
@@ -134,6 +136,10 @@ def create_app(
     config_path: str | None = None,
 ) -> web.Application:
     config = policy.config
+    authenticator = None
+    if config.auth is not None and config.auth.enabled:
+        # Restart-only, like the store: the modes decide what the upstream may be sent.
+        authenticator = Authenticator(config, config_path)
     app = web.Application(
         client_max_size=config.server.max_body_bytes, middlewares=[request_context, path_guard]
     )
@@ -147,6 +153,10 @@ def create_app(
         config_path=config_path,
     )
     app[STATE] = state
+    if authenticator is not None:
+        state.extra["auth"] = authenticator
+        app.middlewares.append(auth_middleware(authenticator, state.metrics.auth_failures))
+        state.upstream.strip_client_credentials = True
     state.auditor.listeners.append(state.metrics.on_audit)
     state.metrics.registry.register(state.upstream.bounds_exceeded)  # type: ignore[arg-type]
     if isinstance(state.store, MemoryStore):
@@ -162,11 +172,15 @@ def create_app(
         await state.upstream.start()
         await state.store.start()  # Redis: opens the pool and loads the scripts before serving
         await state.auditor.start()
+        if authenticator is not None:
+            await authenticator.start()
 
     async def stop(_: web.Application) -> None:
         await state.auditor.close()
         await state.upstream.close()
         await state.store.close()
+        if authenticator is not None:
+            await authenticator.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

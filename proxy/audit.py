@@ -513,6 +513,8 @@ class Auditor:
             "request_id": ctx.request_id,
             "route": ctx.route,
             "principal": ctx.principal,
+            "groups": list(ctx.groups),
+            "credential": ctx.credential,
             "tool": call.name,
             "policy": decision.tool_policy,
             "call_id": call.id,

@@ -1,22 +1,28 @@
-"""`callgate serve | check | explain | audit verify [--strict]`."""
+"""`callgate serve | check | explain | keys create|list|revoke | audit verify [--strict]`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
 from typing import Any
 
 import orjson
 import yaml
+from redis.exceptions import RedisError
 from yarl import URL
 
 from proxy.audit import GENESIS, verify_chain
-from proxy.config import ConfigError
+from proxy.auth import keys_file, open_relay_refusal
+from proxy.auth.keys import FileKeys, KeyRecord, RedisKeys, new_id, new_key
+from proxy.auth.keys import digest as key_digest
+from proxy.config import ConfigError, parse_duration
 from proxy.gates import decide
 from proxy.gates.decision import Block
 from proxy.gates.registry import NAMES
 from proxy.policy import Policy, load_policy
+from proxy.principal import canonical
 from proxy.store.memory import MemoryStore
 from proxy.toolcalls import CallContext, ToolCall
 
@@ -74,7 +80,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policy = _load(args.config)
     if policy is None:
         return 1
+    refusal = open_relay_refusal(policy.config, args.host)
+    if refusal is not None:
+        print(f"callgate: {refusal}", file=sys.stderr)
+        return 2
     return serve(policy, args.config, args.host, args.port, args.log_level)
+
+
+def _key_store(policy: Policy, config_path: str) -> Any:
+    config = policy.config
+    if config.store.backend == "redis":
+        return RedisKeys(config.store.url, config.store.key_prefix)
+    return FileKeys(keys_file(config.auth, config_path))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    policy = _load(args.config)
+    if policy is None:
+        return 1
+    auth = policy.config.auth
+    if auth is None or "keys" not in auth.modes:
+        print(
+            f"callgate: note: {args.config} does not list `keys` in auth.modes: "
+            "virtual keys authenticate nothing until it does",
+            file=sys.stderr,
+        )
+    store = _key_store(policy, args.config)
+    now = time.time()
+    try:
+        if args.keys_command == "create":
+            return _keys_create(args, store, now)
+        if args.keys_command == "list":
+            for record in sorted(store.list(), key=lambda r: r.created):
+                print(orjson.dumps(record.listing(now)).decode())
+            return 0
+        found = store.revoke(args.id, now)
+    except (OSError, RedisError) as exc:
+        print(f"callgate: key store unavailable: {exc}", file=sys.stderr)
+        return 1
+    if found is None:
+        print(f"callgate: no key with id {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {found.id} (principal {found.principal})")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace, store: Any, now: float) -> int:
+    principal = args.principal.strip()
+    if not principal or canonical(principal) != principal:
+        print(
+            "callgate: --principal must be printable text of at most 200 characters",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        expires = now + parse_duration(args.expires) if args.expires else None
+    except ValueError as exc:
+        print(f"callgate: --expires: {exc}", file=sys.stderr)
+        return 1
+    key = new_key()
+    record = KeyRecord(
+        id=new_id(),
+        digest=key_digest(key),
+        principal=principal,
+        groups=list(dict.fromkeys(args.group)),
+        created=now,
+        expires=expires,
+        note=args.note,
+    )
+    store.add(record)
+    print(f"id: {record.id}")
+    print(f"principal: {record.principal}")
+    print(f"groups: {', '.join(record.groups) or '-'}")
+    print(f"expires: {record.listing(now)['expires'] or 'never'}")
+    print("key (shown once, store it now):")
+    print(key)
+    return 0
 
 
 async def _explain(policy: Policy, tool: str, arguments: str, principal: str) -> list[str]:
@@ -177,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--args", default="{}", help="the call's JSON arguments")
     explain.add_argument("--principal", default="global")
     explain.set_defaults(func=cmd_explain)
+
+    keys = sub.add_parser("keys", help="virtual keys: create, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key; it is printed once, last")
+    create.add_argument("--principal", required=True)
+    create.add_argument("--group", action="append", default=[], help="repeat for several")
+    create.add_argument("--expires", help="lifetime, e.g. 30d, 12h (default: never)")
+    create.add_argument("--note")
+    listing = keys_sub.add_parser("list", help="one JSON line per key (never the key)")
+    revoke = keys_sub.add_parser("revoke", help="stop a key working (every replica)")
+    revoke.add_argument("id")
+    for command in (create, listing, revoke):
+        command.add_argument("--config", default=DEFAULT_CONFIG)
+        command.set_defaults(func=cmd_keys)
 
     audit = sub.add_parser("audit", help="audit file tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

@@ -127,6 +127,13 @@ class Metrics:
             ["route", "status"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "callgate_auth_failures",
+            "Requests refused 401 by authentication, by reason: missing, malformed, unknown, "
+            "expired, revoked, invalid or untrusted_peer",
+            ["reason"],
+            registry=r,
+        )
         self.reloads = Counter(
             "callgate_policy_reloads", "Policy reload attempts", ["result"], registry=r
         )

@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.auth import open_relay
 from proxy.config import ServerConfig
 from proxy.http_guard import GuardedAppRunner
 from proxy.logs import configure_logging, flush_logs
@@ -71,6 +72,12 @@ async def run(policy: Policy, config_path: str | None, host: str, port: int) -> 
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
+    if open_relay(policy.config):
+        log.warning(
+            "open_relay",
+            detail="upstream.api_key is set and there is no auth section: anyone who reaches "
+            "callgate spends that key. Configure auth (see README, Authentication).",
+        )
     log.info(
         "listening",
         host=host,

@@ -28,6 +28,9 @@ class CallContext:
     model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
+    # With auth on: the identity's groups and its credential's id (never the credential).
+    groups: tuple[str, ...] = ()
+    credential: str | None = None
     # The audit batch this request's latest file record goes out in (0: none): nothing of the
     # answer may reach the client before that batch is written (see Auditor.written).
     audit_batch: int = 0

@@ -121,6 +121,10 @@ _failures = _Failures()
 
 
 class Upstream:
+    # With auth on, the client's Authorization / api-key is callgate's credential, never the
+    # upstream's: always dropped (set once by create_app; survives reconfigure()).
+    strip_client_credentials = False
+
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         # Answers cut off by a bound, by the setting that cut them (a Prometheus counter).
@@ -197,7 +201,7 @@ class Upstream:
         dropped, Accept-Encoding limited to what callgate decodes (unless relayed raw), and
         the configured key, if any, in place of the client's."""
         api_key = (target or self.config).api_key
-        drop = _DROP[raw, bool(api_key)]
+        drop = _DROP[raw, bool(api_key) or self.strip_client_credentials]
         out = [(name, value) for name, value in headers.items() if name.lower() not in drop]
         if not raw:
             # Only encodings callgate can decode; the client's may include br or zstd.

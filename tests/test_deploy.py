@@ -104,9 +104,13 @@ def test_redis_overlay_shares_state_across_replicas(rendered):
     assert store["url"] == "redis://callgate-redis:6379/0"
 
 
-def test_redis_overlay_policy_differs_from_base_only_in_store(rendered):
+def test_redis_overlay_policy_differs_from_base_only_in_store_and_auth(rendered):
     base, redis = _policy(rendered["base"]), _policy(rendered["overlay-redis"])
     base.pop("store"), redis.pop("store")
+    # Base: open on purpose (cluster-internal). Redis: virtual keys in Redis, and a JWT example.
+    assert base.pop("auth") == {"modes": ["none"]}
+    auth = redis.pop("auth")
+    assert auth["modes"] == ["keys", "jwt"] and auth["jwt"]["audience"] == "callgate"
     assert redis == base, "deploy/k8s/overlays/redis/callgate.yaml drifted from the base policy"
 
 

@@ -11,6 +11,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from proxy.auth.identity import IDENTITY
 from proxy.errors import bad_request, error_response
 from proxy.policy import Policy
 from proxy.principal import resolve_principal
@@ -67,7 +68,13 @@ async def read_json(
 def call_context(
     request: web.Request, body: dict[str, Any], policy: Policy, route: str
 ) -> CallContext:
-    principal = resolve_principal(policy.config.principal.from_, request.headers, body)
+    # `_state`: see request_id. An authenticated identity is the principal; no header or body
+    # field can name another one.
+    identity = request._state.get(IDENTITY)
+    if identity is None:
+        principal = resolve_principal(policy.config.principal.from_, request.headers, body)
+    else:
+        principal = identity.principal
     metadata = body.get("metadata")
     user = body.get("user")
     ctx = CallContext(
@@ -78,6 +85,9 @@ def call_context(
         metadata=metadata if isinstance(metadata, dict) else {},
         user=user if isinstance(user, str) else None,
     )
+    if identity is not None:
+        ctx.groups = identity.groups
+        ctx.credential = identity.credential_id
     structlog.contextvars.bind_contextvars(principal=principal)
     request[PRINCIPAL] = principal
     return ctx
