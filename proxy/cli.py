@@ -1,4 +1,4 @@
-"""`callgate serve | check | explain | keys create|list|revoke | audit verify [--strict]`."""
+"""`callgate serve | check | explain | test | replay | keys create|list|revoke | audit verify`."""
 
 from __future__ import annotations
 
@@ -237,6 +237,34 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 2 if notes and args.strict else 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    import time
+
+    from proxy import policytest
+
+    policy = _load(args.policy)
+    if policy is None:
+        return 1
+    cases: list[policytest.Case] = []
+    problems: list[str] = []
+    for path in args.tests:
+        try:
+            cases += policytest.load_tests_file(path)
+        except policytest.TestFileError as exc:
+            problems += exc.problems
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    report = policytest.run(policy, cases)
+    seconds = time.perf_counter() - started
+    print(policytest.format_report(report, seconds))
+    if args.junit:
+        with open(args.junit, "wb") as fh:
+            fh.write(policytest.junit_xml(report, seconds))
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (create, listing, revoke):
         command.add_argument("--config", default=DEFAULT_CONFIG)
         command.set_defaults(func=cmd_keys)
+
+    test = sub.add_parser("test", help="run policy unit tests (YAML) against a policy")
+    test.add_argument("policy", metavar="POLICY")
+    test.add_argument("tests", nargs="+", metavar="TESTS", help="YAML files of test cases")
+    test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
+    test.set_defaults(func=cmd_test)
 
     audit = sub.add_parser("audit", help="audit file tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
