@@ -265,6 +265,24 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from proxy import replay
+
+    policy = _load(args.policy)
+    if policy is None:
+        return 1
+    try:
+        report = replay.replay(policy, args.files, examples=args.examples)
+    except OSError as exc:
+        print(f"{exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(report.as_json()).decode())
+    else:
+        print(replay.format_report(report, args.policy))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("tests", nargs="+", metavar="TESTS", help="YAML files of test cases")
     test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
     test.set_defaults(func=cmd_test)
+
+    rp = sub.add_parser("replay", help="re-decide recorded calls under another policy (what-if)")
+    rp.add_argument("--policy", required=True, metavar="NEW", help="the policy to replay under")
+    rp.add_argument("files", nargs="+", metavar="AUDIT", help="audit JSONL files, oldest first")
+    rp.add_argument("--json", action="store_true", help="print one JSON object")
+    rp.add_argument("--examples", type=int, default=5, help="examples per kind of change")
+    rp.set_defaults(func=cmd_replay)
 
     audit = sub.add_parser("audit", help="audit file tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
