@@ -66,12 +66,24 @@ def _mask_url(url: str) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from proxy.config import read_config_text
+    from proxy.lint import lint
+
     policy = _load(args.config)
     if policy is None:
         return 1
     print(f"# {args.config}: OK")
     print(yaml.safe_dump(resolved(policy), sort_keys=False), end="")
-    return 0
+    # Lint findings go to stderr: stdout stays the resolved policy, itself a valid file.
+    findings = lint(policy, read_config_text(args.config))
+    for finding in findings:
+        print(finding.format(args.config), file=sys.stderr)
+    errors = sum(f.severity == "error" for f in findings)
+    warnings = len(findings) - errors
+    if findings:
+        print(f"{args.config}: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    # 0: valid, no lint errors (warnings allowed unless --strict); 1: invalid, or lint errors.
+    return 1 if errors or (warnings and args.strict) else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -294,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check", help="validate a policy and print it resolved")
+    check = sub.add_parser("check", help="validate and lint a policy, and print it resolved")
     check.add_argument("config")
+    check.add_argument("--strict", action="store_true", help="exit 1 on lint warnings too")
     check.set_defaults(func=cmd_check)
 
     explain = sub.add_parser("explain", help="dry-run one tool call against a policy")
