@@ -32,7 +32,6 @@ decides. Allowed calls keep their rate-limit slot and budget charge, as delivere
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import time
 from collections.abc import Iterator
@@ -284,9 +283,6 @@ def load_tests_file(path: str) -> list[Case]:
     return load_tests(text, path)
 
 
-_HAS_GROUPS = "groups" in {f.name for f in dataclasses.fields(CallContext)}
-
-
 def build_call(call: dict[str, Any], n: int) -> tuple[ToolCall, CallContext]:
     if "arguments" in call:
         arguments = call["arguments"]
@@ -302,11 +298,8 @@ def build_call(call: dict[str, Any], n: int) -> tuple[ToolCall, CallContext]:
         metadata=request.get("metadata") or {},
         user=request.get("user"),
     )
-    groups = call.get("groups")
-    if groups:
-        if not _HAS_GROUPS:
-            raise ValueError("this callgate has no principal groups: `groups` cannot apply")
-        ctx.groups = list(groups)  # type: ignore[attr-defined]
+    if call.get("groups"):
+        ctx.groups = tuple(call["groups"])
     return tool_call, ctx
 
 

@@ -234,6 +234,9 @@ async def _replay(
             text = dumps(args).decode()
         request = record.get("request")
         ctx = CallContext(principal, str(record.get("request_id") or ""), "replay")
+        groups = record.get("groups")
+        if groups:
+            ctx.groups = tuple(str(g) for g in groups)
         if isinstance(request, dict):
             ctx.model = request.get("model")
             ctx.metadata = request.get("metadata") or {}

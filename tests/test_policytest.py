@@ -11,6 +11,7 @@ from xml.etree import ElementTree
 import pytest
 
 from proxy.cli import main
+from proxy.policytest import build_call
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "callgate.yaml"
@@ -200,17 +201,27 @@ def test_bad_tests_files_are_refused_with_a_location(tmp_path, capsys, text, pro
     assert problem in captured.err and captured.err.startswith(tests)
 
 
-def test_groups_are_refused_until_callgate_has_them(tmp_path, capsys):
-    policy = write(tmp_path, "p.yaml", POLICY)
-    tests = write(tmp_path, "t.yaml", "tests:\n  - {tool: rm, groups: [ops], expect: blocked}\n")
-    code = main(["test", policy, tests])
-    out = capsys.readouterr().out
-    from proxy.policytest import _HAS_GROUPS
-
-    if _HAS_GROUPS:
-        assert code == 0
-    else:
-        assert code == 1 and "no principal groups" in out
+def test_call_fields_reach_the_context():
+    call, ctx = build_call(
+        {
+            "tool": "t",
+            "args": {"a": 1},
+            "principal": "ann",
+            "groups": ["ops", "dev"],
+            "request": {"model": "gpt-4o", "metadata": {"k": "v"}, "user": "u"},
+        },
+        7,
+    )
+    assert (call.name, call.arguments, call.id) == ("t", '{"a":1}', "call_test_7")
+    assert (ctx.principal, ctx.groups, ctx.model, ctx.user) == (
+        "ann",
+        ("ops", "dev"),
+        "gpt-4o",
+        "u",
+    )
+    assert ctx.request_vars() == {"model": "gpt-4o", "metadata": {"k": "v"}, "user": "u"}
+    raw, _ = build_call({"tool": "t", "arguments": '{"a": '}, 8)
+    assert raw.arguments == '{"a": '
 
 
 def test_command_line_entry_point(tmp_path):
