@@ -532,6 +532,10 @@ class Auditor:
         }
         if upstream_status is not None:  # action `reprompt_failed`: how the upstream failed it
             record["upstream_status"] = upstream_status
+        if ctx.model is not None or ctx.user is not None or ctx.metadata:
+            # What rules may read as `request.*`: `callgate replay` re-decides with it.
+            metadata = redact(ctx.metadata, self._redact) if ctx.metadata else {}
+            record["request"] = {"model": ctx.model, "user": ctx.user, "metadata": metadata}
         self.records += 1
         for listener in self.listeners:
             listener(record)

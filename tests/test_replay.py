@@ -289,3 +289,34 @@ def test_missing_file_and_subprocess(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["unchanged"] == 1
+
+
+async def test_request_facts_are_recorded_and_replayed(make_proxy, upstream, tmp_path, capsys):
+    """Rules may read `request.*`: the records carry model, user and (redacted) metadata, so a
+    policy that reads them replays faithfully instead of reporting every call undecidable."""
+    path = tmp_path / "audit.jsonl"
+    proxy = await make_proxy(
+        {
+            "on_block": "strip",
+            "audit": {"log": False, "file": str(path), "redact": ["token"]},
+            "tools": {"t": {"rules": [{"name": "no_mini", "deny_if": 'request.model == "mini"'}]}},
+        }
+    )
+    client = proxy.client()
+    for i, model in enumerate(("mini", "big", "mini")):
+        upstream.push(completion(("t", {}), ids=[f"c{i}"]))
+        await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            metadata={"token": "s3cret", "team": "a"},
+        )
+    await proxy.state.auditor.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["request"]["model"] for r in records] == ["mini", "big", "mini"]
+    assert all(r["request"]["metadata"] == {"token": "[REDACTED]", "team": "a"} for r in records)
+    looser = write(tmp_path, "looser.yaml", "tools: {t: {}}\n")
+    args = ["replay", "--policy", looser, str(path), "--json"]
+    assert await asyncio.to_thread(main, args) == 0  # main() runs its own event loop
+    got = json.loads(capsys.readouterr().out)
+    assert got["blocked_to_allowed"] == 2 and got["unchanged"] == 1
+    assert got["undecidable"] == 0
