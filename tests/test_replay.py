@@ -316,7 +316,8 @@ async def test_request_facts_are_recorded_and_replayed(make_proxy, upstream, tmp
     assert all(r["request"]["metadata"] == {"token": "[REDACTED]", "team": "a"} for r in records)
     looser = write(tmp_path, "looser.yaml", "tools: {t: {}}\n")
     args = ["replay", "--policy", looser, str(path), "--json"]
+    capsys.readouterr()  # the proxy's request log lines so far
     assert await asyncio.to_thread(main, args) == 0  # main() runs its own event loop
-    got = json.loads(capsys.readouterr().out)
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["blocked_to_allowed"] == 2 and got["unchanged"] == 1
     assert got["undecidable"] == 0
