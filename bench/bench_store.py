@@ -3,9 +3,17 @@
     python -m bench.bench_store [--count 5000] [--concurrency 32] [--redis-url URL]
 
 Without --redis-url it starts its own `redis-server` on a free loopback port (no persistence)
-and stops it afterwards. Prints, per backend: sequential latency per decision (mean/p50/p99) and
-throughput with `--concurrency` decisions in flight, then the Redis/memory ratios. Every run is
-bounded by --count decisions per phase and --max-seconds per phase.
+and stops it afterwards. Prints, per variant: sequential latency per decision (mean/p50/p99),
+then with `--concurrency` decisions in flight: throughput, latency p50/p99 and this process's CPU
+per decision (Redis's own CPU is not counted: it is another process). Variants:
+
+    memory        the in-process store
+    redis 1/run   one script run (one EVALSHA round trip) per call: the store before pipelining
+    redis         auto-pipelined: the calls of one loop iteration share a script run
+    redis many8   reserve_many: a response's 8 calls in one round trip (per decision figures)
+
+Every run is bounded by --count decisions per phase and --max-seconds per phase. The parser in
+use (hiredis when installed, else redis-py's pure-Python one) is printed first.
 """
 
 from __future__ import annotations
@@ -49,23 +57,35 @@ async def sequential(store: Store, count: int, max_seconds: float) -> list[float
     return latencies
 
 
-async def concurrent(store: Store, count: int, workers: int, max_seconds: float) -> float:
-    """Decisions per second with `workers` reservations in flight."""
+async def concurrent(
+    store: Store, count: int, workers: int, max_seconds: float, per_response: int = 1
+) -> tuple[float, list[float], float]:
+    """(decisions per second, latencies, CPU seconds per decision) with `workers` requests in
+    flight; each request reserves `per_response` calls (reserve_many when more than one)."""
     next_i = 0
     done = 0
+    latencies: list[float] = []
     deadline = time.perf_counter() + max_seconds
 
     async def worker() -> None:
         nonlocal next_i, done
         while next_i < count and time.perf_counter() < deadline:
             i = next_i
-            next_i += 1
-            await store.reserve(items(i))
-            done += 1
+            next_i += per_response
+            t0 = time.perf_counter()
+            if per_response == 1:
+                await store.reserve(items(i))
+            else:
+                await store.reserve_many([items(i + j) for j in range(per_response)])
+            latencies.append(time.perf_counter() - t0)
+            done += per_response
 
+    cpu0 = time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(workers)))
-    return done / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu0
+    return done / wall, latencies, cpu / max(1, done)
 
 
 async def ping_latency(url: str, count: int) -> float:
@@ -86,26 +106,36 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(name: str, make: Callable[[], Store], args: argparse.Namespace) -> dict[str, float]:
+async def run(
+    name: str, make: Callable[[], Store], args: argparse.Namespace, per_response: int = 1
+) -> dict[str, float]:
     store = make()
     try:
+        await store.start()
         await sequential(store, min(200, args.count), args.max_seconds)  # warm up
         lat = await sequential(store, args.count, args.max_seconds)
-        rate = await concurrent(store, args.count, args.concurrency, args.max_seconds)
+        rate, clat, cpu = await concurrent(
+            store, args.count, args.concurrency, args.max_seconds, per_response
+        )
     finally:
         await store.close()
     us = [x * 1e6 for x in lat]
+    cus = [x * 1e6 for x in clat]
     result = {
         "mean": statistics.fmean(us),
         "p50": pct(us, 0.50),
         "p99": pct(us, 0.99),
         "seq_rate": len(lat) / sum(lat),
         "rate": rate,
+        "c_p50": pct(cus, 0.50),
+        "c_p99": pct(cus, 0.99),
+        "cpu": cpu * 1e6,
     }
     print(
-        f"{name:<7} latency/decision mean {result['mean']:8.1f} us  p50 {result['p50']:8.1f} us"
-        f"  p99 {result['p99']:8.1f} us   sequential {result['seq_rate']:9.0f}/s"
-        f"   concurrent({args.concurrency}) {result['rate']:9.0f}/s"
+        f"{name:<12} seq mean {result['mean']:7.1f} us p50 {result['p50']:7.1f} us"
+        f" p99 {result['p99']:7.1f} us | c={args.concurrency}: {result['rate']:7.0f}/s"
+        f" p50 {result['c_p50']:7.1f} us p99 {result['c_p99']:8.1f} us"
+        f" cpu {result['cpu']:6.1f} us/decision"
     )
     return result
 
@@ -141,13 +171,22 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
 
 
 async def main_async(args: argparse.Namespace, url: str) -> None:
+    from redis.utils import HIREDIS_AVAILABLE
+
     print(
         f"reserve(): rate-limit slot + budget charge, {PRINCIPALS} principals, "
-        f"{args.count} decisions per phase"
+        f"{args.count} decisions per phase; redis-py parser: "
+        f"{'hiredis' if HIREDIS_AVAILABLE else 'pure Python (pip install hiredis)'}"
     )
     mem = await run("memory", MemoryStore, args)
-    prefix = f"bench{time.time_ns()}:"
-    red = await run("redis", lambda: RedisStore(url, timeout=2.0, prefix=prefix), args)
+
+    def redis(**kw: int) -> Callable[[], Store]:
+        prefix = f"bench{time.time_ns()}:"
+        return lambda: RedisStore(url, timeout=2.0, prefix=prefix, **kw)
+
+    one = await run("redis 1/run", redis(max_batch=1), args)
+    red = await run("redis", redis(), args)
+    many = await run("redis many8", redis(), args, per_response=8)
     ping = await ping_latency(url, args.count)
     print(f"redis PING round trip through redis-py (the floor): mean {ping:.1f} us")
     print(
@@ -155,6 +194,12 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
         f"(+{red['mean'] - mem['mean']:.1f} us per decision, "
         f"+{red['p99'] - mem['p99']:.1f} us at p99); "
         f"throughput x{red['rate'] / mem['rate']:.3f} ({red['rate']:.0f}/s vs {mem['rate']:.0f}/s)"
+    )
+    print(
+        f"pipelined vs one run per call, c={args.concurrency}: throughput "
+        f"x{red['rate'] / one['rate']:.2f}, CPU per decision "
+        f"{one['cpu']:.1f} -> {red['cpu']:.1f} us"
+        f" (reserve_many(8): {many['cpu']:.1f} us, x{many['rate'] / one['rate']:.2f} throughput)"
     )
 
 

@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,30 @@ store: {{backend: memory}}
 AUDIT_VARIANTS = ("cg-noaudit", "cg-batch", "cg-always")
 
 
+# `--redis` / `--workers N`: callgate with a heavier policy (five CEL rules, the schema, the
+# rate limit, the budget and the audit file) on a Redis store the benchmark starts, measured in
+# the same alternating rounds: one process ("cg-redis"), and N workers ("cg-redis-wN").
+HEAVY_RULES = """\
+      - name: no_secrets
+        deny_if: 'args.query.contains("password")'
+      - name: short_query
+        deny_if: 'size(args.query) > 2000'
+      - name: no_internal_hosts
+        deny_if: 'args.query.startsWith("http://10.")'
+      - name: no_shell
+        deny_if: 'args.query.matches("^\\\\$\\\\(")'
+"""
+
+
+def _redis_policy(policy: str, redis_url: str) -> str:
+    rule = "deny_if: 'args.query.lowerAscii().contains(\"ssn\")'\n"
+    assert rule in policy
+    heavy = policy.replace(rule, rule + HEAVY_RULES)
+    return heavy.replace(
+        "store: {backend: memory}", f'store: {{backend: redis, url: "{redis_url}"}}'
+    )
+
+
 def _variant_policy(policy: str, name: str) -> str:
     head, _, rest = policy.partition("audit:\n")
     audit, _, store = rest.partition("store:")
@@ -118,6 +143,15 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc): the workers of `serve --workers N`."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
 def _memory_mb(pid: int) -> tuple[float, float] | None:
     """(resident, peak resident) MiB of a process (Linux /proc), or None where unavailable."""
     try:
@@ -132,10 +166,16 @@ class Servers:
     """The three servers under test, each its own process; stopped on exit whatever happens."""
 
     def __init__(
-        self, workdir: Path, loop: str, chunk_delay_ms: float, variants: tuple[str, ...] = ()
+        self,
+        workdir: Path,
+        loop: str,
+        chunk_delay_ms: float,
+        variants: tuple[str, ...] = (),
+        redis_url: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.variants = variants
+        self.redis_url = redis_url
         self.loop = loop
         self.chunk_delay_ms = chunk_delay_ms
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -212,10 +252,16 @@ class Servers:
         for name in self.variants:
             config = self.workdir / f"{name}.yaml"
             audit = self.workdir / f"{name}.audit.jsonl"
-            text = _variant_policy(policy, name).replace(str(self.audit_file), str(audit))
-            config.write_text(text)
+            if name.startswith("cg-redis"):
+                assert self.redis_url is not None
+                text = _redis_policy(policy, self.redis_url)
+            else:
+                text = _variant_policy(policy, name)
+            config.write_text(text.replace(str(self.audit_file), str(audit)))
             args = ["serve", "--config", str(config), "--host", "127.0.0.1"]
             args += ["--port", str(self.ports[name])]
+            if name.startswith("cg-redis-w"):
+                args += ["--workers", name.removeprefix("cg-redis-w")]
             self._start(name, [*cli, *args], self.workdir / f"{name}.log")
         for name in ("direct", "bare", "callgate", *self.variants):
             self._wait_healthy(name)
@@ -252,7 +298,14 @@ class Servers:
 
     def cpu(self, target: str) -> float | None:
         proc = self.procs.get(target)
-        return _cpu_seconds(proc.pid) if proc is not None else None
+        if proc is None:
+            return None
+        total = _cpu_seconds(proc.pid)
+        for child in _children(proc.pid):  # the workers of `serve --workers N`
+            seconds = _cpu_seconds(child)
+            if total is not None and seconds is not None:
+                total += seconds
+        return total
 
     def memory(self, target: str) -> tuple[float, float] | None:
         proc = self.procs.get(target)
@@ -433,7 +486,8 @@ def summarize(results: list[dict[str, Any]], high: int) -> dict[str, Any]:
             if ratios and variants:
                 ratio = statistics.median(ratios)
                 summary[f"throughput_ratio_{mode}_{variant}"] = ratio
-                lines.append((f"{variant}/bare throughput, {mode}", f"{ratio:.2f}", ""))
+                spread = f"({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+                lines.append((f"{variant}/bare throughput, {mode}", f"{ratio:.2f}", spread))
     for mode in ("non-streaming", "streaming"):
         cg, bare = pick(mode, "callgate", 1), pick(mode, "bare", 1)
         if cg and bare and cg["p50_ms"] is not None and bare["p50_ms"] is not None:
@@ -515,9 +569,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure callgate without an audit file and with audit.fsync batch / always",
     )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also measure callgate with a heavier policy (5 CEL rules) on a Redis store"
+        " (a redis-server the benchmark starts)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="also measure that Redis configuration served by `callgate serve --workers N`",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = parser.parse_args(argv)
     variants = tuple(AUDIT_VARIANTS) if args.audit_variants else ()
+    if args.redis or args.workers:
+        variants += ("cg-redis",)
+    if args.workers and args.workers > 1:
+        variants += (f"cg-redis-w{args.workers}",)
 
     duration = args.duration if args.duration is not None else (1.0 if args.quick else 5.0)
     warmup = args.warmup if args.warmup is not None else (0.25 if args.quick else 1.0)
@@ -568,8 +638,19 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     failed = False
-    with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp:
-        servers = Servers(Path(tmp), loop, args.chunk_delay_ms, variants)
+    with (
+        tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        redis_url = None
+        if any(v.startswith("cg-redis") for v in variants):
+            from bench.bench_store import start_redis
+
+            redis_proc, redis_url, redis_dir = start_redis()
+            stack.callback(shutil.rmtree, redis_dir, ignore_errors=True)
+            stack.callback(redis_proc.wait, 10)
+            stack.callback(redis_proc.terminate)
+        servers = Servers(Path(tmp), loop, args.chunk_delay_ms, variants, redis_url)
         try:
             servers.start()
             for number, sc in enumerate(scenarios):

@@ -87,8 +87,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.server import serve
+    from proxy.server import WorkersRefused, check_workers, resolve_workers, serve
 
+    try:
+        workers = resolve_workers(args.workers)
+    except ValueError as exc:
+        print(f"--workers {args.workers}: {exc} (a count, or auto)", file=sys.stderr)
+        return 2
     policy = _load(args.config)
     if policy is None:
         return 1
@@ -96,7 +101,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"callgate: {refusal}", file=sys.stderr)
         return 2
-    return serve(policy, args.config, args.host, args.port, args.log_level)
+    try:
+        check_workers(policy, workers)
+    except WorkersRefused as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    return serve(policy, args.config, args.host, args.port, args.log_level, workers)
 
 
 def _key_store(policy: Policy, config_path: str) -> Any:
@@ -304,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--workers",
+        default="1",
+        help="processes sharing the port (SO_REUSEPORT), each its own event loop; `auto` = the"
+        " CPUs this process may use. More than 1 needs store.backend: redis",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate and lint a policy, and print it resolved")

@@ -5,12 +5,16 @@ Decisions are counted from audit records, so a metric and an audit line can neve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 from bisect import bisect_left
 from collections.abc import Iterator
 from contextvars import ContextVar
 from itertools import accumulate
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -149,6 +153,8 @@ class Metrics:
         )
         for collector in (self.requests, self.decisions, self.upstream_latency, self.overhead):
             r.register(collector)  # type: ignore[arg-type]
+        # Set in a worker of `callgate serve --workers N`: /metrics sums every worker's samples.
+        self.shared: SharedMetrics | None = None
 
     def observe_request(
         self, route: str, status: int, total: float, upstream: float, *, streamed: bool
@@ -183,6 +189,112 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# One sample family as written to the shared directory: name, type, documentation, and
+# [sample name, labels, value] per sample.
+Family = list[Any]
+
+
+class _Merged:
+    """A collector of already-merged families, for generate_latest."""
+
+    def __init__(self, families: dict[str, Family]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for name, kind, doc, samples in self.families.values():
+            metric = Metric(name, doc, kind)
+            for sample, labels, value in samples:
+                metric.add_sample(sample, labels, value)
+            yield metric
+
+
+class SharedMetrics:
+    """/metrics across the workers of `callgate serve --workers N`, aggregated (not labelled by
+    worker), after prometheus-client's multiprocess conventions: one file per process in one
+    directory (PROMETHEUS_MULTIPROC_DIR, or a temporary one the parent makes and removes),
+    wiped when the server starts, and the files of processes that have exited are kept, so a
+    counter summed over them never goes down when a worker is restarted. `_created` samples
+    are dropped, as prometheus-client does in that mode (a sum of them means nothing).
+
+    Each worker writes its snapshot every `interval` seconds and when it stops; a scrape,
+    answered by whichever worker accepts it, adds its own live samples to the others' latest
+    snapshots (so they lag by up to `interval`).
+    """
+
+    PREFIX = "callgate-"
+
+    def __init__(self, metrics: Metrics, directory: str, interval: float = 1.0) -> None:
+        self.metrics = metrics
+        self.directory = directory
+        self.interval = interval
+        self.path = os.path.join(directory, f"{self.PREFIX}{os.getpid()}.json")
+
+    def samples(self) -> list[Family]:
+        """This process's samples; on the event loop's thread (the counts are plain dicts)."""
+        return [
+            [
+                m.name,
+                m.type,
+                m.documentation,
+                [[s.name, s.labels, s.value] for s in m.samples if not s.name.endswith("_created")],
+            ]
+            for m in self.metrics.registry.collect()
+        ]
+
+    def write(self, samples: list[Family]) -> None:
+        """Blocking: run it off the loop (asyncio.to_thread). Atomic: readers never see half."""
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(samples))
+        os.replace(tmp, self.path)
+
+    def merge(self, own: list[Family]) -> bytes:
+        """Blocking (reads the other workers' files): run it off the loop."""
+        snapshots = [own]
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.directory):
+                name = entry.name
+                if (
+                    name.startswith(self.PREFIX)
+                    and name.endswith(".json")
+                    and entry.path != self.path
+                ):
+                    try:
+                        with open(entry.path, "rb") as f:
+                            snapshots.append(orjson.loads(f.read()))
+                    except (OSError, orjson.JSONDecodeError):
+                        continue  # a file being replaced right now: next scrape
+        families: dict[str, Family] = {}
+        sums: dict[str, dict[tuple[Any, ...], list[Any]]] = {}
+        for snapshot in snapshots:
+            for name, kind, doc, samples in snapshot:
+                if name not in families:
+                    families[name] = [name, kind, doc, []]
+                    sums[name] = {}
+                by_labels = sums[name]
+                for sample, labels, value in samples:
+                    key = (sample, *sorted(labels.items()))
+                    known = by_labels.get(key)
+                    if known is None:
+                        by_labels[key] = known = [sample, labels, 0.0]
+                        families[name][3].append(known)
+                    known[2] += value
+        return generate_latest(_Merged(families))  # type: ignore[arg-type]
+
+    async def run(self) -> None:
+        """Write this worker's snapshot every `interval` seconds, and once more when cancelled."""
+        try:
+            while True:
+                await asyncio.to_thread(self.write, self.samples())
+                await asyncio.sleep(self.interval)
+        finally:
+            with contextlib.suppress(OSError):
+                self.write(self.samples())  # the last counts of a stopping worker
+
+    async def exposition(self) -> bytes:
+        return await asyncio.to_thread(self.merge, self.samples())
+
+
 def route_label(request: web.Request) -> str:
     path = request.path
     if path.startswith("/v1/chat/completions"):
@@ -197,5 +309,6 @@ def route_label(request: web.Request) -> str:
 async def metrics_handler(request: web.Request) -> web.Response:
     from proxy.state import STATE
 
-    body = request.app[STATE].metrics.exposition()
+    metrics = request.app[STATE].metrics
+    body = metrics.exposition() if metrics.shared is None else await metrics.shared.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

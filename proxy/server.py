@@ -1,12 +1,29 @@
-"""Running the app: logging, the event loop, signals, hot reload and graceful shutdown."""
+"""Running the app: logging, the event loop, signals, hot reload and graceful shutdown.
+
+`serve --workers N` (N > 1) forks N workers from one parent before any event loop exists. Each
+worker is a whole callgate (its own loop, store pool, upstream pool and audit chain) listening
+on the same port with SO_REUSEPORT: the kernel spreads connections over them. The parent only
+supervises: it forwards SIGHUP (reload) and SIGTERM/SIGINT (drain) to every worker, waits for
+them to drain (up to drain_delay + shutdown_grace, then SIGKILL), and restarts a worker that
+exits on its own, unless it exits within WORKER_MIN_LIFE seconds of starting: a worker that
+cannot even start (port taken, bad file) would only crash again, so the parent stops them all
+and exits 1.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
+import os
 import resource
+import shutil
 import signal
+import tempfile
+import time
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -16,6 +33,7 @@ from proxy.auth import open_relay
 from proxy.config import ServerConfig
 from proxy.http_guard import GuardedAppRunner
 from proxy.logs import configure_logging, flush_logs
+from proxy.metrics import SharedMetrics
 from proxy.policy import Policy
 from proxy.reload import reload_policy, watch
 from proxy.state import STATE
@@ -24,6 +42,20 @@ log = structlog.get_logger("callgate")
 GC_THRESHOLD = 20_000
 # File descriptors beyond the client connections: upstream pool, store, audit file, listener.
 SPARE_FDS = 1024
+WORKER_MIN_LIFE = 5.0  # seconds: a worker exiting sooner is not restarted (see module doc)
+PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
+
+class WorkersRefused(Exception):
+    """`--workers N` cannot run with this configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """What a worker of `serve --workers N` needs to know about itself."""
+
+    index: int
+    metrics_dir: str
 
 
 def make_runner(app: web.Application, server: ServerConfig) -> GuardedAppRunner:
@@ -57,14 +89,46 @@ def _raise_fd_limit(max_connections: int) -> None:
             )
 
 
-async def run(policy: Policy, config_path: str | None, host: str, port: int) -> None:
-    app = create_app(policy, config_path=config_path)
+def worker_audit_file(path: str, index: int) -> str:
+    """Each worker keeps its own hash chain, so its own file: `audit.jsonl` -> `audit.jsonl.w0`.
+    (Two chains interleaved in one file would verify as neither.)"""
+    return f"{path}.w{index}"
+
+
+def _create_app(policy: Policy, config_path: str | None, worker: Worker | None) -> web.Application:
+    audit = policy.config.audit
+    if worker is None or not audit.file:
+        return create_app(policy, config_path=config_path)
+    # The app is built with the worker's own audit file; the policy it keeps (and compares
+    # reloads against) stays the one the file names.
+    config = policy.config.model_copy(
+        update={
+            "audit": audit.model_copy(update={"file": worker_audit_file(audit.file, worker.index)})
+        }
+    )
+    app = create_app(dataclasses.replace(policy, config=config), config_path=config_path)
+    app[STATE].policy = policy
+    return app
+
+
+async def run(
+    policy: Policy,
+    config_path: str | None,
+    host: str,
+    port: int,
+    worker: Worker | None = None,
+) -> None:
+    app = _create_app(policy, config_path, worker)
     state = app[STATE]
     server = policy.config.server
     _raise_fd_limit(server.max_connections)
+    shared = None
+    if worker is not None:
+        shared = state.metrics.shared = SharedMetrics(state.metrics, worker.metrics_dir)
     runner = make_runner(app, server)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    # Workers share the port: SO_REUSEPORT, each its own listening socket.
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=worker is not None)
     await site.start()
     # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's
     # scans, and collect the young generation less often (the request path allocates a lot of
@@ -82,6 +146,7 @@ async def run(policy: Policy, config_path: str | None, host: str, port: int) -> 
         "listening",
         host=host,
         port=port,
+        worker=None if worker is None else worker.index,
         config=config_path,
         upstream=policy.config.upstream.base_url,
         store=policy.config.store.backend,
@@ -102,6 +167,7 @@ async def run(policy: Policy, config_path: str | None, host: str, port: int) -> 
     watcher = None
     if config_path and server.reload_interval > 0:
         watcher = loop.create_task(watch(state, server.reload_interval))
+    snapshots = None if shared is None else loop.create_task(shared.run())
 
     await stop.wait()
     state.draining = True  # /readyz answers 503 from now on
@@ -115,16 +181,132 @@ async def run(policy: Policy, config_path: str | None, host: str, port: int) -> 
     # Stops listening, lets in-flight requests and streams finish (up to shutdown_grace),
     # then runs on_cleanup: the audit file is flushed and closed there.
     await runner.cleanup()
+    if snapshots is not None:
+        snapshots.cancel()  # writes this worker's final counts
+        with contextlib.suppress(asyncio.CancelledError):
+            await snapshots
     log.info("stopped")
     flush_logs()
 
 
-def serve(policy: Policy, config_path: str, host: str, port: int, log_level: str = "info") -> int:
-    configure_logging(log_level)
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run(policy, config_path, host, port))
+        asyncio.run(main)
     else:
-        uvloop.run(run(policy, config_path, host, port))
+        uvloop.run(main)
+
+
+def resolve_workers(value: str) -> int:
+    """`--workers`: a positive count, or `auto`: the CPUs this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    count = int(value)
+    if count < 1:
+        raise ValueError("must be at least 1")
+    return count
+
+
+def check_workers(policy: Policy, workers: int) -> None:
+    if workers > 1 and policy.config.store.backend != "redis":
+        raise WorkersRefused(
+            f"--workers {workers} needs store.backend: redis. With the memory store each worker"
+            " would keep its own counters, ledgers and stashes: every limit and budget would"
+            f" allow up to {workers} times what it says. Use --workers 1, or a Redis store."
+        )
+
+
+def serve(
+    policy: Policy,
+    config_path: str,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    workers: int = 1,
+) -> int:
+    configure_logging(log_level)
+    if workers > 1:
+        return supervise(policy, config_path, host, port, workers)
+    _run_loop(run(policy, config_path, host, port))
     return 0
+
+
+def supervise(policy: Policy, config_path: str, host: str, port: int, workers: int) -> int:
+    """The parent of `serve --workers N`: fork, forward signals, drain, restart (module doc)."""
+    check_workers(policy, workers)
+    server = policy.config.server
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = given or tempfile.mkdtemp(prefix="callgate-metrics-")
+    os.makedirs(metrics_dir, exist_ok=True)
+    for entry in os.scandir(metrics_dir):  # the convention: wiped when the server starts
+        if entry.name.startswith(SharedMetrics.PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+    # Signals wait in the parent's queue until it asks (sigtimedwait): no handler races.
+    signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
+
+    def spawn(index: int) -> None:
+        flush_logs()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
+                _run_loop(run(policy, config_path, host, port, Worker(index, metrics_dir)))
+            except BaseException:
+                log.exception("worker_failed", worker=index)
+                code = 1
+            finally:
+                flush_logs()
+                os._exit(code)
+        children[pid] = (index, time.monotonic())
+        log.info("worker_started", worker=index, pid=pid)
+
+    def send(sig: signal.Signals) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for index in range(workers):
+        spawn(index)
+    stopping = False
+    failed = False
+    deadline = 0.0
+    try:
+        while children:
+            info = signal.sigtimedwait(PARENT_SIGNALS, 0.5)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                if not stopping:
+                    stopping = True
+                    deadline = time.monotonic() + server.drain_delay + server.shutdown_grace + 10
+                    log.info("workers_draining", workers=len(children))
+                    send(signal.SIGTERM)
+            elif info is not None and info.si_signo == signal.SIGHUP:
+                send(signal.SIGHUP)
+            while children:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                index, started = children.pop(pid)
+                if stopping:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if time.monotonic() - started < WORKER_MIN_LIFE:
+                    log.error("worker_exited_at_start", worker=index, pid=pid, code=code)
+                    failed = stopping = True
+                    deadline = time.monotonic() + server.drain_delay + server.shutdown_grace + 10
+                    send(signal.SIGTERM)
+                else:
+                    log.warning("worker_restarted", worker=index, pid=pid, code=code)
+                    spawn(index)
+            if stopping and time.monotonic() > deadline:
+                send(signal.SIGKILL)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
+        if not given:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("stopped", workers=workers)
+    flush_logs()
+    return 1 if failed else 0

@@ -241,7 +241,9 @@ async def test_waiting_for_a_connection_does_not_count_against_the_timeout(
     ones wait ~0.5 s for a connection, five times the timeout, and every one succeeds."""
     proxy = DelayProxy(redis_server.port, delay=0.02)
     await proxy.start()
-    store = RedisStore(proxy.url, timeout=0.1, pool_size=2, pool_timeout=10)
+    # max_batch=1: one call per script run, so the 50 calls really queue for the connections
+    # (pipelined, they would go out as one batch; tests/test_redis_pipelining.py covers that).
+    store = RedisStore(proxy.url, timeout=0.1, pool_size=2, pool_timeout=10, max_batch=1)
     try:
         await store.start()
         assert proxy.connections == 2  # opened at start, before any call

@@ -88,6 +88,14 @@ class Reservation:
 class Store(Protocol):
     async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation: ...
 
+    async def reserve_many(
+        self, calls: Sequence[Sequence[SlotRequest | ChargeRequest]]
+    ) -> list[Reservation | StoreError]:
+        """One reservation per call, in order, each all-or-nothing on its own (as if reserved
+        one after another); a call the store could not answer gets its StoreError instead.
+        Redis answers them all in one round trip."""
+        ...
+
     async def release(self, token: list[tuple[str, str]]) -> None: ...
 
     async def put_stash(self, key: str, value: bytes, ttl: float) -> None: ...

@@ -9,7 +9,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest
+from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest, StoreError
 
 SWEEP_EVERY = 4096  # reservations between sweeps of stale keys, at least
 STASH_MAX_BYTES = 64 * 1024 * 1024
@@ -121,6 +121,18 @@ class MemoryStore:
 
     def _drop_stash(self, key: str) -> None:
         self.stash_bytes -= self._stash.pop(key)[2]
+
+    async def reserve_many(
+        self, calls: Sequence[Sequence[SlotRequest | ChargeRequest]]
+    ) -> list[Reservation | StoreError]:
+        # reserve() never suspends: nothing else runs between the calls, as in one Redis batch.
+        results: list[Reservation | StoreError] = []
+        for items in calls:
+            try:
+                results.append(await self.reserve(items))
+            except StoreError as exc:
+                results.append(exc)
+        return results
 
     async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
         now = self._clock()

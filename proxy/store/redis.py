@@ -56,164 +56,187 @@ log = structlog.get_logger("callgate.store")
 # Largest integer a Lua number (a double) holds exactly.
 MAX_EXACT = 2**53 - 1
 LIMITS = ("", "max_calls", "cooldown", "max_spend")
+# Calls per script run: Redis runs one script at a time, so this bounds how long one batch holds
+# it up (~44 us of Redis time per call: ~3 ms at 64), and a batch is one reply to parse.
+MAX_BATCH = 64
 
-# KEYS: two per item: the item's log (ZSET) and its ledger total (STRING, budgets only).
-# ARGV: now_us ("" = use the server's TIME), reservation id, item count, then six per item:
+# One script run reserves a whole batch of calls, each all-or-nothing on its own, in order (a
+# later call of the batch sees what an earlier one recorded, exactly as separate runs would).
+# KEYS: two per item, the calls' items one after another: the item's log (ZSET) and its ledger
+#   total (STRING, budgets only).
+# ARGV: call count, then per call: now_us ("" = use the server's TIME), reservation id, item
+#   count, then six per item:
 #   kind ("s" slot | "c" charge), enforce ("1" | "0"), window_us, horizon_us,
 #   slot: max_calls (-1 = none), cooldown_us    charge: max_micros, cost_micros
-# Returns {outcomes, members}: outcomes is six integers per item
-#   ok (1|0), limit (0 none | 1 max_calls | 2 cooldown | 3 max_spend), count, elapsed_us,
-#   spent_micros, retry_us (-1 = none);
+# Returns two tables per call, {outcomes, members, outcomes, members, ...}: outcomes is six
+#   integers per item: ok (1|0), limit (0 none | 1 max_calls | 2 cooldown | 3 max_spend),
+#   count, elapsed_us, spent_micros, retry_us (-1 = none);
 # members is one string per item: the member recorded for it, or "" if nothing was recorded.
 RESERVE_LUA = r"""
 local function fmt(x) return string.format('%d', x) end
 local function amount_of(member) return tonumber(string.match(member, ':(%d+)$')) or 0 end
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local server_now
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  if not server_now then
+    local t = redis.call('TIME')
+    server_now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return server_now
 end
-local rid = ARGV[2]
-local n = tonumber(ARGV[3])
-local outcomes, members, passed = {}, {}, {}
-local blocked = false
 
--- A retry of a reservation that already ran (its reply was lost): the script is atomic, so
--- either every passing item of it was recorded or none. Found recorded: answer "granted" for
--- what it recorded and record nothing again.
-local replay = false
-for i = 1, n do
-  local b = 3 + (i - 1) * 6
-  local amount = 0
-  if ARGV[b + 1] == 'c' then amount = tonumber(ARGV[b + 6]) end
-  local member = rid .. '.' .. i .. ':' .. fmt(amount)
-  if redis.call('ZSCORE', KEYS[2 * i - 1], member) then
-    replay = true
+-- One call: its arguments start at ARGV[a + 1], its keys after KEYS[k].
+local function reserve(now, rid, n, a, k)
+  local outcomes, members, passed = {}, {}, {}
+  local blocked = false
+
+  -- A retry of a reservation that already ran (its reply was lost): the script is atomic, so
+  -- either every passing item of it was recorded or none. Found recorded: answer "granted" for
+  -- what it recorded and record nothing again.
+  local replay = false
+  for i = 1, n do
+    local b = a + (i - 1) * 6
+    local amount = 0
+    if ARGV[b + 1] == 'c' then amount = tonumber(ARGV[b + 6]) end
+    local member = rid .. '.' .. i .. ':' .. fmt(amount)
+    if redis.call('ZSCORE', KEYS[k + 2 * i - 1], member) then
+      replay = true
+      members[i] = member
+    end
+  end
+  if replay then
+    for i = 1, n do
+      -- An item not recorded the first time was a shadow item that would have blocked; its
+      -- report is lost with the first reply (shadow items never block).
+      members[i] = members[i] or ''
+      for _, v in ipairs({1, 0, 0, 0, 0, -1}) do table.insert(outcomes, v) end
+    end
+    return outcomes, members
+  end
+
+  for i = 1, n do
+    local b = a + (i - 1) * 6
+    local kind, enforce = ARGV[b + 1], ARGV[b + 2] == '1'
+    local window, horizon = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+    local x, y = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6])
+    local key, sumkey = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
+    local ok, limit, count, elapsed, spent, retry = 1, 0, 0, 0, 0, -1
+
+    if kind == 's' then
+      local max_calls, cooldown = x, y
+      -- An entry at t counts while t > now - horizon: exact at the boundary.
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - horizon))
+      if max_calls >= 0 then
+        count = redis.call('ZCOUNT', key, '(' .. fmt(now - window), '+inf')
+      end
+      if cooldown > 0 then
+        local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+        if last[2] then
+          local since = now - tonumber(last[2])
+          if since < cooldown then
+            ok, limit, elapsed, retry = 0, 2, since, cooldown - since
+          end
+        end
+      end
+      if ok == 1 and max_calls >= 0 and count >= max_calls then
+        ok, limit = 0, 1
+        if max_calls > 0 then
+          local e = redis.call('ZRANGEBYSCORE', key, '(' .. fmt(now - window), '+inf',
+            'WITHSCORES', 'LIMIT', count - max_calls, 1)
+          retry = tonumber(e[2]) + window - now
+        end
+      end
+    else
+      local max_micros, cost = x, y
+      local stale = redis.call('ZRANGEBYSCORE', key, '-inf', fmt(now - window))
+      if #stale > 0 then
+        local gone = 0
+        for _, m in ipairs(stale) do gone = gone + amount_of(m) end
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
+        if gone > 0 and redis.call('EXISTS', sumkey) == 1 then
+          redis.call('DECRBY', sumkey, fmt(gone))
+        end
+      end
+      if redis.call('ZCARD', key) == 0 then
+        redis.call('DEL', sumkey)
+      else
+        local total = redis.call('GET', sumkey)
+        if total then
+          spent = tonumber(total)
+        else
+          -- The total is gone (evicted, deleted by hand): rebuild it from the log.
+          for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do spent = spent + amount_of(m) end
+          redis.call('SET', sumkey, fmt(spent))
+          local ttl = redis.call('PTTL', key)
+          if ttl > 0 then redis.call('PEXPIRE', sumkey, ttl) end
+        end
+      end
+      if spent + cost > max_micros then
+        ok, limit = 0, 3
+        if cost <= max_micros then
+          -- When enough of the oldest charges have aged out for this one to fit.
+          local freed, start, found = 0, 0, false
+          while not found do
+            local page = redis.call('ZRANGE', key, start, start + 127, 'WITHSCORES')
+            if #page == 0 then break end
+            for j = 1, #page, 2 do
+              freed = freed + amount_of(page[j])
+              if spent - freed + cost <= max_micros then
+                retry = tonumber(page[j + 1]) + window - now
+                found = true
+                break
+              end
+            end
+            start = start + 128
+          end
+        end
+      end
+    end
+
+    if ok == 0 and enforce then blocked = true end
+    passed[i] = ok == 1
+    table.insert(outcomes, ok)
+    table.insert(outcomes, limit)
+    table.insert(outcomes, count)
+    table.insert(outcomes, elapsed)
+    table.insert(outcomes, spent)
+    table.insert(outcomes, retry)
+  end
+
+  for i = 1, n do
+    local member = ''
+    if not blocked and passed[i] then
+      local b = a + (i - 1) * 6
+      local kind, horizon = ARGV[b + 1], tonumber(ARGV[b + 4])
+      local amount = 0
+      if kind == 'c' then amount = tonumber(ARGV[b + 6]) end
+      local key, sumkey = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
+      local ttl = fmt(math.floor(horizon / 1000) + 1)
+      member = rid .. '.' .. i .. ':' .. fmt(amount)
+      redis.call('ZADD', key, fmt(now), member)
+      redis.call('PEXPIRE', key, ttl)
+      if kind == 'c' then
+        redis.call('INCRBY', sumkey, fmt(amount))
+        redis.call('PEXPIRE', sumkey, ttl)
+      end
+    end
     members[i] = member
   end
-end
-if replay then
-  for i = 1, n do
-    -- An item not recorded the first time was a shadow item that would have blocked; its
-    -- report is lost with the first reply (shadow items never block).
-    members[i] = members[i] or ''
-    for _, v in ipairs({1, 0, 0, 0, 0, -1}) do table.insert(outcomes, v) end
-  end
-  return {outcomes, members}
+  return outcomes, members
 end
 
-for i = 1, n do
-  local b = 3 + (i - 1) * 6
-  local kind, enforce = ARGV[b + 1], ARGV[b + 2] == '1'
-  local window, horizon = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  local x, y = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6])
-  local key, sumkey = KEYS[2 * i - 1], KEYS[2 * i]
-  local ok, limit, count, elapsed, spent, retry = 1, 0, 0, 0, 0, -1
-
-  if kind == 's' then
-    local max_calls, cooldown = x, y
-    -- An entry at t counts while t > now - horizon: exact at the boundary.
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - horizon))
-    if max_calls >= 0 then
-      count = redis.call('ZCOUNT', key, '(' .. fmt(now - window), '+inf')
-    end
-    if cooldown > 0 then
-      local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-      if last[2] then
-        local since = now - tonumber(last[2])
-        if since < cooldown then
-          ok, limit, elapsed, retry = 0, 2, since, cooldown - since
-        end
-      end
-    end
-    if ok == 1 and max_calls >= 0 and count >= max_calls then
-      ok, limit = 0, 1
-      if max_calls > 0 then
-        local e = redis.call('ZRANGEBYSCORE', key, '(' .. fmt(now - window), '+inf',
-          'WITHSCORES', 'LIMIT', count - max_calls, 1)
-        retry = tonumber(e[2]) + window - now
-      end
-    end
-  else
-    local max_micros, cost = x, y
-    local stale = redis.call('ZRANGEBYSCORE', key, '-inf', fmt(now - window))
-    if #stale > 0 then
-      local gone = 0
-      for _, m in ipairs(stale) do gone = gone + amount_of(m) end
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
-      if gone > 0 and redis.call('EXISTS', sumkey) == 1 then
-        redis.call('DECRBY', sumkey, fmt(gone))
-      end
-    end
-    if redis.call('ZCARD', key) == 0 then
-      redis.call('DEL', sumkey)
-    else
-      local total = redis.call('GET', sumkey)
-      if total then
-        spent = tonumber(total)
-      else
-        -- The total is gone (evicted, deleted by hand): rebuild it from the log.
-        for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do spent = spent + amount_of(m) end
-        redis.call('SET', sumkey, fmt(spent))
-        local ttl = redis.call('PTTL', key)
-        if ttl > 0 then redis.call('PEXPIRE', sumkey, ttl) end
-      end
-    end
-    if spent + cost > max_micros then
-      ok, limit = 0, 3
-      if cost <= max_micros then
-        -- When enough of the oldest charges have aged out for this one to fit.
-        local freed, start, found = 0, 0, false
-        while not found do
-          local page = redis.call('ZRANGE', key, start, start + 127, 'WITHSCORES')
-          if #page == 0 then break end
-          for j = 1, #page, 2 do
-            freed = freed + amount_of(page[j])
-            if spent - freed + cost <= max_micros then
-              retry = tonumber(page[j + 1]) + window - now
-              found = true
-              break
-            end
-          end
-          start = start + 128
-        end
-      end
-    end
-  end
-
-  if ok == 0 and enforce then blocked = true end
-  passed[i] = ok == 1
-  table.insert(outcomes, ok)
-  table.insert(outcomes, limit)
-  table.insert(outcomes, count)
-  table.insert(outcomes, elapsed)
-  table.insert(outcomes, spent)
-  table.insert(outcomes, retry)
+local result = {}
+local a, k = 1, 0
+for _ = 1, tonumber(ARGV[1]) do
+  local now, rid, n = clock(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
+  local outcomes, members = reserve(now, rid, n, a + 3, k)
+  table.insert(result, outcomes)
+  table.insert(result, members)
+  a = a + 3 + 6 * n
+  k = k + 2 * n
 end
-
-for i = 1, n do
-  local member = ''
-  if not blocked and passed[i] then
-    local b = 3 + (i - 1) * 6
-    local kind, horizon = ARGV[b + 1], tonumber(ARGV[b + 4])
-    local amount = 0
-    if kind == 'c' then amount = tonumber(ARGV[b + 6]) end
-    local key, sumkey = KEYS[2 * i - 1], KEYS[2 * i]
-    local ttl = fmt(math.floor(horizon / 1000) + 1)
-    member = rid .. '.' .. i .. ':' .. fmt(amount)
-    redis.call('ZADD', key, fmt(now), member)
-    redis.call('PEXPIRE', key, ttl)
-    if kind == 'c' then
-      redis.call('INCRBY', sumkey, fmt(amount))
-      redis.call('PEXPIRE', sumkey, ttl)
-    end
-  end
-  members[i] = member
-end
-return {outcomes, members}
+return result
 """
 
 # KEYS: two per entry: the log (ZSET) and its ledger total. ARGV: one member per entry.
@@ -237,6 +260,37 @@ def _micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
+# The calls of one batch: (keys, ARGV share, the caller's future), in the order they came.
+_Batch = list[tuple[list[str], list[Any], "asyncio.Future[Any]"]]
+
+
+def _fail(batch: _Batch, error: StoreError) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _reservation(items: Sequence[SlotRequest | ChargeRequest], raw: Any) -> Reservation:
+    flat, members = raw
+    outcomes: list[Outcome] = []
+    for i in range(len(items)):
+        ok, limit, count, elapsed, spent, retry = flat[6 * i : 6 * i + 6]
+        outcomes.append(
+            Outcome(
+                bool(ok),
+                LIMITS[limit],
+                count=count,
+                elapsed=elapsed / 1_000_000,
+                spent_micros=spent,
+                retry_after=None if retry < 0 else retry / 1_000_000,
+            )
+        )
+    token = [
+        (item.key, member.decode()) for item, member in zip(items, members, strict=True) if member
+    ]
+    return Reservation(outcomes, token)
+
+
 class RedisStore:
     """The shared store. `clock` (tests only) replaces the server's TIME in reservations."""
 
@@ -249,8 +303,13 @@ class RedisStore:
         pool_timeout: float = 5.0,
         prefix: str = "callgate:",
         clock: Callable[[], float] | None = None,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self._timeout = timeout
+        self._max_batch = max_batch
+        # The batch the next reservations join (see _enqueue), and the tasks sending batches.
+        self._open: _Batch | None = None
+        self._senders: set[asyncio.Task[None]] = set()
         self._pool_size = pool_size
         self._pool_timeout = pool_timeout
         self._prefix = prefix
@@ -358,9 +417,10 @@ class RedisStore:
     def _keys(self, key: str) -> tuple[str, str]:
         return self._prefix + key, f"{self._prefix}sum:{key}"
 
-    async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
-        if not items:
-            return Reservation([])
+    def _call_args(
+        self, items: Sequence[SlotRequest | ChargeRequest]
+    ) -> tuple[list[str], list[Any]]:
+        """One call's keys and its share of the script's ARGV."""
         keys: list[str] = []
         now = "" if self._clock is None else str(_micros(self._clock()))
         args: list[Any] = [now, secrets.token_hex(8), len(items)]
@@ -375,27 +435,115 @@ class RedisStore:
                 if max(item.max_micros, item.cost_micros) > MAX_EXACT:
                     raise StoreError(f"redis reserve: amount too large for {item.key}")
                 args += ["c", int(item.enforce), window, window, item.max_micros, item.cost_micros]
-        raw = await self._call("reserve", lambda: self._reserve(keys=keys, args=args))
-        flat, members = raw
-        outcomes: list[Outcome] = []
-        for i in range(len(items)):
-            ok, limit, count, elapsed, spent, retry = flat[6 * i : 6 * i + 6]
-            outcomes.append(
-                Outcome(
-                    bool(ok),
-                    LIMITS[limit],
-                    count=count,
-                    elapsed=elapsed / 1_000_000,
-                    spent_micros=spent,
-                    retry_after=None if retry < 0 else retry / 1_000_000,
-                )
+        return keys, args
+
+    async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
+        if not items:
+            return Reservation([])
+        keys, args = self._call_args(items)
+        future = self._enqueue([(keys, args)])[0]
+        return _reservation(items, await future)
+
+    async def reserve_many(
+        self, calls: Sequence[Sequence[SlotRequest | ChargeRequest]]
+    ) -> list[Reservation | StoreError]:
+        """Several calls' reservations (one response's tool calls, in order) in one round trip,
+        each all-or-nothing on its own. A call the store could not answer gets the StoreError
+        in its place, so each call applies its own on_store_error."""
+        results: list[Reservation | StoreError | None] = [None] * len(calls)
+        batch: list[tuple[list[str], list[Any]]] = []
+        sent: list[int] = []
+        for i, items in enumerate(calls):
+            if not items:
+                results[i] = Reservation([])
+                continue
+            try:
+                batch.append(self._call_args(items))
+            except StoreError as exc:
+                results[i] = exc
+                continue
+            sent.append(i)
+        futures = self._enqueue(batch)
+        for i, future in zip(sent, futures, strict=True):
+            try:
+                results[i] = _reservation(calls[i], await future)
+            except StoreError as exc:
+                results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def _enqueue(self, calls: list[tuple[list[str], list[Any]]]) -> list[asyncio.Future[Any]]:
+        """Add calls to the batch that goes out next; the calls given together stay together
+        (one script run) unless they alone exceed `max_batch`."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        for start in range(0, len(calls), self._max_batch):
+            chunk = calls[start : start + self._max_batch]
+            batch = self._open
+            if batch is None or len(batch) + len(chunk) > self._max_batch:
+                # The first call of a loop iteration opens a batch; its sender first runs on
+                # the loop's next iteration, so every call issued before then joins it (and
+                # any issued while it waits for a free connection).
+                batch = self._open = []
+                task = loop.create_task(self._send(batch))
+                self._senders.add(task)
+                task.add_done_callback(self._senders.discard)
+            for keys, args in chunk:
+                future = loop.create_future()
+                batch.append((keys, args, future))
+                futures.append(future)
+        return futures
+
+    async def _send(self, batch: _Batch) -> None:
+        try:
+            await self._run(batch)
+        except BaseException:
+            # Cancelled (the store is closing) or a bug: no caller may wait forever.
+            _fail(batch, StoreError("redis reserve: the store is closing"))
+            raise
+
+    async def _run(self, batch: _Batch) -> None:
+        """Run one batch: wait for a connection (up to pool_timeout, from the batch's first
+        call), then one EVALSHA for every call in it, bounded by `timeout`. A failure is every
+        call's failure: each caller applies its own on_store_error."""
+        error: StoreError | None = None
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            error = StoreError(
+                f"redis reserve: no free connection within {self._pool_timeout:g}s"
+                f" (pool_size {self._pool_size})"
             )
-        token = [
-            (item.key, member.decode())
-            for item, member in zip(items, members, strict=True)
-            if member
-        ]
-        return Reservation(outcomes, token)
+        finally:
+            if self._open is batch:
+                self._open = None  # closed: later calls open the next batch
+        if error is not None:
+            _fail(batch, error)
+            return
+        try:
+            # A caller cancelled before its call went out (its client left): not sent at all.
+            live = [call for call in batch if not call[2].done()]
+            if not live:
+                return
+            keys: list[str] = []
+            args: list[Any] = [len(live)]
+            for call_keys, call_args, _ in live:
+                keys += call_keys
+                args += call_args
+            async with asyncio.timeout(self._timeout):
+                raw = await self._reserve(keys=keys, args=args)
+        except TimeoutError:
+            error = StoreError(f"redis reserve: no answer within {self._timeout:g}s")
+        except (RedisError, OSError) as exc:
+            error = StoreError(f"redis reserve: {str(exc) or type(exc).__name__}")
+        finally:
+            self._slots.release()
+        if error is not None:
+            _fail(batch, error)
+            return
+        for i, (_, _, future) in enumerate(live):
+            if not future.done():
+                future.set_result((raw[2 * i], raw[2 * i + 1]))
 
     async def release(self, token: list[tuple[str, str]]) -> None:
         if not token:
@@ -423,6 +571,9 @@ class RedisStore:
         await self._call("ping", self._redis.ping)
 
     async def close(self) -> None:
+        for task in list(self._senders):
+            task.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
         try:
             await self._redis.aclose()
         except (RedisError, OSError):
