@@ -114,3 +114,33 @@ async def test_schema_gate_same_verdicts_with_or_without_a_compiled_check(
     assert wrong.block is not None
     assert wrong.block.message == "Invalid arguments at url: 3 is not of type 'string'"
     assert deep.block is not None and deep.block.reason == "invalid_arguments"
+
+
+async def test_decide_many_matches_one_by_one_and_reserves_once(monkeypatch) -> None:
+    """A response's calls decided together: the same decisions as one after another (slots
+    first-come, in order), with a single store round trip for all reservations."""
+    from proxy.gates import decide_many
+
+    text = POLICY.format(cost="0.25 * double(size(args.urls))", mode="enforce")
+    calls = [call('{"urls": ["a"]}'), call("{}"), call('{"urls": ["a", "b"]}'), call("[1")]
+    calls += [call('{"urls": ["a"]}'), call('{"urls": ["a"]}')]
+    one_by_one_store, together_store = MemoryStore(), MemoryStore()
+    policy = load_policy_text(text)
+    expected = [await decide(c, policy, one_by_one_store, ctx()) for c in calls]
+    trips = []
+    real = together_store.reserve_many
+
+    async def counted(batch):
+        trips.append(len(batch))
+        return await real(batch)
+
+    monkeypatch.setattr(together_store, "reserve_many", counted)
+    got = await decide_many(calls, load_policy_text(text), together_store, ctx())
+    assert [(d.call.arguments, d.block and d.block.reason) for d in got] == [
+        (d.call.arguments, d.block and d.block.reason) for d in expected
+    ]
+    # 0.25 + 0.50 + 0.25 reach the 1.00 budget exactly; the sixth call is the fourth slot.
+    assert [d.block and d.block.reason for d in got] == [
+        None, "cost_error", None, "invalid_arguments", None, "max_calls"
+    ]
+    assert trips == [4]  # the four calls that reached the reservation step, in one trip

@@ -18,6 +18,7 @@ import structlog
 from proxy.gates.base import Check, Reservation, StoreItem
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy, ToolPolicy
+from proxy.store import Reservation as StoreAnswer
 from proxy.store import Store, StoreError
 from proxy.toolcalls import CallContext, ToolCall
 
@@ -71,6 +72,50 @@ async def _checks(decision: Decision, checks: tuple[Check, ...], ctx: CallContex
 Items = tuple[tuple[StoreItem, ...], tuple[Reservation, ...]]
 
 
+async def decide_many(
+    calls: list[ToolCall], policy: Policy, store: Store, ctx: CallContext
+) -> list[Decision]:
+    """A response's calls decided together: each call's checks in order, then every call's
+    reservation in one store round trip (Redis: one script run), each all-or-nothing on its
+    own and in order, so parallel calls to one tool take slots first-come as if decided one
+    after another."""
+    started = time.perf_counter()
+    decisions: list[Decision] = []
+    pending: list[tuple[Decision, Items]] = []
+    for call in calls:
+        tool = policy.for_tool(call.name)
+        decision = Decision(call=call, tool_policy=tool.name, on_block=tool.on_block)
+        decisions.append(decision)
+        try:
+            if not await _checks(decision, tool.checks, ctx) and tool.reservations:
+                items = _items(decision, tool, ctx, policy.derived)
+                if items is not None:
+                    pending.append((decision, items))
+        except Exception as exc:
+            _gate_error(decision, exc)
+    if pending:
+        results: list[StoreAnswer | BaseException]
+        try:
+            results = list(await store.reserve_many([items[0] for _, items in pending]))
+        except Exception as exc:
+            results = [exc] * len(pending)
+        for (decision, (requests, gates)), result in zip(pending, results, strict=True):
+            try:
+                _apply(decision, requests, gates, result)
+            except Exception as exc:
+                _gate_error(decision, exc)
+                await release(store, [decision])
+    elapsed = (time.perf_counter() - started) * 1000
+    for decision in decisions:
+        decision.latency_ms = elapsed
+    return decisions
+
+
+def _gate_error(decision: Decision, exc: Exception) -> None:
+    log.exception("gate_error", tool=decision.call.name, call_id=decision.call.id, exc_info=exc)
+    decision.block = Block("rules", "gate_error", f"Gate error: {type(exc).__name__}: {exc}")
+
+
 async def _reserve(
     decision: Decision, tool: ToolPolicy, policy: Policy, store: Store, ctx: CallContext
 ) -> None:
@@ -80,9 +125,23 @@ async def _reserve(
     if items is None:
         return
     requests, gates = items
+    result: StoreAnswer | BaseException
     try:
-        reservation = await store.reserve(requests)
+        result = await store.reserve(requests)
     except Exception as exc:
+        result = exc
+    _apply(decision, requests, gates, result)
+
+
+def _apply(
+    decision: Decision,
+    requests: tuple[StoreItem, ...],
+    gates: tuple[Reservation, ...],
+    result: StoreAnswer | BaseException,
+) -> None:
+    """The store's answer to the call's reservation, or the error it failed with."""
+    if isinstance(result, BaseException):
+        exc = result
         reason = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
         log.warning("store_error", error=reason, tool=decision.call.name, call_id=decision.call.id)
         for item, gate in zip(requests, gates, strict=True):
@@ -92,9 +151,8 @@ async def _reserve(
             elif _stop(decision, block, item.enforce):
                 return
         return
-
-    decision.token = reservation.token
-    for item, outcome, gate in zip(requests, reservation.outcomes, gates, strict=True):
+    decision.token = result.token
+    for item, outcome, gate in zip(requests, result.outcomes, gates, strict=True):
         if not outcome.ok and _stop(decision, gate.block_for(outcome, item), item.enforce):
             return
 

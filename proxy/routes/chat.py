@@ -14,7 +14,7 @@ from proxy.chat_stream import ChatStream
 from proxy.delivery import deliver
 from proxy.errors import error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
-from proxy.gates import decide
+from proxy.gates import decide_many
 from proxy.gates.decision import Decision
 from proxy.policy import Policy
 from proxy.request_shape import chat_problem
@@ -184,8 +184,9 @@ async def _gate_round(
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
-        # One at a time, in order: parallel calls to one tool take slots first-come.
-        ds = [await decide(c, policy, state.store, ctx) for c in chat.calls_of(message)]
+        # Together, in order: parallel calls to one tool take slots first-come, and the
+        # response's reservations cost one store round trip.
+        ds = await decide_many(chat.calls_of(message), policy, state.store, ctx)
         per_choice.append((choice, ds))
         decisions.extend(ds)
     if not decisions:

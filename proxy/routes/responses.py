@@ -22,7 +22,7 @@ from proxy import reprompt, responses, stash
 from proxy.delivery import deliver
 from proxy.errors import bad_gateway, bad_request, error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
-from proxy.gates import decide, release
+from proxy.gates import decide_many, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.request_shape import responses_problem
@@ -228,10 +228,10 @@ async def _gate_response(
             if rounds:
                 usage = add_usage(usage, data.get("usage"))
             output: list[Any] = data.get("output") or []
-            # One at a time, in order: parallel calls to one tool take slots first-come.
-            decisions = [
-                await decide(c, policy, state.store, ctx) for c in responses.calls_of(output)
-            ]
+            # Together, in order: parallel calls to one tool take slots first-come, and the
+            # response's reservations cost one store round trip.
+            calls = responses.calls_of(output)
+            decisions = await decide_many(calls, policy, state.store, ctx)
             approvals = await decide_approvals(
                 state, policy, ctx, responses.approvals_of(output, gated)
             )
