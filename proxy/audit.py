@@ -617,13 +617,10 @@ class Auditor:
             self._writer = self._start_writer(self._file)
         limit = self.config.max_argument_bytes
         prev = self._prev
-        prev_bytes = prev.encode()
         dumps = orjson.dumps
-        sha256 = hashlib.sha256
-        parts: list[bytes] = []
-        add = parts.append
+        lines: list[bytes] = []
+        add = lines.append
         for record, raw in items:
-            # seal(), inlined: a record's line is its JSON with `hash` added as last member.
             record["prev"] = prev
             try:
                 body = dumps(record)
@@ -632,15 +629,11 @@ class Auditor:
             else:
                 if len(body) > limit:
                     body = _bounded_body(record, raw, limit)
-            prev = sha256(prev_bytes + body).hexdigest()
-            prev_bytes = prev.encode()
-            add(body[:-1])
-            add(b',"hash":"')
-            add(prev_bytes)
-            add(b'"}\n')
+            prev, line = seal(prev, body)
+            add(line)
         self._prev = prev
         self._sealed += 1
-        self._writer.put(b"".join(parts), len(items), self._sealed)
+        self._writer.put(b"".join(lines), len(items), self._sealed)
 
     def _start_writer(self, path: str) -> _Writer:
         loop = asyncio.get_running_loop()
