@@ -14,13 +14,14 @@ from proxy.auth import Authenticator
 from proxy.auth.middleware import auth_middleware
 from proxy.errors import error_response
 from proxy.logs import log_request
-from proxy.metrics import metrics_handler, route_label, upstream_time
+from proxy.metrics import route_label, upstream_time
 from proxy.paths import PathRefused, check_target, override_problem
 from proxy.policy import Policy
 from proxy.routes import responses
 from proxy.routes.chat import chat_completions
 from proxy.routes.incoming import PRINCIPAL, request_id
 from proxy.routes.passthrough import TARGET, forward
+from proxy.routes.probes import healthz, metrics_handler, readyz
 from proxy.state import STATE, AppState
 from proxy.store import Store, open_store
 from proxy.store.memory import MemoryStore
@@ -111,21 +112,6 @@ async def _answer(request: web.Request, handler: Handler, rid: str) -> web.Strea
     if not response.prepared:
         response.headers["x-callgate-request-id"] = rid
     return response
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if state.draining:
-        return web.json_response({"status": "draining"}, status=503)
-    try:
-        await state.store.ping()
-    except Exception as exc:
-        return web.json_response({"status": "store unreachable", "error": str(exc)}, status=503)
-    return web.json_response({"status": "ready", "policy": state.policy.source})
 
 
 def create_app(

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
@@ -304,11 +304,3 @@ def route_label(request: web.Request) -> str:
     if path.startswith("/v1/"):
         return "passthrough"
     return path.strip("/") or "root"
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    from proxy.state import STATE
-
-    metrics = request.app[STATE].metrics
-    body = metrics.exposition() if metrics.shared is None else await metrics.shared.exposition()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
