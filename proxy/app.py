@@ -144,7 +144,7 @@ def create_app(
         app.middlewares.append(auth_middleware(authenticator, state.metrics.auth_failures))
         state.upstream.strip_client_credentials = True
     state.auditor.listeners.append(state.metrics.on_audit)
-    state.metrics.registry.register(state.upstream.bounds_exceeded)  # type: ignore[arg-type]
+    state.metrics.registry.register(state.upstream.bounds_exceeded)
     if isinstance(state.store, MemoryStore):
         state.store.on_evict = state.metrics.stash_evictions.inc
     app.router.add_get("/metrics", metrics_handler)

@@ -33,10 +33,14 @@ def calls_of(message: dict[str, Any]) -> list[ToolCall]:
             continue
         call_id = str(raw.get("id") or "")
         if raw.get("type") == "custom" or "custom" in raw:
-            custom = raw.get("custom") if isinstance(raw.get("custom"), dict) else {}
+            custom = raw.get("custom")
+            if not isinstance(custom, dict):
+                custom = {}
             name, text, kind = custom.get("name"), custom.get("input"), "custom"
         else:
-            fn = raw.get("function") if isinstance(raw.get("function"), dict) else {}
+            fn = raw.get("function")
+            if not isinstance(fn, dict):
+                fn = {}
             name, text, kind = fn.get("name"), fn.get("arguments"), "function"
         calls.append(ToolCall(call_id, str(name or ""), _text(text), kind, position))
     legacy = message.get("function_call")
@@ -268,7 +272,7 @@ def relaxed_tool_choice(
     if choice == "required" or (isinstance(choice, dict) and tool_name(choice) in blocked):
         return {"tool_choice": "auto" if left else "none"}
     allowed = choice.get("allowed_tools") if isinstance(choice, dict) else None
-    if isinstance(allowed, dict) and allowed.get("mode") == "required":
+    if isinstance(choice, dict) and isinstance(allowed, dict) and allowed.get("mode") == "required":
         listed = {tool_name(t) for t in allowed.get("tools") or []}
         if not any(n in listed for n in left):
             return {"tool_choice": "none"}

@@ -521,7 +521,7 @@ def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node
         located.sort(key=lambda item: item[0])
         raise ConfigError(source, [text for _, text in located]) from None
     errors: list[tuple[int, str]] = []
-    sections = [(("default",), config.default)]
+    sections: list[tuple[tuple[str, ...], ToolConfig]] = [(("default",), config.default)]
     sections += [(("tools", name), tool) for name, tool in config.tools.items()]
     for section, tool in sections:
         if tool.budget and tool.budget.ledger not in config.budgets:

@@ -283,7 +283,7 @@ class Response:
             yield data
 
     async def read(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             data = await self.next_chunk()
             if data is None:

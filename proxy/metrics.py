@@ -152,7 +152,7 @@ class Metrics:
             _OVERHEAD_BUCKETS,
         )
         for collector in (self.requests, self.decisions, self.upstream_latency, self.overhead):
-            r.register(collector)  # type: ignore[arg-type]
+            r.register(collector)
         # Set in a worker of `callgate serve --workers N`: /metrics sums every worker's samples.
         self.shared: SharedMetrics | None = None
 
@@ -279,7 +279,7 @@ class SharedMetrics:
                         by_labels[key] = known = [sample, labels, 0.0]
                         families[name][3].append(known)
                     known[2] += value
-        return generate_latest(_Merged(families))  # type: ignore[arg-type]
+        return generate_latest(_Merged(families))
 
     async def run(self) -> None:
         """Write this worker's snapshot every `interval` seconds, and once more when cancelled."""

@@ -256,9 +256,10 @@ def load_tests(text: str, source: str) -> list[Case]:
                     step_where = _where(source, step_line)
                     if not isinstance(step_raw, dict):
                         raise ValueError(f"{step_where}: a step is a mapping")
-                    bad = set(step_raw) - STEP_FIELDS
-                    if bad:
-                        raise ValueError(f"{step_where}: unknown key(s) {', '.join(sorted(bad))}")
+                    unknown = set(step_raw) - STEP_FIELDS
+                    if unknown:
+                        listed = ", ".join(sorted(unknown))
+                        raise ValueError(f"{step_where}: unknown key(s) {listed}")
                     expect = (
                         {k: step_raw[k] for k in EXPECT_FIELDS if k in step_raw}
                         if "expect" in step_raw

@@ -454,7 +454,8 @@ def next_round_body(
         return {**body, "input": outputs}
     if stored(body, data) and isinstance(data.get("id"), str):
         return {**body, "previous_response_id": data["id"], "input": outputs}
-    output = data.get("output") if isinstance(data.get("output"), list) else []
+    found = data.get("output")
+    output: list[Any] = found if isinstance(found, list) else []
     items = [*as_input_list(body.get("input")), *replayable(output), *outputs]
     return {**body, "input": items}
 

@@ -23,7 +23,8 @@ from proxy.state import AppState
 from proxy.toolcalls import CallContext
 
 log = structlog.get_logger("callgate.rounds")
-Action = Literal["pass", "error", "reprompt", "strip", "drop"]
+# `fail_closed`: a stream that broke off; what the client received stays, the rest is dropped.
+Action = Literal["pass", "error", "reprompt", "strip", "drop", "fail_closed"]
 
 
 @dataclass(slots=True)
@@ -80,7 +81,7 @@ def audit_plan(auditor: Auditor, p: Plan, ctx: CallContext) -> None:
         else:
             auditor.record(d, ctx, "allowed", None)
     for d in p.blocked:
-        action = p.action
+        action: str = p.action
         if action in ("drop", "strip") and p.partial:
             action = f"{action}+stash"
         auditor.record(d, ctx, "blocked", action)

@@ -133,7 +133,7 @@ def _dialect(schema: dict[str, Any]) -> Any:
         return None
     try:
         # default=None: an unknown $schema gives None instead of a warning and a guess.
-        return jsonschema.validators.validator_for(schema, default=None)
+        return jsonschema.validators.validator_for(schema, default=None)  # type: ignore[arg-type]
     except Exception:  # URI normalisation can raise on odd strings
         return None
 

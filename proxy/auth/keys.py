@@ -301,7 +301,8 @@ class RedisKeySet(KeySet):
             log.warning("auth_keys_refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def poll(self) -> bool:
-        version = await self.client.get(self.version_key)
+        found = await self.client.get(self.version_key)
+        version = found.encode() if isinstance(found, str) else found
         if version == self._version:
             return False
         raw = await self.client.hgetall(self.hash)

@@ -31,11 +31,17 @@ StoreItem = SlotRequest | ChargeRequest
 
 
 class Check(Protocol):
-    name: str
-    kind: str
-    enforce: bool
-    # Skipped when the call's arguments could not be read (`decision.unread`).
-    needs_args: bool
+    # Read-only members (properties here): the gates are frozen dataclasses.
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def enforce(self) -> bool: ...
+    @property
+    def needs_args(self) -> bool:
+        """Skipped when the call's arguments could not be read (`decision.unread`)."""
+        ...
 
     def check(
         self, decision: Decision, ctx: CallContext
@@ -49,13 +55,21 @@ class Check(Protocol):
 
 
 class Reservation(Protocol):
-    name: str
-    kind: str
-    enforce: bool
-    on_store_error: str  # "fail_open" | "fail_closed"
-    # The item depends only on the tool and the principal: the pipeline builds it once per
-    # pair and keeps it with the policy.
-    constant: bool
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def enforce(self) -> bool: ...
+    @property
+    def on_store_error(self) -> str:
+        """"fail_open" | "fail_closed"."""
+        ...
+    @property
+    def constant(self) -> bool:
+        """The item depends only on the tool and the principal: the pipeline builds it once per
+        pair and keeps it with the policy."""
+        ...
 
     def request(self, decision: Decision, ctx: CallContext) -> StoreItem | Block:
         """The item to reserve, or a Block when the call cannot be priced."""

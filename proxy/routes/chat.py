@@ -216,8 +216,8 @@ async def _gate_round(
         )
         messages.extend(chat.tool_result_messages(p.blocked))
         last = _Reprompted(reply, data, choice, p.blocked, rounds)
-        blocked = {d.call.name for d in p.blocked}
-        relaxed = chat.relaxed_tool_choice(body, blocked, reprompt.denied(policy))
+        names = {d.call.name for d in p.blocked}
+        relaxed = chat.relaxed_tool_choice(body, names, reprompt.denied(policy))
         return last, {**body, "messages": messages, **relaxed}
 
     for choice, ds in per_choice:

@@ -251,9 +251,9 @@ async def _gate_response(
                 outputs = [responses.error_output(d) for d in p.blocked] + answers
                 body = responses.next_round_body(body, data, outputs)
                 if p.action == "reprompt":
-                    blocked = {d.call.name for d in p.blocked}
+                    names = {d.call.name for d in p.blocked}
                     body.update(
-                        responses.relaxed_tool_choice(body, blocked, reprompt.denied(policy))
+                        responses.relaxed_tool_choice(body, names, reprompt.denied(policy))
                     )
                 payload = orjson.dumps(body)
                 audited = True
@@ -407,7 +407,8 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     data = parse_reply(reply)
     if isinstance(data, web.Response):
         return data
-    output = data.get("output") if isinstance(data.get("output"), list) else []
+    found = data.get("output")
+    output: list[Any] = found if isinstance(found, list) else []
     output = [*(e.get("prefix") or []), *responses.visible(output, set(e.get("hide") or []))]
     output += e.get("extra") or []
     data["output"] = output

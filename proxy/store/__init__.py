@@ -1,5 +1,10 @@
 """State shared by the gates: sliding-window counters, spend ledgers and stashed blocked calls."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from proxy.store.base import (
     ChargeRequest,
     Outcome,
@@ -9,6 +14,9 @@ from proxy.store.base import (
     StoreError,
     key_part,
 )
+
+if TYPE_CHECKING:
+    from proxy.config import StoreConfig
 
 __all__ = [
     "ChargeRequest",
@@ -21,7 +29,12 @@ __all__ = [
 ]
 
 
-def open_store(config, clock=None, *, stash_max_bytes=None) -> Store:  # type: ignore[no-untyped-def]
+def open_store(
+    config: StoreConfig,
+    clock: Callable[[], float] | None = None,
+    *,
+    stash_max_bytes: int | None = None,
+) -> Store:
     """The store the config names. Memory takes an injectable wall clock (tests) and a bound on
     its stashes' bytes (Redis bounds its own memory: maxmemory)."""
     if config.backend == "redis":

@@ -562,7 +562,9 @@ class RedisStore:
         if not keys:
             return []
         full = [self._prefix + k for k in keys]
-        return await self._call("stash read", lambda: self._redis.mget(full))
+        found = await self._call("stash read", lambda: self._redis.mget(full))
+        # Replies are bytes (decode_responses is off); str only in redis-py's general typing.
+        return [v.encode() if isinstance(v, str) else v for v in found]
 
     async def ping(self) -> None:
         if not self._warm:
