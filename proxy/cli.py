@@ -1,4 +1,4 @@
-"""`callgate serve | check | explain | audit verify [--strict]`."""
+"""`callgate serve | demo | check | explain | audit verify [--strict]`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if policy is None:
         return 1
     return serve(policy, args.config, args.host, args.port, args.log_level)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import main as demo
+
+    return demo(args.config, args.print_policy)
 
 
 async def _explain(policy: Policy, tool: str, arguments: str, principal: str) -> list[str]:
@@ -175,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser(
+        "demo", help="see gated calls offline: a scripted agent and model through the proxy"
+    )
+    demo.add_argument("--config", default=None, help="a policy to try (default: the demo's)")
+    demo.add_argument("--print-policy", action="store_true", help="print the demo policy")
+    demo.set_defaults(func=cmd_demo)
 
     check = sub.add_parser("check", help="validate a policy and print it resolved")
     check.add_argument("config")

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import resource
 import signal
+import sys
 
 import structlog
 from aiohttp import web
@@ -56,6 +57,37 @@ def _raise_fd_limit(max_connections: int) -> None:
             )
 
 
+def banner(policy: Policy, config_path: str | None, host: str, port: int) -> str:
+    """What a person starting callgate in a terminal needs to know (log lines are JSON, for
+    machines: a terminal gets this instead of the `listening` line)."""
+    config = policy.config
+    store = config.store.backend
+    if store == "redis":
+        from proxy.cli import _mask_url  # a password in the URL is never printed
+
+        store += f" ({_mask_url(config.store.url)})"
+    else:
+        store += " (counters and budgets live in this process)"
+    tools = ", ".join(
+        f"{name}{'' if tool.allow else ' (denied)'}" for name, tool in config.tools.items()
+    )
+    unknown = "allowed" if config.default.allow else "denied"
+    url = f"http://{host}:{port}/v1"
+    reload = "reloaded when it changes" if config.server.reload_interval > 0 else "SIGHUP reloads"
+    return "\n".join(
+        (
+            f"callgate listening on {url}  (foreground; Ctrl-C stops it)",
+            f"  upstream:  {config.upstream.base_url}",
+            f"  policy:    {config_path or '-'} ({reload})",
+            f"  store:     {store}",
+            f"  tools:     {tools or 'none listed'}; other tools {unknown}",
+            f"  try it:    export OPENAI_BASE_URL={url}",
+            "  offline?   `callgate demo` shows gated calls without an upstream or API key",
+            "Log lines (JSON) follow.",
+        )
+    )
+
+
 async def run(policy: Policy, config_path: str | None, host: str, port: int) -> None:
     app = create_app(policy, config_path=config_path)
     state = app[STATE]
@@ -71,14 +103,17 @@ async def run(policy: Policy, config_path: str | None, host: str, port: int) -> 
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    log.info(
-        "listening",
-        host=host,
-        port=port,
-        config=config_path,
-        upstream=policy.config.upstream.base_url,
-        store=policy.config.store.backend,
-    )
+    if sys.stdout.isatty():
+        print(banner(policy, config_path, host, port), flush=True)
+    else:
+        log.info(
+            "listening",
+            host=host,
+            port=port,
+            config=config_path,
+            upstream=policy.config.upstream.base_url,
+            store=policy.config.store.backend,
+        )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
