@@ -22,6 +22,7 @@ from proxy.routes.passthrough import TARGET, forward
 from proxy.state import STATE, AppState
 from proxy.store import Store, open_store
 from proxy.store.memory import MemoryStore
+from proxy.telemetry import request_trace, start_tracing
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("callgate.http")
@@ -34,7 +35,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     """Per request: its id in every log line, errors in OpenAI's shape, one log line, metrics."""
     rid = request_id(request)
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=rid)
+    trace = request_trace(request)  # None unless tracing is on
+    if trace is None:
+        structlog.contextvars.bind_contextvars(request_id=rid)
+    else:
+        structlog.contextvars.bind_contextvars(request_id=rid, trace_id=trace.trace_id)
     waited = [0.0]
     token = upstream_time.set(waited)
     started = time.perf_counter()
@@ -59,6 +64,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             "status": status,
             "ms": round(elapsed * 1000, 3),
         }
+        if trace is not None:
+            fields["trace_id"] = trace.trace_id
         if request.path in _QUIET_PATHS:
             # Probes and scrapes arrive every few seconds: keep them out of the info log.
             log.debug("request", **fields)
@@ -134,9 +141,11 @@ def create_app(
     config_path: str | None = None,
 ) -> web.Application:
     config = policy.config
-    app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[request_context, path_guard]
-    )
+    tracing = start_tracing(config.telemetry)  # None (the default): nothing of OTel is loaded
+    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [request_context, path_guard]
+    if tracing is not None:
+        middlewares.insert(0, tracing.middleware)  # outermost: its span covers the log line
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
     state = AppState(
         policy=policy,
         store=store
@@ -145,9 +154,12 @@ def create_app(
         auditor=Auditor(config.audit),
         upstream=Upstream(config.upstream),
         config_path=config_path,
+        tracing=tracing,
     )
     app[STATE] = state
     state.auditor.listeners.append(state.metrics.on_audit)
+    if tracing is not None:
+        state.auditor.listeners.append(tracing.on_audit)
     state.metrics.registry.register(state.upstream.bounds_exceeded)  # type: ignore[arg-type]
     if isinstance(state.store, MemoryStore):
         state.store.on_evict = state.metrics.stash_evictions.inc
@@ -167,6 +179,8 @@ def create_app(
         await state.auditor.close()
         await state.upstream.close()
         await state.store.close()
+        if state.tracing is not None:
+            await state.tracing.close()  # exports the spans still queued
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

@@ -530,6 +530,8 @@ class Auditor:
         }
         if upstream_status is not None:  # action `reprompt_failed`: how the upstream failed it
             record["upstream_status"] = upstream_status
+        if ctx.trace_id is not None:  # tracing is on: the record leads to the request's trace
+            record["trace_id"] = ctx.trace_id
         self.records += 1
         for listener in self.listeners:
             listener(record)

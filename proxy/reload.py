@@ -21,6 +21,7 @@ log = structlog.get_logger("callgate.reload")
 # Settings bound to long-lived resources: a change is logged, and applies after a restart.
 _RESTART_ONLY = (
     ("store",),
+    ("telemetry",),
     ("server", "max_body_bytes"),
     ("server", "stash_max_bytes"),
     ("server", "drain_delay"),

@@ -15,6 +15,7 @@ from proxy.errors import bad_request, error_response
 from proxy.policy import Policy
 from proxy.principal import resolve_principal
 from proxy.request_shape import Problem
+from proxy.telemetry import request_trace
 from proxy.toolcalls import CallContext
 
 
@@ -80,4 +81,7 @@ def call_context(
     )
     structlog.contextvars.bind_contextvars(principal=principal)
     request[PRINCIPAL] = principal
+    trace = request_trace(request)
+    if trace is not None:  # tracing is on
+        trace.bind(ctx)
     return ctx
