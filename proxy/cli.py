@@ -69,11 +69,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.server import serve
+    from proxy.telemetry import TelemetryError
 
     policy = _load(args.config)
     if policy is None:
         return 1
-    return serve(policy, args.config, args.host, args.port, args.log_level)
+    try:
+        return serve(policy, args.config, args.host, args.port, args.log_level)
+    except TelemetryError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -22,8 +22,8 @@ TRACE: web.RequestKey[Any] = web.RequestKey("callgate_trace", object)
 EXPORTERS = frozenset(("otlp", "console"))
 
 
-class TelemetryUnavailable(Exception):
-    """Tracing is asked for, and the OpenTelemetry packages are not installed."""
+class TelemetryError(Exception):
+    """Tracing cannot start as configured (an unknown exporter, the packages missing)."""
 
 
 def exporters(config: TelemetryConfig, env: Mapping[str, str] = os.environ) -> list[str]:
@@ -31,7 +31,7 @@ def exporters(config: TelemetryConfig, env: Mapping[str, str] = os.environ) -> l
 
     On when `telemetry.traces` is true, or unset and OTEL_TRACES_EXPORTER names an exporter
     (so `OTEL_TRACES_EXPORTER=otlp` and an endpoint variable are enough); never when
-    OTEL_SDK_DISABLED is true. Unknown exporter names are refused at start (ValueError)."""
+    OTEL_SDK_DISABLED is true. Unknown exporter names are refused at start."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or config.traces is False:
         return []
     named = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
@@ -40,7 +40,7 @@ def exporters(config: TelemetryConfig, env: Mapping[str, str] = os.environ) -> l
         return []
     unknown = [n for n in named if n not in EXPORTERS]
     if unknown:
-        raise ValueError(
+        raise TelemetryError(
             f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not an exporter callgate has "
             f"(it has {', '.join(sorted(EXPORTERS))}, or none)"
         )
@@ -57,7 +57,7 @@ def start_tracing(config: TelemetryConfig) -> Tracing | None:
     try:
         from proxy.tracing import Tracing
     except ImportError as exc:
-        raise TelemetryUnavailable(
+        raise TelemetryError(
             f"tracing is on, but the OpenTelemetry packages are not installed ({exc}): "
             "pip install 'callgate[otel]'"
         ) from None

@@ -27,7 +27,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from proxy.config import TelemetryConfig
-from proxy.telemetry import exporters
+from proxy.telemetry import TelemetryError, exporters
 from tests.conftest import SSE, completion, records
 from tests.responses_streams import USAGE, FakeResponses, fc, msg, response
 from tests.streams import chat_stream
@@ -353,7 +353,7 @@ def test_when_tracing_is_on(traces: bool | None, env: dict[str, str], expected: 
 
 
 def test_unknown_exporter_is_refused() -> None:
-    with pytest.raises(ValueError, match="zipkin"):
+    with pytest.raises(TelemetryError, match="zipkin"):
         exporters(TelemetryConfig(), {"OTEL_TRACES_EXPORTER": "zipkin"})
 
 
