@@ -348,7 +348,8 @@ class Tracing:
                 text = text[:MAX_ARGUMENT_CHARS] + "…"
             attributes["gen_ai.tool.call.arguments"] = text
         trace.span.add_event(EVENT, attributes)
-        if record["decision"] == "allowed":
+        decision = record["decision"]
+        if decision == "allowed":
             trace.allowed += 1
-        else:
+        elif decision == "blocked":
             trace.blocked += 1

@@ -9,6 +9,7 @@ receives, which must name callgate's round span.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
+from proxy.audit import verify_chain
 from proxy.config import TelemetryConfig
 from proxy.telemetry import TelemetryError, exporters
 from tests.conftest import SSE, completion, records
@@ -240,13 +242,21 @@ async def test_responses_reprompt_round_and_blocked_call(
 
 
 async def test_allowed_call_new_trace_log_line_and_arguments(
-    make_proxy: Any, upstream: Any, receiver: Spans, monkeypatch: Any
+    make_proxy: Any, upstream: Any, receiver: Spans, tmp_path: Path
 ) -> None:
     """Without a client traceparent a trace starts at callgate; `record_arguments` puts the
-    (redacted) arguments on the event; the request log line carries the trace id."""
+    (redacted) arguments on the event; the request log line and the audit file carry the trace
+    id (and the file's chain holds with it)."""
     from structlog.testing import capture_logs
 
-    proxy = await make_proxy({**POLICY, "telemetry": {"record_arguments": True}})
+    audit = tmp_path / "audit.jsonl"
+    proxy = await make_proxy(
+        {
+            **POLICY,
+            "audit": {"redact": ["password"], "file": str(audit)},
+            "telemetry": {"record_arguments": True},
+        }
+    )
     upstream.push(completion(("get_weather", {"city": "Oslo", "password": "hunter2"}), ids=["c9"]))
     with capture_logs() as logs:
         await proxy.client().chat.completions.create(model="gpt-test", messages=[])
@@ -265,6 +275,11 @@ async def test_allowed_call_new_trace_log_line_and_arguments(
     [decision] = [e for e in logs if e["event"] == "tool_call_decision"]
     assert decision["trace_id"] == trace_id
     assert "hunter2" not in repr(receiver.spans)
+    await proxy.server.close()  # flushes and closes the audit file
+    [written] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert written["trace_id"] == trace_id and written["call_id"] == "c9"
+    result = verify_chain(str(audit))
+    assert result.problem is None and result.records == 1
 
 
 async def test_passthrough_and_upstream_failure(
