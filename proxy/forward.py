@@ -111,21 +111,26 @@ async def _traced_fetch(
 ) -> UpstreamReply | web.Response:
     """fetch() in a round span, its context sent upstream."""
     assert state.tracing is not None
-    span = state.tracing.start_round(
-        request_trace(request), request.headers, method, path_qs, streamed=False
+    rnd = state.tracing.start_round(
+        request_trace(request),
+        request.headers,
+        method,
+        path_qs,
+        streamed=False,
+        origin=state.upstream.target(target).origin,
     )
     started = time.perf_counter()
     try:
-        reply = await state.upstream.fetch(method, path_qs, span.headers, payload, target=target)
+        reply = await state.upstream.fetch(method, path_qs, rnd.headers, payload, target=target)
     except UpstreamError as exc:
-        span.failed(exc.code, exc.status)
+        rnd.failed(exc.code, exc.status)
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
     except BaseException:
-        span.failed("cancelled")
+        rnd.failed("cancelled")
         raise
     finally:
         add_upstream_time(time.perf_counter() - started)
-    span.answered(reply.status, reply.body)
+    rnd.answered(reply.status, reply.body)
     return reply
 
 
@@ -135,18 +140,23 @@ async def _open(
     """Open a streamed round (in a round span when tracing: its context sent upstream)."""
     if state.tracing is None:
         return await state.upstream.open("POST", path_qs, request.headers, payload, target=target)
-    span = state.tracing.start_round(
-        request_trace(request), request.headers, "POST", path_qs, streamed=True
+    rnd = state.tracing.start_round(
+        request_trace(request),
+        request.headers,
+        "POST",
+        path_qs,
+        streamed=True,
+        origin=state.upstream.target(target).origin,
     )
     try:
-        resp = await state.upstream.open("POST", path_qs, span.headers, payload, target=target)
+        resp = await state.upstream.open("POST", path_qs, rnd.headers, payload, target=target)
     except UpstreamError as exc:
-        span.failed(exc.code, exc.status)
+        rnd.failed(exc.code, exc.status)
         raise
     except BaseException:
-        span.failed("cancelled")
+        rnd.failed("cancelled")
         raise
-    span.answered(resp.status)
+    rnd.answered(resp.status)
     return resp
 
 

@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, StatusCode, set_span_in_context
 
+from proxy import http1
 from proxy.config import TelemetryConfig
 from proxy.routes.incoming import request_id
 from proxy.telemetry import TRACE
@@ -276,13 +277,14 @@ class Tracing:
         path_qs: str,
         *,
         streamed: bool,
-        host: str | None = None,
+        origin: http1.Origin | None = None,
     ) -> Round:
         """A CLIENT span for one upstream request, and the client's headers with its context
         in place of the client's own."""
         attributes: dict[str, Any] = {"http.request.method": method}
-        if host:
-            attributes["server.address"] = host
+        if origin is not None:
+            attributes["server.address"] = origin.host
+            attributes["server.port"] = origin.port
         if trace is not None:
             trace.end_round()  # the stream before this round is done with
             attributes["callgate.round"] = trace.rounds

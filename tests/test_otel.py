@@ -160,6 +160,7 @@ def _check_reprompted_trace(
         assert span["attrs"]["callgate.reprompt"] is (n == 1)
         assert span["attrs"]["gen_ai.request.model"] == "gpt-test"
         assert span["attrs"]["http.response.status_code"] == 200
+        assert span["attrs"]["server.address"] == "127.0.0.1"
         assert server["start"] <= span["start"] <= span["end"] <= server["end"]
     assert first["end"] <= second["start"]  # rounds follow each other
     # The upstream's parent is the round span, never the client's span.
