@@ -36,8 +36,14 @@ def make_app(chunk_delay: float = 0.0) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def traces(request: web.Request) -> web.Response:
+        # `bench.run --otel`: callgate's OTLP exporter posts its spans here (read, then dropped).
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/traces", traces)
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -76,6 +76,10 @@ store: {{backend: memory}}
 # `--audit-variants`: more callgate processes, alike but for the audit section, measured in the
 # same alternating rounds: what audit before delivery costs, and what each fsync setting adds.
 AUDIT_VARIANTS = ("cg-noaudit", "cg-batch", "cg-always")
+# `--otel`: callgate with OpenTelemetry tracing on, every request sampled, its spans exported
+# over OTLP/HTTP to the mock upstream: what tracing costs per request (`callgate` is the same
+# policy with tracing off).
+OTEL_VARIANT = "cg-otel"
 
 
 # `--redis` / `--workers N`: callgate with a heavier policy (five CEL rules, the schema, the
@@ -102,7 +106,9 @@ def _redis_policy(policy: str, redis_url: str) -> str:
     )
 
 
-def _variant_policy(policy: str, name: str) -> str:
+def _variant_policy(policy: str, name: str, upstream: str = "") -> str:
+    if name == OTEL_VARIANT:
+        return f"{policy}telemetry: {{traces: true, endpoint: '{upstream}/v1/traces'}}\n"
     head, _, rest = policy.partition("audit:\n")
     audit, _, store = rest.partition("store:")
     if name == "cg-noaudit":
@@ -184,6 +190,7 @@ class Servers:
             k: v
             for k, v in os.environ.items()
             if k not in ("CALLGATE_UPSTREAM_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL")
+            and not k.startswith("OTEL_")  # tracing only where a variant turns it on
         }
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
@@ -256,7 +263,7 @@ class Servers:
                 assert self.redis_url is not None
                 text = _redis_policy(policy, self.redis_url)
             else:
-                text = _variant_policy(policy, name)
+                text = _variant_policy(policy, name, self.url("direct"))
             config.write_text(text.replace(str(self.audit_file), str(audit)))
             args = ["serve", "--config", str(config), "--host", "127.0.0.1"]
             args += ["--port", str(self.ports[name])]
@@ -581,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also measure that Redis configuration served by `callgate serve --workers N`",
     )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="also measure callgate with OpenTelemetry tracing on (every request, OTLP/HTTP)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = parser.parse_args(argv)
     variants = tuple(AUDIT_VARIANTS) if args.audit_variants else ()
@@ -588,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         variants += ("cg-redis",)
     if args.workers and args.workers > 1:
         variants += (f"cg-redis-w{args.workers}",)
+    if args.otel:
+        variants += (OTEL_VARIANT,)
 
     duration = args.duration if args.duration is not None else (1.0 if args.quick else 5.0)
     warmup = args.warmup if args.warmup is not None else (0.25 if args.quick else 1.0)

@@ -25,6 +25,7 @@ from proxy.routes.probes import healthz, metrics_handler, readyz
 from proxy.state import STATE, AppState
 from proxy.store import Store, open_store
 from proxy.store.memory import MemoryStore
+from proxy.telemetry import request_trace, start_tracing
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("callgate.http")
@@ -37,7 +38,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     """Per request: its id in every log line, errors in OpenAI's shape, one log line, metrics."""
     rid = request_id(request)
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=rid)
+    trace = request_trace(request)  # None unless tracing is on
+    if trace is None:
+        structlog.contextvars.bind_contextvars(request_id=rid)
+    else:
+        structlog.contextvars.bind_contextvars(request_id=rid, trace_id=trace.trace_id)
     waited = [0.0]
     token = upstream_time.set(waited)
     started = time.perf_counter()
@@ -62,6 +67,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             "status": status,
             "ms": round(elapsed * 1000, 3),
         }
+        if trace is not None:
+            fields["trace_id"] = trace.trace_id
         if request.path in _QUIET_PATHS:
             # Probes and scrapes arrive every few seconds: keep them out of the info log.
             log.debug("request", **fields)
@@ -126,9 +133,11 @@ def create_app(
     if config.auth is not None and config.auth.enabled:
         # Restart-only, like the store: the modes decide what the upstream may be sent.
         authenticator = Authenticator(config, config_path)
-    app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[request_context, path_guard]
-    )
+    tracing = start_tracing(config.telemetry)  # None (the default): nothing of OTel is loaded
+    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [request_context, path_guard]
+    if tracing is not None:
+        middlewares.insert(0, tracing.middleware)  # outermost: its span covers the log line
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
     state = AppState(
         policy=policy,
         store=store
@@ -137,6 +146,7 @@ def create_app(
         auditor=Auditor(config.audit),
         upstream=Upstream(config.upstream),
         config_path=config_path,
+        tracing=tracing,
     )
     app[STATE] = state
     if authenticator is not None:
@@ -144,6 +154,8 @@ def create_app(
         app.middlewares.append(auth_middleware(authenticator, state.metrics.auth_failures))
         state.upstream.strip_client_credentials = True
     state.auditor.listeners.append(state.metrics.on_audit)
+    if tracing is not None:
+        state.auditor.listeners.append(tracing.on_audit)
     state.metrics.registry.register(state.upstream.bounds_exceeded)
     if isinstance(state.store, MemoryStore):
         state.store.on_evict = state.metrics.stash_evictions.inc
@@ -167,6 +179,8 @@ def create_app(
         await state.store.close()
         if authenticator is not None:
             await authenticator.close()
+        if state.tracing is not None:
+            await state.tracing.close()  # exports the spans still queued
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

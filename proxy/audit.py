@@ -536,6 +536,8 @@ class Auditor:
             # What rules may read as `request.*`: `callgate replay` re-decides with it.
             metadata = redact(ctx.metadata, self._redact) if ctx.metadata else {}
             record["request"] = {"model": ctx.model, "user": ctx.user, "metadata": metadata}
+        if ctx.trace_id is not None:  # tracing is on: the record leads to the request's trace
+            record["trace_id"] = ctx.trace_id
         self.records += 1
         for listener in self.listeners:
             listener(record)

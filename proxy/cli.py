@@ -1,4 +1,4 @@
-"""`callgate serve | check | explain | test | replay | keys create|list|revoke | audit verify`."""
+"""`callgate serve | demo | check | explain | test | replay | keys | audit verify`."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.server import WorkersRefused, check_workers, resolve_workers, serve
+    from proxy.telemetry import TelemetryError
 
     try:
         workers = resolve_workers(args.workers)
@@ -106,7 +107,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except WorkersRefused as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
-    return serve(policy, args.config, args.host, args.port, args.log_level, workers)
+    try:
+        return serve(policy, args.config, args.host, args.port, args.log_level, workers)
+    except TelemetryError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return 1
 
 
 def _key_store(policy: Policy, config_path: str) -> Any:
@@ -178,6 +183,12 @@ def _keys_create(args: argparse.Namespace, store: Any, now: float) -> int:
     print("key (shown once, store it now):")
     print(key)
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import main as demo
+
+    return demo(args.config, args.print_policy)
 
 
 async def _explain(policy: Policy, tool: str, arguments: str, principal: str) -> list[str]:
@@ -321,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
         " CPUs this process may use. More than 1 needs store.backend: redis",
     )
     serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser(
+        "demo", help="see gated calls offline: a scripted agent and model through the proxy"
+    )
+    demo.add_argument("--config", default=None, help="a policy to try (default: the demo's)")
+    demo.add_argument("--print-policy", action="store_true", help="print the demo policy")
+    demo.set_defaults(func=cmd_demo)
 
     check = sub.add_parser("check", help="validate and lint a policy, and print it resolved")
     check.add_argument("config")

@@ -411,6 +411,21 @@ class AuthConfig(_Model):
     @property
     def enabled(self) -> bool:
         return self.modes != ["none"]
+class TelemetryConfig(_Model):
+    """OpenTelemetry traces (proxy.telemetry). The standard OTEL_* environment variables apply
+    (exporter endpoint, headers, sampler, batch delays, resource attributes); these settings
+    override them. Applies at start, like `store`."""
+
+    # true: on; false: off; unset: on when OTEL_TRACES_EXPORTER names an exporter (otlp,
+    # console). OTEL_SDK_DISABLED=true turns it off whatever this says.
+    traces: bool | None = None
+    # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (default: the OTEL_* variables).
+    endpoint: str | None = None
+    service_name: str | None = None  # default: OTEL_SERVICE_NAME, else "callgate"
+    # Share of new traces kept (a client's sampled flag is followed); default: OTEL_TRACES_SAMPLER.
+    sample_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Put each call's (redacted) arguments on its decision event: off, arguments can be personal.
+    record_arguments: bool = False
 
 
 class Config(_Model):
@@ -425,6 +440,7 @@ class Config(_Model):
     store: StoreConfig = Field(default_factory=StoreConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig | None = None
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
 
 class ConfigError(Exception):

@@ -20,6 +20,7 @@ from proxy.errors import bad_gateway, error_body, error_response
 from proxy.metrics import add_upstream_time
 from proxy.routes.passthrough import relay, upstream_path
 from proxy.state import AppState
+from proxy.telemetry import request_trace
 from proxy.toolcalls import CallContext
 from proxy.upstream import UpstreamError, UpstreamReply, response_headers
 
@@ -89,6 +90,8 @@ async def fetch(
     target: UpstreamConfig,
 ) -> UpstreamReply | web.Response:
     """Send and read the whole answer; an error response when the upstream cannot be had."""
+    if state.tracing is not None:
+        return await _traced_fetch(state, request, method, path_qs, payload, target)
     started = time.perf_counter()
     try:
         return await state.upstream.fetch(method, path_qs, request.headers, payload, target=target)
@@ -96,6 +99,65 @@ async def fetch(
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
     finally:
         add_upstream_time(time.perf_counter() - started)
+
+
+async def _traced_fetch(
+    state: AppState,
+    request: web.Request,
+    method: str,
+    path_qs: str,
+    payload: bytes | None,
+    target: UpstreamConfig,
+) -> UpstreamReply | web.Response:
+    """fetch() in a round span, its context sent upstream."""
+    assert state.tracing is not None
+    rnd = state.tracing.start_round(
+        request_trace(request),
+        request.headers,
+        method,
+        path_qs,
+        streamed=False,
+        origin=state.upstream.target(target).origin,
+    )
+    started = time.perf_counter()
+    try:
+        reply = await state.upstream.fetch(method, path_qs, rnd.headers, payload, target=target)
+    except UpstreamError as exc:
+        rnd.failed(exc.code, exc.status)
+        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+    except BaseException:
+        rnd.failed("cancelled")
+        raise
+    finally:
+        add_upstream_time(time.perf_counter() - started)
+    rnd.answered(reply.status, reply.body)
+    return reply
+
+
+async def _open(
+    state: AppState, request: web.Request, path_qs: str, payload: bytes, target: UpstreamConfig
+) -> http1.Response:
+    """Open a streamed round (in a round span when tracing: its context sent upstream)."""
+    if state.tracing is None:
+        return await state.upstream.open("POST", path_qs, request.headers, payload, target=target)
+    rnd = state.tracing.start_round(
+        request_trace(request),
+        request.headers,
+        "POST",
+        path_qs,
+        streamed=True,
+        origin=state.upstream.target(target).origin,
+    )
+    try:
+        resp = await state.upstream.open("POST", path_qs, rnd.headers, payload, target=target)
+    except UpstreamError as exc:
+        rnd.failed(exc.code, exc.status)
+        raise
+    except BaseException:
+        rnd.failed("cancelled")
+        raise
+    rnd.answered(resp.status)
+    return resp
 
 
 async def serve_stream(
@@ -109,9 +171,7 @@ async def serve_stream(
     """Forward a `stream: true` request and run the gate over the upstream's events."""
     started = time.perf_counter()
     try:
-        resp = await state.upstream.open(
-            "POST", upstream_path(request), request.headers, payload, target=target
-        )
+        resp = await _open(state, request, upstream_path(request), payload, target)
     except UpstreamError as exc:
         return error_response(exc.status, str(exc), "upstream_error", exc.code)
     finally:
@@ -160,13 +220,7 @@ async def open_round(
     upstream's HTTP status when it answered with one)."""
     started = time.perf_counter()
     try:
-        resp = await state.upstream.open(
-            "POST",
-            upstream_path(request),
-            request.headers,
-            orjson.dumps(body),
-            target=target,
-        )
+        resp = await _open(state, request, upstream_path(request), orjson.dumps(body), target)
     except UpstreamError as exc:
         return None, str(exc), exc.code, None
     finally:

@@ -22,6 +22,7 @@ log = structlog.get_logger("callgate.reload")
 _RESTART_ONLY = (
     ("store",),
     ("auth",),  # the keys themselves are re-read by proxy.auth.keys
+    ("telemetry",),
     ("server", "max_body_bytes"),
     ("server", "stash_max_bytes"),
     ("server", "drain_delay"),

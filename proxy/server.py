@@ -20,6 +20,7 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -89,6 +90,37 @@ def _raise_fd_limit(max_connections: int) -> None:
             )
 
 
+def banner(policy: Policy, config_path: str | None, host: str, port: int) -> str:
+    """What a person starting callgate in a terminal needs to know (log lines are JSON, for
+    machines: a terminal gets this instead of the `listening` line)."""
+    config = policy.config
+    store: str = config.store.backend
+    if store == "redis":
+        from proxy.cli import _mask_url  # a password in the URL is never printed
+
+        store += f" ({_mask_url(config.store.url)})"
+    else:
+        store += " (counters and budgets live in this process)"
+    tools = ", ".join(
+        f"{name}{'' if tool.allow else ' (denied)'}" for name, tool in config.tools.items()
+    )
+    unknown = "allowed" if config.default.allow else "denied"
+    url = f"http://{host}:{port}/v1"
+    reload = "reloaded when it changes" if config.server.reload_interval > 0 else "SIGHUP reloads"
+    return "\n".join(
+        (
+            f"callgate listening on {url}  (foreground; Ctrl-C stops it)",
+            f"  upstream:  {config.upstream.base_url}",
+            f"  policy:    {config_path or '-'} ({reload})",
+            f"  store:     {store}",
+            f"  tools:     {tools or 'none listed'}; other tools {unknown}",
+            f"  try it:    export OPENAI_BASE_URL={url}",
+            "  offline?   `callgate demo` shows gated calls without an upstream or API key",
+            "Log lines (JSON) follow.",
+        )
+    )
+
+
 def worker_audit_file(path: str, index: int) -> str:
     """Each worker keeps its own hash chain, so its own file: `audit.jsonl` -> `audit.jsonl.w0`.
     (Two chains interleaved in one file would verify as neither.)"""
@@ -142,15 +174,18 @@ async def run(
             detail="upstream.api_key is set and there is no auth section: anyone who reaches "
             "callgate spends that key. Configure auth (see README, Authentication).",
         )
-    log.info(
-        "listening",
-        host=host,
-        port=port,
-        worker=None if worker is None else worker.index,
-        config=config_path,
-        upstream=policy.config.upstream.base_url,
-        store=policy.config.store.backend,
-    )
+    if sys.stdout.isatty() and worker is None:
+        print(banner(policy, config_path, host, port), flush=True)
+    else:
+        log.info(
+            "listening",
+            host=host,
+            port=port,
+            worker=None if worker is None else worker.index,
+            config=config_path,
+            upstream=policy.config.upstream.base_url,
+            store=policy.config.store.backend,
+        )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

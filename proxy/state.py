@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -11,6 +12,9 @@ from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.store import Store
 from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.tracing import Tracing
 
 
 @dataclass
@@ -24,6 +28,7 @@ class AppState:
     config_path: str | None = None
     draining: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    tracing: Tracing | None = None  # OpenTelemetry, when on (proxy.telemetry)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("callgate_state", AppState)

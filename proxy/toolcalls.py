@@ -34,6 +34,8 @@ class CallContext:
     # The audit batch this request's latest file record goes out in (0: none): nothing of the
     # answer may reach the client before that batch is written (see Auditor.written).
     audit_batch: int = 0
+    # The request's trace (hex), when tracing is on: audit records carry it.
+    trace_id: str | None = None
 
     def request_vars(self) -> dict[str, Any]:
         return {"model": self.model or "", "metadata": self.metadata, "user": self.user or ""}

@@ -16,6 +16,7 @@ from proxy.errors import bad_request, error_response
 from proxy.policy import Policy
 from proxy.principal import resolve_principal
 from proxy.request_shape import Problem
+from proxy.telemetry import request_trace
 from proxy.toolcalls import CallContext
 
 
@@ -90,4 +91,7 @@ def call_context(
         ctx.credential = identity.credential_id
     structlog.contextvars.bind_contextvars(principal=principal)
     request[PRINCIPAL] = principal
+    trace = request_trace(request)
+    if trace is not None:  # tracing is on
+        trace.bind(ctx)
     return ctx

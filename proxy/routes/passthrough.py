@@ -72,7 +72,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
         resp = await state.upstream.open_raw(
             request.method,
             upstream_path(request),
-            request.headers,
+            # Tracing: the upstream's parent is this request's span, not the client's.
+            request.headers if state.tracing is None else state.tracing.propagated(request),
             data,
             content_length=request.content_length,
         )
