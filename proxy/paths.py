@@ -166,30 +166,44 @@ def _canonical_segment(seg: str) -> str:
     raw = bytearray()  # the segment's bytes once decoded, to judge what a server would see
     i, n = 0, len(seg)
     while i < n:
-        ch = seg[i]
-        if ch == "%":
-            hx = seg[i + 1 : i + 3]
-            if len(hx) != 2 or not _HEX.issuperset(hx):
-                raise PathRefused(400, "The request path holds a malformed percent-escape.")
-            b = int(hx, 16)
-            c = chr(b)
-            if c in _ESCAPED_NAMES:
-                raise PathRefused(400, f"The request path holds {_ESCAPED_NAMES[c]}.")
-            if b < 0x20 or b == 0x7F:
-                raise PathRefused(400, "The request path holds an encoded control character.")
-            out.append(c if c in _UNRESERVED else "%" + hx.upper())
-            raw.append(b)
+        if seg[i] == "%":
+            text, b = _escape(seg[i + 1 : i + 3])
             i += 3
-            continue
-        if ch == "\\":
-            raise PathRefused(400, "The request path holds a backslash.")
-        if ch == ";":
-            raise PathRefused(400, "The request path holds ';' parameters.")
-        if ord(ch) < 0x20 or ord(ch) >= 0x7F:
-            raise PathRefused(400, "The request path holds characters outside printable ASCII.")
-        out.append(ch if ch in _PCHAR else f"%{ord(ch):02X}")
-        raw.append(ord(ch))
-        i += 1
+        else:
+            text, b = _plain(seg[i])
+            i += 1
+        out.append(text)
+        raw.append(b)
+    _judge(raw)
+    return "".join(out)
+
+
+def _escape(hx: str) -> tuple[str, int]:
+    """A percent-escape's canonical text and the byte it stands for."""
+    if len(hx) != 2 or not _HEX.issuperset(hx):
+        raise PathRefused(400, "The request path holds a malformed percent-escape.")
+    b = int(hx, 16)
+    c = chr(b)
+    if c in _ESCAPED_NAMES:
+        raise PathRefused(400, f"The request path holds {_ESCAPED_NAMES[c]}.")
+    if b < 0x20 or b == 0x7F:
+        raise PathRefused(400, "The request path holds an encoded control character.")
+    return (c if c in _UNRESERVED else "%" + hx.upper()), b
+
+
+def _plain(ch: str) -> tuple[str, int]:
+    """A literal character's canonical text and its byte."""
+    if ch == "\\":
+        raise PathRefused(400, "The request path holds a backslash.")
+    if ch == ";":
+        raise PathRefused(400, "The request path holds ';' parameters.")
+    if ord(ch) < 0x20 or ord(ch) >= 0x7F:
+        raise PathRefused(400, "The request path holds characters outside printable ASCII.")
+    return (ch if ch in _PCHAR else f"%{ord(ch):02X}"), ord(ch)
+
+
+def _judge(raw: bytearray) -> None:
+    """Refuse a segment whose decoded bytes some server would read as something else."""
     try:
         decoded = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -198,15 +212,15 @@ def _canonical_segment(seg: str) -> str:
     if not decoded.strip(" \t."):
         # ".", "..", and "...", ". " that servers trimming trailing dots and spaces make "..".
         raise PathRefused(400, "The request path holds a dot segment ('.' or '..').")
-    if not decoded.isascii():
-        for c in decoded:
-            if not c.isascii() and any(x.isascii() for x in unicodedata.normalize("NFKC", c)):
-                raise PathRefused(
-                    400,
-                    "The request path holds a Unicode character that stands for an ASCII one "
-                    f"(U+{ord(c):04X}).",
-                )
-    return "".join(out)
+    if decoded.isascii():
+        return
+    for c in decoded:
+        if not c.isascii() and any(x.isascii() for x in unicodedata.normalize("NFKC", c)):
+            raise PathRefused(
+                400,
+                "The request path holds a Unicode character that stands for an ASCII one "
+                f"(U+{ord(c):04X}).",
+            )
 
 
 def _loose(seg: str) -> str:
