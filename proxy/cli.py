@@ -20,7 +20,7 @@ from proxy.auth.keys import digest as key_digest
 from proxy.config import ConfigError, parse_duration
 from proxy.gates import decide
 from proxy.gates.decision import Block
-from proxy.gates.registry import NAMES
+from proxy.gates.registry import NAMES, OPTIONAL
 from proxy.policy import Policy, load_policy
 from proxy.principal import canonical
 from proxy.store.memory import MemoryStore
@@ -199,6 +199,8 @@ async def _explain(policy: Policy, tool: str, arguments: str, principal: str) ->
         details.setdefault(gate.name, []).append(described)
     reached = True
     for name in NAMES:
+        if name not in details and name in OPTIONAL:
+            continue
         if name not in details:
             lines.append(f"  {name:<10} -        (not configured)")
         elif not reached:
