@@ -342,6 +342,10 @@ async def test_admin_auth(make_proxy: Any, upstream: Any, monkeypatch: pytest.Mo
     assert status == 404
     status, _ = await Admin(proxy.root).request("GET", "/admin/approvals?state=bogus")
     assert status == 400
+    # The page is static (it asks for the token, then calls the API with it).
+    async with aiohttp.ClientSession() as session, session.get(proxy.root + "/admin") as resp:
+        assert resp.status == 200 and resp.content_type == "text/html"
+        assert "/admin/approvals?state=pending" in await resp.text()
 
     # Without a token (an unset ${VAR} expands to ""), /admin is not there at all.
     monkeypatch.delenv("CG_TEST_ADMIN_TOKEN")
