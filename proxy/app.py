@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from proxy.approvals import Approvals, Notifier
 from proxy.audit import Auditor
 from proxy.auth import Authenticator
 from proxy.auth.middleware import auth_middleware
@@ -17,7 +18,7 @@ from proxy.logs import log_request
 from proxy.metrics import route_label, upstream_time
 from proxy.paths import PathRefused, check_target, override_problem
 from proxy.policy import Policy
-from proxy.routes import responses
+from proxy.routes import admin, responses
 from proxy.routes.chat import chat_completions
 from proxy.routes.incoming import PRINCIPAL, request_id
 from proxy.routes.passthrough import TARGET, forward
@@ -149,6 +150,14 @@ def create_app(
         tracing=tracing,
     )
     app[STATE] = state
+    approvals = Approvals(
+        state.store,
+        state.auditor,
+        clock=clock,
+        # The current policy's secret: a reload may rotate it.
+        notifier=Notifier(lambda: state.policy.config.server.webhook_secret),
+    )
+    state.extra["approvals"] = approvals
     if authenticator is not None:
         state.extra["auth"] = authenticator
         app.middlewares.append(auth_middleware(authenticator, state.metrics.auth_failures))
@@ -165,15 +174,20 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     responses.add_routes(app.router)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
+    admin.add_routes(app.router)
 
     async def start(_: web.Application) -> None:
         await state.upstream.start()
         await state.store.start()  # Redis: opens the pool and loads the scripts before serving
         await state.auditor.start()
+        if not isinstance(state.store, MemoryStore):
+            # Approvals the CLI answered against the shared store, for this chain to record.
+            await approvals.start()
         if authenticator is not None:
             await authenticator.start()
 
     async def stop(_: web.Application) -> None:
+        await approvals.close()
         await state.auditor.close()
         await state.upstream.close()
         await state.store.close()

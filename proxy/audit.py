@@ -450,6 +450,8 @@ class Auditor:
         self.records = 0
         # Called with every record (metrics, tests); must not block.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # The same, for event records (Auditor.event), which are not decisions.
+        self.event_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._lead = b""  # a newline to write first when the file ends mid-line
         if config.file:
             recovered = _recover(config.file)
@@ -532,6 +534,8 @@ class Auditor:
         }
         if upstream_status is not None:  # action `reprompt_failed`: how the upstream failed it
             record["upstream_status"] = upstream_status
+        if decision.approval is not None:  # asked for, or passed with, a person's approval
+            record["approval"] = decision.approval
         if ctx.model is not None or ctx.user is not None or ctx.metadata:
             # What rules may read as `request.*`: `callgate replay` re-decides with it.
             metadata = redact(ctx.metadata, self._redact) if ctx.metadata else {}
@@ -551,12 +555,32 @@ class Auditor:
             else:
                 log.info("tool_call_decision", **record)
         if self._file and not self._closed:
-            # Serialized and sealed with the batch it is written in: cheaper run back to back.
-            # The first record of a batch schedules its flush (sooner if someone waits).
-            if not self._unsealed and self._loop is not None:
-                self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
-            self._unsealed.append((record, raw))
-            ctx.audit_batch = self._sealed + 1
+            ctx.audit_batch = self._append(record, raw)
+
+    def _append(self, record: dict[str, Any], raw: str | None) -> int:
+        """Queue a record for the file; returns the batch it goes out in."""
+        # Serialized and sealed with the batch it is written in: cheaper run back to back.
+        # The first record of a batch schedules its flush (sooner if someone waits).
+        if not self._unsealed and self._loop is not None:
+            self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
+        self._unsealed.append((record, raw))
+        return self._sealed + 1
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        """A record that is not a tool call's decision (an approval approved, denied or
+        expired): `{"time", "event": kind, ...fields}`, in the same chain, log and listeners.
+        `await durable()` to know it is written."""
+        record: dict[str, Any] = {"time": utc_iso(), "event": kind, **fields}
+        if "arguments" in record and self._redact:
+            record["arguments"] = redact(record["arguments"], self._redact)
+        self.records += 1
+        for listener in self.event_listeners:
+            listener(record)
+        if self._log_records:
+            # `event` is structlog's own first argument: the kind goes as `kind`.
+            log.info("audit_event", kind=kind, **{k: v for k, v in record.items() if k != "event"})
+        if self._file and not self._closed:
+            self._append(record, None)
 
     def unwritten(self, ctx: CallContext) -> bool:
         """Whether a record this request made is not yet in the file: a plain comparison, so

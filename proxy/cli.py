@@ -1,18 +1,21 @@
-"""`callgate serve | demo | check | explain | test | replay | keys | audit verify`."""
+"""`callgate serve | demo | check | explain | test | replay | keys | approvals | audit verify`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
 import time
 from typing import Any
 
+import aiohttp
 import orjson
 import yaml
 from redis.exceptions import RedisError
 from yarl import URL
 
+from proxy.approvals import ApprovalError, Approvals
 from proxy.audit import GENESIS, verify_chain
 from proxy.auth import keys_file, open_relay_refusal
 from proxy.auth.keys import FileKeys, KeyRecord, RedisKeys, new_id, new_key
@@ -20,9 +23,10 @@ from proxy.auth.keys import digest as key_digest
 from proxy.config import ConfigError, parse_duration
 from proxy.gates import decide
 from proxy.gates.decision import Block
-from proxy.gates.registry import NAMES
+from proxy.gates.registry import NAMES, OPTIONAL
 from proxy.policy import Policy, load_policy
 from proxy.principal import canonical
+from proxy.store import StoreError
 from proxy.store.memory import MemoryStore
 from proxy.toolcalls import CallContext, ToolCall
 
@@ -189,6 +193,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import main as demo
 
     return demo(args.config, args.print_policy)
+def cmd_approvals(args: argparse.Namespace) -> int:
+    """Redis store: straight to the shared store (a running server puts the answer in its audit
+    chain). Memory store: the approvals live in the server's process, so through its admin API
+    (`--url`, the config's server.admin_token)."""
+    policy = _load(args.config)
+    if policy is None:
+        return 1
+    try:
+        by = f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name (a container without a passwd entry)
+        by = "cli"
+    comment = getattr(args, "comment", None)
+    try:
+        if policy.config.store.backend == "redis":
+            result = asyncio.run(_approvals_direct(policy, args, by, comment))
+        else:
+            result = asyncio.run(_approvals_over_http(policy, args, comment))
+    except ApprovalError as exc:
+        print(f"callgate: {exc.message}", file=sys.stderr)
+        return 1
+    except (StoreError, OSError, aiohttp.ClientError) as exc:
+        print(f"callgate: approvals unavailable: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(result, list):
+        for approval in result:
+            print(orjson.dumps(approval).decode())
+    else:
+        print(f"{result['state']} {result['id']} ({result['tool']} for {result['principal']})")
+    return 0
+
+
+async def _approvals_direct(
+    policy: Policy, args: argparse.Namespace, by: str, comment: str | None
+) -> Any:
+    from proxy.store.redis import RedisStore
+
+    cfg = policy.config.store
+    store = RedisStore(cfg.url, timeout=max(cfg.timeout, 5.0), pool_size=1, prefix=cfg.key_prefix)
+    service = Approvals(store, None)  # no auditor here: the events are queued for a server
+    try:
+        if args.approvals_command == "list":
+            return await service.list(None if args.state == "all" else args.state)
+        return await service.decide(args.id, args.approvals_command == "approve", by, comment)
+    finally:
+        await store.close()
+
+
+async def _approvals_over_http(
+    policy: Policy, args: argparse.Namespace, comment: str | None
+) -> Any:
+    token = policy.config.server.admin_token
+    if token is None:
+        raise ApprovalError(1, "the memory store needs server.admin_token (the admin API)")
+    headers = {"Authorization": f"Bearer {token}"}
+    base = args.url.rstrip("/") + "/admin/approvals"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        if args.approvals_command == "list":
+            params = {} if args.state == "all" else {"state": args.state}
+            async with session.get(base, headers=headers, params=params) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise ApprovalError(resp.status, body["error"]["message"])
+                return body["data"]
+        url = f"{base}/{args.id}/{args.approvals_command}"
+        async with session.post(url, headers=headers, json={"comment": comment}) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise ApprovalError(resp.status, body["error"]["message"])
+            return body
 
 
 async def _explain(policy: Policy, tool: str, arguments: str, principal: str) -> list[str]:
@@ -210,6 +283,8 @@ async def _explain(policy: Policy, tool: str, arguments: str, principal: str) ->
         details.setdefault(gate.name, []).append(described)
     reached = True
     for name in NAMES:
+        if name not in details and name in OPTIONAL:
+            continue
         if name not in details:
             lines.append(f"  {name:<10} -        (not configured)")
         elif not reached:
@@ -365,6 +440,28 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (create, listing, revoke):
         command.add_argument("--config", default=DEFAULT_CONFIG)
         command.set_defaults(func=cmd_keys)
+
+    approvals = sub.add_parser("approvals", help="human approvals: list, approve, deny")
+    approvals_sub = approvals.add_subparsers(dest="approvals_command", required=True)
+    a_list = approvals_sub.add_parser("list", help="one JSON line per approval, newest first")
+    a_list.add_argument(
+        "--state",
+        default="pending",
+        choices=["pending", "approved", "denied", "used", "expired", "all"],
+    )
+    a_approve = approvals_sub.add_parser("approve", help="approve a pending call (single use)")
+    a_deny = approvals_sub.add_parser("deny", help="deny a pending call")
+    for command in (a_approve, a_deny):
+        command.add_argument("id")
+        command.add_argument("--comment", help="told to the model with a denial; audited")
+    for command in (a_list, a_approve, a_deny):
+        command.add_argument("--config", default=DEFAULT_CONFIG)
+        command.add_argument(
+            "--url",
+            default="http://127.0.0.1:8080",
+            help="the server's address (memory store only: Redis is used directly)",
+        )
+        command.set_defaults(func=cmd_approvals)
 
     test = sub.add_parser("test", help="run policy unit tests (YAML) against a policy")
     test.add_argument("policy", metavar="POLICY")

@@ -197,6 +197,40 @@ class LedgerConfig(_Model):
         return seconds
 
 
+class ApprovalConfig(_Model):
+    """A person says yes before the call runs (proxy.approvals): `when` (CEL over args, tool,
+    principal, request; omitted = always) decides which calls need it."""
+
+    when: str | None = None
+    # How long a pending request waits for an answer, and how long a grant stays usable.
+    ttl: float = 3600.0
+    # Who may approve (groups); recorded with the request and sent to `notify`.
+    approvers: list[str] = Field(default_factory=list)
+    # Seconds callgate holds the call for a quick approver before answering it blocked.
+    wait: float = 0.0
+    # A URL POSTed the new request (signed with server.webhook_secret), retried, never awaited.
+    notify: str | None = None
+
+    @field_validator("ttl", "wait", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("ttl")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("ttl must be positive")
+        return v
+
+    @field_validator("notify")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("notify must start with http:// or https://")
+        return v or None
+
+
 class ToolConfig(_Model):
     allow: bool = True
     namespace: str = "tools"
@@ -206,6 +240,7 @@ class ToolConfig(_Model):
     arguments_schema: dict[str, Any] | None = None
     rate_limit: RateLimitConfig | None = None
     budget: BudgetUse | None = None
+    approval: ApprovalConfig | None = None
 
 
 class AuditConfig(_Model):
@@ -280,6 +315,15 @@ class ServerConfig(_Model):
     # APIs where a model makes tool calls callgate cannot see (proxy.paths.UNGATED_APIS): refused
     # unless listed here, so that no client routes its agent around the gates by accident.
     ungated_apis: list[Literal["assistants", "batches", "realtime"]] = Field(default_factory=list)
+    # The admin API and approvals page (/admin): `Authorization: Bearer <admin_token>`; unset or
+    # empty (an unset ${VAR}), /admin answers 404. The webhook secret signs approval.notify POSTs.
+    admin_token: str | None = None
+    webhook_secret: str | None = None
+
+    @field_validator("admin_token", "webhook_secret")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
 
     @field_validator(
         "stash_ttl",

@@ -6,6 +6,7 @@ Nothing here runs per request except lookups; a bad CEL expression or JSON Schem
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ from typing import Any
 
 import cel
 import jsonschema
+import orjson
 from cel.stdlib import STDLIB_FUNCTIONS
 
 from proxy.cel import Fallback, ascii_lower, ascii_upper, compile_native
@@ -138,6 +140,28 @@ class Budget:
 
 
 @dataclass(frozen=True, slots=True)
+class Approval:
+    """A tool's `approval`, compiled (proxy.gates.approval)."""
+
+    when: Expr | None  # None: every call needs approval
+    ttl: float
+    approvers: tuple[str, ...]
+    wait: float
+    notify: str | None
+    # A digest of the tool's whole policy entry: a grant made under one policy does not
+    # pass a call under a changed one.
+    identity: str
+    # upstream.max_duration: a held call never outlasts its request's deadline (a stream holds
+    # its upstream answer open while the call waits).
+    max_duration: float
+
+
+def policy_identity(name: str, tool: ToolConfig) -> str:
+    data = {"tool": name, "policy": tool.model_dump(mode="json", by_alias=True)}
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
 class ToolPolicy:
     name: str
     namespace: str
@@ -151,6 +175,7 @@ class ToolPolicy:
     schema_check: Callable[[Any], bool] | None
     rate_limit: RateLimitConfig | None
     budget: Budget | None
+    approval: Approval | None = None
     # The gates a call to this tool passes, in order (proxy.gates.registry): what the pipeline
     # runs and what `callgate explain` reports.
     checks: tuple[Any, ...] = ()
@@ -242,6 +267,24 @@ def _compile_tool(
                 to_micros(ledger.max_spend),
             )
 
+    approval = None
+    if tool.approval is not None:
+        when = None
+        if tool.approval.when is not None:
+            try:
+                when = Expr.compile(tool.approval.when)
+            except Exception as exc:
+                errors.append(((*section, "approval", "when"), f"invalid CEL expression: {exc}"))
+        approval = Approval(
+            when,
+            tool.approval.ttl,
+            tuple(tool.approval.approvers),
+            tool.approval.wait,
+            tool.approval.notify,
+            policy_identity(name, tool),
+            config.upstream.max_duration,
+        )
+
     # Imported here: the gates' modules import this one (Rule, Budget).
     from proxy.gates.registry import compile_gates
 
@@ -256,6 +299,7 @@ def _compile_tool(
         schema_check=schema_check,
         rate_limit=tool.rate_limit,
         budget=budget,
+        approval=approval,
     )
     checks, reservations = compile_gates(tool_policy)
     return replace(tool_policy, checks=checks, reservations=reservations)

@@ -184,7 +184,12 @@ def read_records(paths: Iterable[str], report: ReplayReport) -> Iterator[dict[st
                         report.other_lines["unreadable"] += 1
                     continue
                 if type(record) is not dict or "tool" not in record or "decision" not in record:
-                    report.other_lines["resume" if "resume" in record else "unreadable"] += 1
+                    # Resume records, and events (an approval approved, ...): not decisions.
+                    kind = next(
+                        (k for k in ("resume", "event") if type(record) is dict and k in record),
+                        "unreadable",
+                    )
+                    report.other_lines[kind] += 1
                     continue
                 yield record
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,11 @@ class CallContext:
     audit_batch: int = 0
     # The request's trace (hex), when tracing is on: audit records carry it.
     trace_id: str | None = None
+    # The app's approval service (proxy.approvals.Approvals), None outside a server (explain,
+    # policy tests, replay): a call that needs approval is then blocked. `started`: when the
+    # request came in (monotonic), so a call held for approval keeps within its deadline.
+    approvals: Any = None
+    started: float = field(default_factory=time.monotonic)
 
     def request_vars(self) -> dict[str, Any]:
         return {"model": self.model or "", "metadata": self.metadata, "user": self.user or ""}

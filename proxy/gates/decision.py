@@ -10,7 +10,7 @@ from proxy.toolcalls import ToolCall
 
 @dataclass(slots=True, frozen=True)
 class Block:
-    gate: str  # "rules" | "rate_limit" | "budget"
+    gate: str  # "rules" | "approval" | "rate_limit" | "budget"
     reason: str  # machine-readable: tool_not_allowed, invalid_arguments, rule, max_calls, ...
     message: str  # human-readable, seed wording: "Rate limit: 10 >= 10"
     retry_after: float | None = None
@@ -33,6 +33,8 @@ class Decision:
     # Set by the auditor: a decision has one record, made before the client can see the call
     # (a stream records an allowed call as it sends it, before its round is settled).
     recorded: bool = False
+    # The human approval this call was asked for or passed with: {"id", "state"}.
+    approval: dict[str, Any] | None = None
 
     @property
     def allowed(self) -> bool:
@@ -49,4 +51,6 @@ class Decision:
         }
         if self.block.retry_after is not None:
             result["retry_after"] = round(self.block.retry_after, 3)
+        if self.approval is not None:
+            result["approval_id"] = self.approval["id"]
         return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.gates import allow, arguments, budget, ratelimit, rules, schema
+from proxy.gates import allow, approval, arguments, budget, ratelimit, rules, schema
 from proxy.gates.base import Check, Reservation
 
 CHECKS: tuple[Callable[[Any], Check | None], ...] = (
@@ -18,13 +18,16 @@ CHECKS: tuple[Callable[[Any], Check | None], ...] = (
     allow.build,
     schema.build,
     rules.build,
+    approval.build,  # after the rules, before any reservation: a held call consumes nothing
 )
 RESERVATIONS: tuple[Callable[[Any], Reservation | None], ...] = (
     ratelimit.build,
     budget.build,
 )
 # Every gate name a call can be blocked by, in order (explain lists each one).
-NAMES = ("rules", ratelimit.GATE, budget.GATE)
+NAMES = ("rules", approval.GATE, ratelimit.GATE, budget.GATE)
+# Listed by explain only for tools that use them (most tools never do).
+OPTIONAL = frozenset((approval.GATE,))
 
 
 def compile_gates(tool: Any) -> tuple[tuple[Check, ...], tuple[Reservation, ...]]:

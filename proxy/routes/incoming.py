@@ -16,6 +16,7 @@ from proxy.errors import bad_request, error_response
 from proxy.policy import Policy
 from proxy.principal import resolve_principal
 from proxy.request_shape import Problem
+from proxy.state import STATE
 from proxy.telemetry import request_trace
 from proxy.toolcalls import CallContext
 
@@ -86,6 +87,7 @@ def call_context(
         metadata=metadata if isinstance(metadata, dict) else {},
         user=user if isinstance(user, str) else None,
     )
+    ctx.approvals = request.app[STATE].extra.get("approvals")
     if identity is not None:
         ctx.groups = identity.groups
         ctx.credential = identity.credential_id

@@ -34,6 +34,9 @@ def key_part(value: str, reserved: str) -> str:
     return out
 
 
+OPEN_APPROVAL = ("pending", "approved", "denied")
+
+
 class StoreError(Exception):
     """The store could not answer (down, slow, or broken); gates apply on_store_error."""
 
@@ -101,6 +104,42 @@ class Store(Protocol):
     async def put_stash(self, key: str, value: bytes, ttl: float) -> None: ...
 
     async def get_stash_many(self, keys: list[str]) -> list[bytes | None]: ...
+
+    # Human approvals (proxy.approvals): records are JSON bytes whose state the store also
+    # keeps beside them, so that every change of state is one atomic compare-and-set (two
+    # replicas racing to use one grant: one wins). A digest (of the call the approval is for)
+    # names the approval currently open for it: pending, approved (unused) or denied.
+
+    async def put_approval(self, approval_id: str, digest: str, record: bytes, keep: float) -> str:
+        """Store a new pending approval for `digest`, unless one is open for it already:
+        the id of the open one (this one, if stored). Kept `keep` seconds."""
+        ...
+
+    async def find_approval(self, digest: str) -> bytes | None:
+        """The approval open for `digest`, if any."""
+        ...
+
+    async def get_approval(self, approval_id: str) -> bytes | None: ...
+
+    async def update_approval(
+        self, approval_id: str, digest: str, expect: str, state: str, record: bytes
+    ) -> bool:
+        """Replace the record if its state is still `expect`; False if it was not (another
+        replica or approver got there first). A state that is not open (used, expired) frees
+        the digest for a new request."""
+        ...
+
+    async def list_approvals(self, limit: int) -> list[bytes]:
+        """The newest `limit` approvals still kept, in no particular order."""
+        ...
+
+    async def push_approval_event(self, event: bytes) -> None:
+        """An approval event made outside a server (the CLI), for a server to audit."""
+        ...
+
+    async def pop_approval_events(self, count: int) -> list[bytes]:
+        """Take up to `count` such events (each is taken by one replica only)."""
+        ...
 
     async def start(self) -> None:
         """Before serving: open connections, load scripts. Never raises for the store being down."""

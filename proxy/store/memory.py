@@ -6,10 +6,18 @@ import itertools
 import sys
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest, StoreError
+from proxy.store.base import (
+    OPEN_APPROVAL,
+    ChargeRequest,
+    Outcome,
+    Reservation,
+    SlotRequest,
+    StoreError,
+)
 
 SWEEP_EVERY = 4096  # reservations between sweeps of stale keys, at least
 STASH_MAX_BYTES = 64 * 1024 * 1024
@@ -19,6 +27,9 @@ STASH_MAX_BYTES = 64 * 1024 * 1024
 STASH_ENTRY_OVERHEAD = 240
 COMPACT_AT = 4096  # expired entries a log keeps at its head before giving the memory back
 _NEVER = float("-inf")
+# Approvals one process keeps (each holds a call's arguments): past it, the oldest that are no
+# longer open are dropped; if all are open, a new request is refused (the gate fails closed).
+MAX_APPROVALS = 10_000
 
 
 class _Log:
@@ -79,6 +90,14 @@ class _Log:
             self.last = max(self.times[self.head :])
 
 
+@dataclass(slots=True)
+class _Approval:
+    state: str
+    record: bytes
+    until: float  # kept until (store clock)
+    digest: str
+
+
 class MemoryStore:
     """Rate-limit logs, budget ledgers and stashes of one process.
 
@@ -107,6 +126,11 @@ class MemoryStore:
         self.on_evict = on_evict
         self._ids = itertools.count(1)
         self._until_sweep = SWEEP_EVERY
+        # Approvals by id, oldest first; the open one's id by digest.
+        self._approvals: OrderedDict[str, _Approval] = OrderedDict()
+        self._approval_of: dict[str, str] = {}
+        self._approval_events: deque[bytes] = deque(maxlen=MAX_APPROVALS)
+        self.max_approvals = MAX_APPROVALS
 
     def _sweep(self, now: float) -> None:
         """Forget keys whose every entry is stale, and expired stashes: memory stays bounded
@@ -278,6 +302,76 @@ class MemoryStore:
                 hit = None
             out.append(hit[1] if hit else None)
         return out
+
+    def _live_approval(self, approval_id: str) -> _Approval | None:
+        entry = self._approvals.get(approval_id)
+        if entry is not None and entry.until <= self._clock():
+            self._drop_approval(approval_id)
+            return None
+        return entry
+
+    def _drop_approval(self, approval_id: str) -> None:
+        entry = self._approvals.pop(approval_id)
+        if self._approval_of.get(entry.digest) == approval_id:
+            del self._approval_of[entry.digest]
+
+    def _make_room(self) -> None:
+        now = self._clock()
+        for approval_id in [a for a, e in self._approvals.items() if e.until <= now]:
+            self._drop_approval(approval_id)
+        closed = [a for a, e in self._approvals.items() if e.state not in OPEN_APPROVAL]
+        for approval_id in closed:  # oldest first
+            if len(self._approvals) < self.max_approvals:
+                return
+            self._drop_approval(approval_id)
+        if len(self._approvals) >= self.max_approvals:
+            raise StoreError(f"approvals: {len(self._approvals)} open requests, no room")
+
+    async def put_approval(self, approval_id: str, digest: str, record: bytes, keep: float) -> str:
+        current = self._approval_of.get(digest)
+        if current is not None:
+            entry = self._live_approval(current)
+            if entry is not None and entry.state in OPEN_APPROVAL:
+                return current
+        if len(self._approvals) >= self.max_approvals:
+            self._make_room()
+        self._approvals[approval_id] = _Approval("pending", record, self._clock() + keep, digest)
+        self._approval_of[digest] = approval_id
+        return approval_id
+
+    async def find_approval(self, digest: str) -> bytes | None:
+        current = self._approval_of.get(digest)
+        entry = None if current is None else self._live_approval(current)
+        if entry is None or entry.state not in OPEN_APPROVAL:
+            return None
+        return entry.record
+
+    async def get_approval(self, approval_id: str) -> bytes | None:
+        entry = self._live_approval(approval_id)
+        return None if entry is None else entry.record
+
+    async def update_approval(
+        self, approval_id: str, digest: str, expect: str, state: str, record: bytes
+    ) -> bool:
+        entry = self._live_approval(approval_id)
+        if entry is None or entry.state != expect:
+            return False
+        entry.state, entry.record = state, record
+        if state not in OPEN_APPROVAL and self._approval_of.get(digest) == approval_id:
+            del self._approval_of[digest]
+        return True
+
+    async def list_approvals(self, limit: int) -> list[bytes]:
+        now = self._clock()
+        found = [e.record for e in self._approvals.values() if e.until > now]
+        return found[-limit:]
+
+    async def push_approval_event(self, event: bytes) -> None:
+        self._approval_events.append(event)
+
+    async def pop_approval_events(self, count: int) -> list[bytes]:
+        events = self._approval_events
+        return [events.popleft() for _ in range(min(count, len(events)))]
 
     async def start(self) -> None:
         return None

@@ -12,6 +12,10 @@ Key layout (all under the configured prefix, e.g. `callgate:`):
     <prefix>sum:<item key>      STRING, the ledger's running total in integer micro-units
                                 (budgets only; INCRBY/DECRBY, never a Lua float for money)
     <prefix>stash:...           STRING, a stashed blocked call (SET PX ttl)
+    <prefix>approval:<id>       HASH {state, record}: a human approval (PEXPIRE keep)
+    <prefix>approval-for:<dg>   STRING, the id of the approval open for a call digest
+    <prefix>approvals           ZSET of approval ids, score = kept-until (ms): the listing
+    <prefix>approval-events     LIST of approval events the CLI made, for a server to audit
 
 Both keys of a ledger get the same PEXPIRE (the window, or max(window, cooldown) for a rate
 limit) every time an entry is recorded, so a key vanishes once its newest entry is stale. A
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -256,6 +261,42 @@ return 0
 """
 
 
+# Approvals: every change of state is a compare-and-set in one script, so two replicas racing
+# for one grant cannot both use it.
+# KEYS: digest key, record key, index. ARGV: id, record, keep_ms, now_ms, record key prefix.
+PUT_APPROVAL_LUA = r"""
+local current = redis.call('GET', KEYS[1])
+if current then
+  local state = redis.call('HGET', ARGV[5] .. current, 'state')
+  if state == 'pending' or state == 'approved' or state == 'denied' then return current end
+end
+redis.call('HSET', KEYS[2], 'state', 'pending', 'record', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + tonumber(ARGV[3]), ARGV[1])
+return ARGV[1]
+"""
+# KEYS: digest key. ARGV: record key prefix. The open approval's record, or nil.
+FIND_APPROVAL_LUA = r"""
+local current = redis.call('GET', KEYS[1])
+if not current then return false end
+local found = redis.call('HMGET', ARGV[1] .. current, 'state', 'record')
+if found[1] == 'pending' or found[1] == 'approved' or found[1] == 'denied' then
+  return found[2]
+end
+return false
+"""
+# KEYS: record key, digest key. ARGV: expected state, new state, record, id.
+UPDATE_APPROVAL_LUA = r"""
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'record', ARGV[3])
+local open = ARGV[2] == 'pending' or ARGV[2] == 'approved' or ARGV[2] == 'denied'
+if not open and redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+
 def _micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
@@ -338,6 +379,9 @@ class RedisStore:
         self._redis = Redis.from_pool(pool)
         self._reserve = self._redis.register_script(RESERVE_LUA)
         self._release = self._redis.register_script(RELEASE_LUA)
+        self._put_approval = self._redis.register_script(PUT_APPROVAL_LUA)
+        self._find_approval = self._redis.register_script(FIND_APPROVAL_LUA)
+        self._update_approval = self._redis.register_script(UPDATE_APPROVAL_LUA)
 
     async def start(self) -> None:
         """Warm up before serving. Redis being down is not fatal here: /readyz reports it (and
@@ -565,6 +609,71 @@ class RedisStore:
         found = await self._call("stash read", lambda: self._redis.mget(full))
         # Replies are bytes (decode_responses is off); str only in redis-py's general typing.
         return [v.encode() if isinstance(v, str) else v for v in found]
+
+    def _approval_key(self, approval_id: str) -> str:
+        return f"{self._prefix}approval:{approval_id}"
+
+    def _digest_key(self, digest: str) -> str:
+        return f"{self._prefix}approval-for:{digest}"
+
+    async def put_approval(self, approval_id: str, digest: str, record: bytes, keep: float) -> str:
+        keys = [self._digest_key(digest), self._approval_key(approval_id)]
+        keys.append(self._prefix + "approvals")
+        now_ms = round((self._clock or time.time)() * 1000)
+        args: list[str | bytes | int] = [
+            approval_id,
+            record,
+            max(1, math.ceil(keep * 1000)),
+            now_ms,
+            self._prefix + "approval:",
+        ]
+        found = await self._call("approval write", lambda: self._put_approval(keys, args))
+        return found.decode() if isinstance(found, bytes) else str(found)
+
+    async def find_approval(self, digest: str) -> bytes | None:
+        keys = [self._digest_key(digest)]
+        args = [self._prefix + "approval:"]
+        found = await self._call("approval read", lambda: self._find_approval(keys, args))
+        return found or None
+
+    async def get_approval(self, approval_id: str) -> bytes | None:
+        key = self._approval_key(approval_id)
+        found = await self._call("approval read", lambda: self._redis.hget(key, "record"))
+        return found.encode() if isinstance(found, str) else found
+
+    async def update_approval(
+        self, approval_id: str, digest: str, expect: str, state: str, record: bytes
+    ) -> bool:
+        keys = [self._approval_key(approval_id), self._digest_key(digest)]
+        args: list[str | bytes] = [expect, state, record, approval_id]
+        done = await self._call("approval write", lambda: self._update_approval(keys, args))
+        return bool(done)
+
+    async def list_approvals(self, limit: int) -> list[bytes]:
+        index = self._prefix + "approvals"
+        now_ms = round((self._clock or time.time)() * 1000)
+
+        async def listing() -> list[bytes]:
+            await self._redis.zremrangebyscore(index, "-inf", now_ms)
+            ids = await self._redis.zrange(index, -limit, -1)
+            if not ids:
+                return []
+            pipe = self._redis.pipeline(transaction=False)
+            for approval_id in ids:
+                name = approval_id.decode() if isinstance(approval_id, bytes) else str(approval_id)
+                pipe.hget(self._approval_key(name), "record")
+            return [r for r in await pipe.execute() if r]
+
+        return await self._call("approval list", listing)
+
+    async def push_approval_event(self, event: bytes) -> None:
+        key = self._prefix + "approval-events"
+        await self._call("approval event", lambda: self._redis.rpush(key, event))
+
+    async def pop_approval_events(self, count: int) -> list[bytes]:
+        key = self._prefix + "approval-events"
+        found = await self._call("approval event", lambda: self._redis.lpop(key, count))
+        return list(found or [])  # type: ignore[arg-type]
 
     async def ping(self) -> None:
         if not self._warm:
