@@ -464,3 +464,48 @@ def test_policy_tests_with_groups(tmp_path: Path, capsys: Any) -> None:
     )
     assert main(["test", policy, tests]) == 0, capsys.readouterr()
     assert capsys.readouterr().out.splitlines()[0] == f"{tests} ..."
+
+
+def test_lint_checks_what_an_overlay_writes(tmp_path: Path, capsys: Any) -> None:
+    path = write(
+        tmp_path,
+        "p.yaml",
+        """
+        budgets:
+          daily: {max_spend: "1"}
+        tools:
+          search:
+            arguments_schema:
+              type: object
+              properties: {q: {type: string}}
+              additionalProperties: false
+        groups:
+          eng:
+            tools:
+              search:
+                rules:
+                  - {name: typo, deny_if: 'args.query.contains("x")'}
+                budget: {ledger: daily, cost: "5"}
+              Search: {allow: true}
+        principals:
+          alice:
+            tools:
+              search: {rate_limit: {max_calls: 0}}
+        """,
+    )
+    assert main(["check", path]) == 1
+    err = capsys.readouterr().err
+    found = {
+        (int(line.split(": ")[0].rsplit(":", 1)[1]), line.rsplit("[", 1)[1].rstrip("]"))
+        for line in err.splitlines()
+        if line.startswith(path + ":") and "[" in line
+    }
+    assert found == {
+        (11, "overlay-without-auth"),  # groups: without auth no request has any
+        (14, "unknown-field"),  # the merged schema (the base's) has no `query`
+        (15, "unaffordable"),
+        (16, "near-duplicate-name"),
+        (19, "overlay-without-auth"),  # principals: claimable by any client
+        (20, "zero-rate-limit"),
+    }
+    assert "tool 'search' in groups.eng costs 5" in err
