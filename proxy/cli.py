@@ -200,7 +200,7 @@ async def _explain(
             applied.append(f"principals.{key[1]}")
         lines.append("overlays: " + (", ".join(applied) if applied else "none apply"))
         if key and tp.config is not None:
-            entry = tp.config.model_dump(mode="json", exclude_defaults=True)
+            entry = tp.config.model_dump(mode="json", exclude_none=True)
             lines.append("effective entry: " + orjson.dumps(entry).decode())
     blocked_at = decision.block.gate if decision.block else None
     shadow = {b.gate: b for b in decision.shadow}
