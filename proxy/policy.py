@@ -41,6 +41,9 @@ DEFAULT_TOOL = "*"
 # Effective policies of identities with several overlays (groups, or groups and a principal
 # overlay), merged when first needed: bounded, the oldest dropped first.
 MAX_COMBINATIONS = 1024
+# (principal, groups) -> the overlays that apply, so that a request does not sort its groups.
+MAX_IDENTITIES = 50_000
+_UNSEEN: Any = object()
 
 # The CEL extension functions, with the two that rules use most replaced by C-speed versions
 # of the same semantics (the package's walk the string one character at a time in Python).
@@ -196,7 +199,13 @@ class Policy:
         overlays = self.overlays
         if overlays is None:
             return self
-        key = overlays.key(ctx.principal, ctx.groups)
+        ident = (ctx.principal, ctx.groups)
+        key = overlays.keys.get(ident, _UNSEEN)
+        if key is _UNSEEN:
+            key = overlays.key(*ident)
+            if len(overlays.keys) >= MAX_IDENTITIES:
+                overlays.keys.clear()
+            overlays.keys[ident] = key
         if key is None:
             return self
         found = overlays.policies.get(key) or overlays.combined.get(key)
@@ -221,6 +230,7 @@ class Overlays:
     base_default: Entry
     policies: dict[OverlayKey, Policy] = field(default_factory=dict)  # one overlay each
     combined: dict[OverlayKey, Policy] = field(default_factory=dict)
+    keys: dict[tuple[str, tuple[str, ...]], OverlayKey | None] = field(default_factory=dict)
 
     def key(self, principal: str, groups: tuple[str, ...]) -> OverlayKey | None:
         rank = self.rank
