@@ -264,14 +264,28 @@ async def _approvals_over_http(
             return body
 
 
-async def _explain(policy: Policy, tool: str, arguments: str, principal: str) -> list[str]:
-    """One line per gate name (proxy.gates.registry.NAMES), from the tool's own gate list."""
+async def _explain(
+    policy: Policy, tool: str, arguments: str, principal: str, groups: tuple[str, ...] = ()
+) -> list[str]:
+    """One line per gate name (proxy.gates.registry.NAMES), from the tool's own gate list, as
+    the overlays of the principal and groups make it."""
     store = MemoryStore()
-    ctx = CallContext(principal=principal, request_id="explain", route="explain")
+    ctx = CallContext(principal=principal, request_id="explain", route="explain", groups=groups)
     call = ToolCall("call_explain", tool, arguments)
     decision = await decide(call, policy, store, ctx)
-    tp = policy.for_tool(tool)
-    lines = [f"tool: {tool}  (policy entry: {tp.name!r}, principal: {principal})"]
+    effective = policy.effective(ctx)
+    tp = effective.for_tool(tool)
+    who = f"principal: {principal}" + (f", groups: {', '.join(groups)}" if groups else "")
+    lines = [f"tool: {tool}  (policy entry: {tp.name!r}, {who})"]
+    if policy.overlays is not None:
+        key = effective.overlay_key
+        applied = [f"groups.{g}" for g in key[0]] if key else []
+        if key and key[1] is not None:
+            applied.append(f"principals.{key[1]}")
+        lines.append("overlays: " + (", ".join(applied) if applied else "none apply"))
+        if key and tp.config is not None:
+            entry = tp.config.model_dump(mode="json", exclude_none=True)
+            lines.append("effective entry: " + orjson.dumps(entry).decode())
     blocked_at = decision.block.gate if decision.block else None
     shadow = {b.gate: b for b in decision.shadow}
     details: dict[str, list[str]] = {}
@@ -308,7 +322,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     policy = _load(args.config)
     if policy is None:
         return 1
-    lines = asyncio.run(_explain(policy, args.tool, args.args, args.principal))
+    groups = tuple(dict.fromkeys(args.group))
+    lines = asyncio.run(_explain(policy, args.tool, args.args, args.principal, groups))
     print("\n".join(lines))
     # Scripts can branch on it: 0 allowed, 2 blocked.
     return 0 if any(line == "decision: ALLOWED" for line in lines) else 2
@@ -425,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--tool", required=True)
     explain.add_argument("--args", default="{}", help="the call's JSON arguments")
     explain.add_argument("--principal", default="global")
+    explain.add_argument(
+        "--group", action="append", default=[], help="the identity's groups (repeat for several)"
+    )
     explain.set_defaults(func=cmd_explain)
 
     keys = sub.add_parser("keys", help="virtual keys: create, list, revoke")

@@ -243,6 +243,63 @@ class ToolConfig(_Model):
     approval: ApprovalConfig | None = None
 
 
+class RateLimitOverlay(_Model):
+    """A rate limit in an overlay: only the fields written replace the tool's (proxy.overlays);
+    the merged limit is validated as a RateLimitConfig."""
+
+    max_calls: int | None = Field(default=None, ge=0)
+    window: float | None = None
+    cooldown: float | None = None
+    scope: Scope | None = None
+    mode: Mode | None = None
+    on_store_error: OnStoreError | None = None
+
+    @field_validator("window", "cooldown", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+
+class BudgetOverlay(_Model):
+    ledger: str | None = None
+    cost: str | int | float | None = None
+    mode: Mode | None = None
+    on_store_error: OnStoreError | None = None
+
+
+class ToolOverlay(_Model):
+    """A tool entry (or `default`) in a group or principal overlay. Every field is optional:
+    the ones written (pydantic's model_fields_set) replace the tool's, field by field; `null`
+    removes an optional gate (rate_limit, budget, arguments_schema, on_block). See
+    proxy.overlays for the merge."""
+
+    allow: bool | None = None
+    namespace: str | None = None
+    on_block: OnBlock | None = None
+    # Merged by name: a rule named like one of the tool's replaces it in place, others append.
+    rules: list[RuleConfig] | None = None
+    # True: this overlay's `rules` replace the tool's whole list instead.
+    replace_rules: bool = False
+    rules_mode: Mode | None = None
+    arguments_schema: dict[str, Any] | None = None
+    rate_limit: RateLimitOverlay | None = None
+    budget: BudgetOverlay | None = None
+
+    @field_validator("allow", "namespace", "rules_mode", "replace_rules", mode="before")
+    @classmethod
+    def _not_null(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("cannot be null in an overlay: leave it out to keep the tool's")
+        return v
+
+
+class OverlayConfig(_Model):
+    """`groups.NAME` or `principals.NAME`: tool entries and a default merged over the policy."""
+
+    tools: dict[str, ToolOverlay] = Field(default_factory=dict)
+    default: ToolOverlay | None = None
+
+
 class AuditConfig(_Model):
     log: bool = True
     file: str | None = None
@@ -485,6 +542,10 @@ class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig | None = None
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    # Overlays merged over `tools` and `default` for a request's identity (proxy.overlays):
+    # groups in the order written here (a later group wins), then the principal's.
+    groups: dict[str, OverlayConfig] = Field(default_factory=dict)
+    principals: dict[str, OverlayConfig] = Field(default_factory=dict)
 
 
 class ConfigError(Exception):
@@ -581,10 +642,12 @@ def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node
         located.sort(key=lambda item: item[0])
         raise ConfigError(source, [text for _, text in located]) from None
     errors: list[tuple[int, str]] = []
-    sections: list[tuple[tuple[str, ...], ToolConfig]] = [(("default",), config.default)]
+    sections: list[tuple[tuple[str, ...], ToolConfig | ToolOverlay]] = [
+        (("default",), config.default)
+    ]
     sections += [(("tools", name), tool) for name, tool in config.tools.items()]
-    for section, tool in sections:
-        if tool.budget and tool.budget.ledger not in config.budgets:
+    for section, tool in sections + overlay_sections(config):
+        if tool.budget and tool.budget.ledger and tool.budget.ledger not in config.budgets:
             loc = (*section, "budget", "ledger")
             line = line_of(node, loc)
             errors.append(
@@ -598,6 +661,17 @@ def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node
         errors.sort(key=lambda item: item[0])
         raise ConfigError(source, [text for _, text in errors])
     return config, node
+
+
+def overlay_sections(config: Config) -> list[tuple[tuple[str, ...], ToolOverlay]]:
+    """Every tool entry and default of every overlay, with its location in the policy."""
+    out: list[tuple[tuple[str, ...], ToolOverlay]] = []
+    for kind, overlays in (("groups", config.groups), ("principals", config.principals)):
+        for name, overlay in overlays.items():
+            if overlay.default is not None:
+                out.append(((kind, name, "default"), overlay.default))
+            out += [((kind, name, "tools", t), tool) for t, tool in overlay.tools.items()]
+    return out
 
 
 def read_config_text(path: str) -> str:

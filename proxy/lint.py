@@ -21,14 +21,14 @@ cheaply at load time:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from proxy.cel.parser import Parser, Unsupported, tokenize
-from proxy.config import line_of
+from proxy.config import line_of, overlay_sections
 from proxy.policy import Expr, Policy
 
 VARIABLES = frozenset(("args", "tool", "principal", "request"))
@@ -321,6 +321,116 @@ def normalize(name: str) -> str:
     return _SEPARATORS.sub("", name).casefold()
 
 
+_GATES = {"rules", "rate_limit", "budget", "arguments_schema"}
+Add = Callable[[str, str, tuple[Any, ...], str, str], None]
+
+
+def _lint_entry(
+    add: Add,
+    loc: tuple[Any, ...],
+    name: str,
+    label: str,
+    tool: Any,
+    tp: Any,
+    rules: list[tuple[Any, tuple[Any, ...], Expr]],
+    touched: set[str] | None,
+) -> None:
+    """One tool entry's findings. `touched`: for an overlay, the fields it writes (findings
+    about the others belong to the base entry)."""
+    schema = tool.arguments_schema
+    if not tool.allow and (touched is None or touched & (_GATES | {"allow"})):
+        extras = [
+            k for k in ("rules", "rate_limit", "budget", "arguments_schema") if getattr(tool, k)
+        ]
+        if extras:
+            add(
+                "warning",
+                "unreachable",
+                (*loc, extras[0]),
+                f"{label} is `allow: false`: its {', '.join(extras)} never apply",
+                "remove them, or set allow: true if the tool should be usable",
+            )
+    for rule_cfg, at, program in rules:
+        deny = rule_cfg.deny_if is not None
+        field = "deny_if" if deny else "allow_if"
+        rloc = (*at, field)
+        source = rule_cfg.deny_if if deny else rule_cfg.allow_if
+        for severity, code, message in check_expression(source or "", schema):
+            add(
+                severity,
+                code,
+                rloc,
+                f"rule {rule_cfg.name!r}: {message}",
+                "fix the expression, or the arguments_schema if the field is real"
+                if code == "unknown-field" and "`request." not in message
+                else "fix the expression",
+            )
+        const, value = constant_value(program, None if name == "*" else name)
+        if not const:
+            continue
+        if not isinstance(value, bool):
+            add(
+                "error",
+                "constant-rule",
+                rloc,
+                f"rule {rule_cfg.name!r} always returns {type(value).__name__}, not a bool: "
+                "every call errors and is blocked",
+                "make it a condition",
+            )
+        elif value is deny:
+            add(
+                "error",
+                "constant-rule",
+                rloc,
+                f"rule {rule_cfg.name!r} ({field}) matches every call: {label} is blocked "
+                "whatever the call",
+                "to deny the tool, write allow: false; "
+                "otherwise make the condition read args, principal or request",
+            )
+        else:
+            add(
+                "warning",
+                "constant-rule",
+                rloc,
+                f"rule {rule_cfg.name!r} ({field}) never blocks: it is always {str(value).lower()}",
+                "remove it, or fix its condition",
+            )
+    if tool.budget is not None and (touched is None or "budget" in touched):
+        bloc = (*loc, "budget", "cost")
+        budget = tp.budget
+        if budget is not None and budget.cost_program is not None:
+            for severity, code, message in check_expression(str(tool.budget.cost), schema):
+                add(severity, code, bloc, f"cost: {message}", "fix the cost expression")
+        if (
+            budget is not None
+            and budget.cost_micros is not None
+            and (budget.cost_micros > budget.max_micros)
+        ):
+            add(
+                "error",
+                "unaffordable",
+                bloc,
+                f"{label} costs {tool.budget.cost} but ledger {budget.ledger!r} allows "
+                f"{budget.ledger_config.max_spend} per window: every call is blocked",
+                "raise the ledger's max_spend or lower the cost",
+            )
+    rl = tool.rate_limit
+    if (
+        tool.allow
+        and rl is not None
+        and rl.max_calls == 0
+        and rl.mode == "enforce"
+        and (touched is None or touched & {"rate_limit", "allow"})
+    ):
+        add(
+            "warning",
+            "zero-rate-limit",
+            (*loc, "rate_limit", "max_calls"),
+            f"{label} allows 0 calls per window: every call is blocked",
+            "to deny the tool, write allow: false",
+        )
+
+
 def lint(policy: Policy, text: str) -> list[Finding]:
     """Every finding for a policy that loaded (so is valid), with lines from its YAML `text`."""
     try:
@@ -338,94 +448,30 @@ def lint(policy: Policy, text: str) -> list[Finding]:
     sections += [(("tools", n), n, t) for n, t in config.tools.items()]
     for loc, name, tool in sections:
         tp = policy.default if name == "*" else policy.tools[name]
-        schema = tool.arguments_schema
         label = "the default policy" if name == "*" else f"tool {name!r}"
-        if not tool.allow:
-            extras = [
-                k for k in ("rules", "rate_limit", "budget", "arguments_schema") if getattr(tool, k)
-            ]
-            if extras:
-                add(
-                    "warning",
-                    "unreachable",
-                    (*loc, extras[0]),
-                    f"{label} is `allow: false`: its {', '.join(extras)} never apply",
-                    "remove them, or set allow: true if the tool should be usable",
-                )
-        for i, (rule_cfg, rule) in enumerate(zip(tool.rules, tp.rules, strict=False)):
-            field = "deny_if" if rule.deny else "allow_if"
-            rloc = (*loc, "rules", i, field)
-            source = rule_cfg.deny_if if rule.deny else rule_cfg.allow_if
-            for severity, code, message in check_expression(source or "", schema):
-                add(
-                    severity,
-                    code,
-                    rloc,
-                    f"rule {rule.name!r}: {message}",
-                    "fix the expression, or the arguments_schema if the field is real"
-                    if code == "unknown-field" and "`request." not in message
-                    else "fix the expression",
-                )
-            const, value = constant_value(rule.program, None if name == "*" else name)
-            if not const:
-                continue
-            if not isinstance(value, bool):
-                add(
-                    "error",
-                    "constant-rule",
-                    rloc,
-                    f"rule {rule.name!r} always returns {type(value).__name__}, not a bool: "
-                    "every call errors and is blocked",
-                    "make it a condition",
-                )
-            elif value is rule.deny:
-                add(
-                    "error",
-                    "constant-rule",
-                    rloc,
-                    f"rule {rule.name!r} ({field}) matches every call: {label} is blocked "
-                    "whatever the call",
-                    "to deny the tool, write allow: false; "
-                    "otherwise make the condition read args, principal or request",
-                )
-            else:
-                add(
-                    "warning",
-                    "constant-rule",
-                    rloc,
-                    f"rule {rule.name!r} ({field}) never blocks: it is always {str(value).lower()}",
-                    "remove it, or fix its condition",
-                )
-        if tool.budget is not None:
-            bloc = (*loc, "budget", "cost")
-            budget = tp.budget
-            if budget is not None and budget.cost_program is not None:
-                for severity, code, message in check_expression(str(tool.budget.cost), schema):
-                    add(severity, code, bloc, f"cost: {message}", "fix the cost expression")
-            if (
-                budget is not None
-                and budget.cost_micros is not None
-                and (budget.cost_micros > budget.max_micros)
-            ):
-                add(
-                    "error",
-                    "unaffordable",
-                    bloc,
-                    f"{label} costs {tool.budget.cost} but ledger {budget.ledger!r} allows "
-                    f"{budget.ledger_config.max_spend} per window: every call is blocked",
-                    "raise the ledger's max_spend or lower the cost",
-                )
-        rl = tool.rate_limit
-        if tool.allow and rl is not None and rl.max_calls == 0 and rl.mode == "enforce":
-            add(
-                "warning",
-                "zero-rate-limit",
-                (*loc, "rate_limit", "max_calls"),
-                f"{label} allows 0 calls per window: every call is blocked",
-                "to deny the tool, write allow: false",
-            )
+        rules = [
+            (rule_cfg, (*loc, "rules", i), rule.program)
+            for i, (rule_cfg, rule) in enumerate(zip(tool.rules, tp.rules, strict=False))
+        ]
+        _lint_entry(add, loc, name, label, tool, tp, rules, None)
+    overlays = policy.overlays
+    for loc, patch in overlay_sections(config) if overlays is not None else []:
+        # Each overlay is linted merged over the base (as it applies on its own), for what it
+        # writes itself: the base's findings are not repeated at every overlay.
+        kind, who = loc[0], loc[1]
+        key = ((who,), None) if kind == "groups" else ((), who)
+        effective = overlays.policies[key]  # type: ignore[union-attr]
+        name = "*" if loc[2] == "default" else loc[3]
+        tp = effective.default if name == "*" else effective.tools[name]
+        label = ("the default policy" if name == "*" else f"tool {name!r}") + f" in {kind}.{who}"
+        rules = []
+        for i, rule_cfg in enumerate(patch.rules or []):
+            source = rule_cfg.deny_if if rule_cfg.deny_if is not None else rule_cfg.allow_if
+            rules.append((rule_cfg, (*loc, "rules", i), Expr.compile(source or "")))
+        _lint_entry(add, loc, name, label, tp.config, tp, rules, patch.model_fields_set)
 
     charged = {t.budget.ledger for _, _, t in sections if t.budget is not None}
+    charged |= {p.budget.ledger for _, p in overlay_sections(config) if p.budget is not None}
     for ledger in config.budgets:
         if ledger not in charged:
             add(
@@ -451,8 +497,49 @@ def lint(policy: Policy, text: str) -> list[Finding]:
                 "keep one entry per tool (as the client names it), and set "
                 "default: {allow: false} so that other spellings are denied",
             )
+    _lint_overlays(add, config)
     findings.sort(key=lambda f: (f.line or 0, f.severity != "error"))
     return findings
+
+
+def _lint_overlays(add: Add, config: Any) -> None:
+    """Overlays that cannot apply, or that name a tool almost like another entry does.
+
+    An overlay for a tool no base entry names is not flagged: the client's tools are not
+    known here, and granting a tool the base default denies is what such an entry is for."""
+    enabled = config.auth is not None and config.auth.enabled
+    if config.groups and not enabled:
+        add(
+            "warning",
+            "overlay-without-auth",
+            ("groups", next(iter(config.groups))),
+            "group overlays apply only to authenticated identities, and auth is off: "
+            "no request has groups",
+            "turn on auth (keys, jwt or trusted_header with groups_header), or remove them",
+        )
+    if config.principals and not enabled:
+        add(
+            "warning",
+            "overlay-without-auth",
+            ("principals", next(iter(config.principals))),
+            "without auth the principal is whatever the client says: any client can claim a "
+            "principal overlay",
+            "turn on auth, or make principal overlays only stricter than the base",
+        )
+    known = {normalize(n): n for n in config.tools}
+    for kind in ("groups", "principals"):
+        for who, overlay in getattr(config, kind).items():
+            for name in overlay.tools:
+                near = known.get(normalize(name))
+                if near is not None and near != name:
+                    add(
+                        "warning",
+                        "near-duplicate-name",
+                        (kind, who, "tools", name),
+                        f"{kind}.{who} names tool {name!r}, the base names {near!r}: names "
+                        "match exactly, so the overlay does not change the base entry",
+                        f"spell it {near!r}",
+                    )
 
 
 def iter_lines(findings: list[Finding], source: str) -> Iterator[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import cel
 import jsonschema
 import orjson
+import structlog
 from cel.stdlib import STDLIB_FUNCTIONS
 
 from proxy.cel import Fallback, ascii_lower, ascii_upper, compile_native
@@ -33,9 +34,18 @@ from proxy.config import (
     parse_money,
     read_config_text,
 )
+from proxy.overlays import Entry, Loc, apply, base_entries, layers_of
 from proxy.schemafast import compile_check
+from proxy.toolcalls import CallContext
 
+log = structlog.get_logger("callgate.policy")
 DEFAULT_TOOL = "*"
+# Effective policies of identities with several overlays (groups, or groups and a principal
+# overlay), merged when first needed: bounded, the oldest dropped first.
+MAX_COMBINATIONS = 1024
+# (principal, groups) -> the overlays that apply, so that a request does not sort its groups.
+MAX_IDENTITIES = 50_000
+_UNSEEN: Any = object()
 
 # The CEL extension functions, with the two that rules use most replaced by C-speed versions
 # of the same semantics (the package's walk the string one character at a time in Python).
@@ -180,6 +190,12 @@ class ToolPolicy:
     # runs and what `callgate explain` reports.
     checks: tuple[Any, ...] = ()
     reservations: tuple[Any, ...] = ()
+    config: ToolConfig | None = None  # the (merged) entry it was compiled from
+
+
+# Which overlays apply: the identity's groups that have one, in policy order, and the principal
+# when it has one.
+OverlayKey = tuple[tuple[str, ...], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +207,34 @@ class Policy:
     # What the gates derive from this policy per (tool, principal), e.g. the store requests of
     # a call: built once, dropped with the policy on reload (see proxy.gates.pipeline).
     derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The base policy's overlays (None when it has none, and on an effective policy).
+    overlays: Overlays | None = field(default=None, compare=False, repr=False)
+    # On an effective policy: the overlays merged into it.
+    overlay_key: OverlayKey | None = None
 
-    def for_tool(self, name: str) -> ToolPolicy:
-        return self.tools.get(name) or self.default
+    def for_tool(self, name: str, ctx: CallContext | None = None) -> ToolPolicy:
+        """The tool's policy; with `ctx`, as the overlays of the request's identity make it."""
+        policy = self if ctx is None else self.effective(ctx)
+        return policy.tools.get(name) or policy.default
+
+    def effective(self, ctx: CallContext) -> Policy:
+        """The policy for this identity: self when no overlay applies (or self is already an
+        effective policy), else the merged policy, compiled at load for one overlay and once,
+        on first use, for a combination. The request path's cost is a key and a dict lookup."""
+        overlays = self.overlays
+        if overlays is None:
+            return self
+        ident = (ctx.principal, ctx.groups)
+        key = overlays.keys.get(ident, _UNSEEN)
+        if key is _UNSEEN:
+            key = overlays.key(*ident)
+            if len(overlays.keys) >= MAX_IDENTITIES:
+                overlays.keys.clear()
+            overlays.keys[ident] = key
+        if key is None:
+            return self
+        found = overlays.policies.get(key) or overlays.combined.get(key)
+        return found if found is not None else overlays.combine(self, key)
 
     @property
     def has_error_mode(self) -> bool:
@@ -202,6 +243,95 @@ class Policy:
         return self.default.on_block == "error" or any(
             t.on_block == "error" for t in self.tools.values()
         )
+
+
+@dataclass(slots=True)
+class Overlays:
+    """The compiled overlays of a base policy (see proxy.overlays for the merge)."""
+
+    rank: dict[str, int]  # group name -> its position in the policy
+    principals: frozenset[str]
+    base_tools: dict[str, Entry]
+    base_default: Entry
+    policies: dict[OverlayKey, Policy] = field(default_factory=dict)  # one overlay each
+    combined: dict[OverlayKey, Policy] = field(default_factory=dict)
+    keys: dict[tuple[str, tuple[str, ...]], OverlayKey | None] = field(default_factory=dict)
+
+    def key(self, principal: str, groups: tuple[str, ...]) -> OverlayKey | None:
+        rank = self.rank
+        found: tuple[str, ...] = ()
+        if groups and rank:
+            hit = [g for g in groups if g in rank]
+            if len(hit) > 1:
+                hit = sorted(set(hit), key=rank.__getitem__)
+            found = tuple(hit)
+        who = principal if principal in self.principals else None
+        if not found and who is None:
+            return None
+        return found, who
+
+    def combine(self, base: Policy, key: OverlayKey) -> Policy:
+        """Merge and compile a combination of overlays, once. Each overlay compiled on its own
+        at load, but a merge of two can still be invalid (one removes `max_calls`, another
+        `cooldown`): such a tool is denied for that identity (fail closed) and logged."""
+        errors: list[tuple[Loc, str]] = []
+        policy = _effective(base, self, key, errors, deny_broken=True)
+        if errors:
+            log.error(
+                "overlay_combination_invalid",
+                groups=list(key[0]),
+                principal=key[1],
+                errors=[f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in errors],
+            )
+        while len(self.combined) >= MAX_COMBINATIONS:
+            del self.combined[next(iter(self.combined))]
+        self.combined[key] = policy
+        return policy
+
+
+def _effective(
+    base: Policy,
+    overlays: Overlays,
+    key: OverlayKey,
+    errors: list[tuple[Loc, str]],
+    deny_broken: bool,
+) -> Policy:
+    config = base.config
+    tools, default = overlays.base_tools, overlays.base_default
+    broken: set[str] = set()
+    for section in layers_of(config, *key):
+        tools, default = apply(config, tools, default, section, errors, broken)
+    compiled: dict[str, ToolPolicy] = {}
+    for name, entry in tools.items():
+        if deny_broken and name in broken:
+            compiled[name] = _denied(name, config)
+        elif overlays.base_tools.get(name) is entry:
+            compiled[name] = base.tools[name]  # untouched by every layer: shared
+        else:
+            compiled[name] = _compile_entry(name, entry, config, errors)
+    if deny_broken and DEFAULT_TOOL in broken:
+        default_policy = _denied(DEFAULT_TOOL, config)
+    elif default is overlays.base_default:
+        default_policy = base.default
+    else:
+        default_policy = _compile_entry(DEFAULT_TOOL, default, config, errors)
+    return Policy(
+        config=config,
+        tools=compiled,
+        default=default_policy,
+        source=base.source,
+        overlay_key=key,
+    )
+
+
+def _compile_entry(
+    name: str, entry: Entry, config: Config, errors: list[tuple[Loc, str]]
+) -> ToolPolicy:
+    return _compile_tool(name, entry.config, config, errors, entry.section, entry.rule_locs)
+
+
+def _denied(name: str, config: Config) -> ToolPolicy:
+    return _compile_tool(name, ToolConfig(allow=False), config, [], ("default",))
 
 
 def to_micros(amount: Decimal) -> int:
@@ -214,6 +344,7 @@ def _compile_tool(
     config: Config,
     errors: list[tuple[tuple[Any, ...], str]],
     section: tuple[Any, ...],
+    rule_locs: tuple[Loc, ...] | None = None,
 ) -> ToolPolicy:
     rules = []
     for i, rule in enumerate(tool.rules):
@@ -222,7 +353,8 @@ def _compile_tool(
         try:
             program = Expr.compile(source or "")
         except Exception as exc:  # the CEL binding raises ValueError or RuntimeError
-            errors.append(((*section, "rules", i, field), f"invalid CEL expression: {exc}"))
+            where = rule_locs[i] if rule_locs is not None else (*section, "rules", i)
+            errors.append(((*where, field), f"invalid CEL expression: {exc}"))
             continue
         rules.append(Rule(rule.name, program, rule.deny_if is not None, rule.message))
 
@@ -300,6 +432,7 @@ def _compile_tool(
         rate_limit=tool.rate_limit,
         budget=budget,
         approval=approval,
+        config=tool,
     )
     checks, reservations = compile_gates(tool_policy)
     return replace(tool_policy, checks=checks, reservations=reservations)
@@ -312,6 +445,22 @@ def compile_policy(config: Config, node: Any = None, source: str = "<string>") -
         for name, tool in config.tools.items()
     }
     default = _compile_tool(DEFAULT_TOOL, config.default, config, errors, ("default",))
+    policy = Policy(config=config, tools=tools, default=default, source=source)
+    if config.groups or config.principals:
+        # Each overlay on its own, compiled now: its errors are load errors, with their lines.
+        base_tools, base_default = base_entries(config)
+        overlays = Overlays(
+            rank={g: i for i, g in enumerate(config.groups)},
+            principals=frozenset(config.principals),
+            base_tools=base_tools,
+            base_default=base_default,
+        )
+        keys: list[OverlayKey] = [((g,), None) for g in config.groups]
+        keys += [((), p) for p in config.principals]
+        if not errors:  # the base must compile for an overlay's merge to mean anything
+            for key in keys:
+                overlays.policies[key] = _effective(policy, overlays, key, errors, False)
+        policy = replace(policy, overlays=overlays)
     if errors:
         lines = []
         for loc, msg in errors:
@@ -319,7 +468,7 @@ def compile_policy(config: Config, node: Any = None, source: str = "<string>") -
             where = ".".join(str(p) for p in loc)
             lines.append(f"{where}: {msg}" + (f" (line {line})" if line else ""))
         raise ConfigError(source, lines)
-    return Policy(config=config, tools=tools, default=default, source=source)
+    return policy
 
 
 def load_policy_text(text: str, source: str = "<string>") -> Policy:

@@ -199,7 +199,7 @@ async def _replay(
 ) -> None:
     clock = SimClock(0.0)
     store = MemoryStore(clock=clock)
-    reads_of: dict[str, _Reads] = {}
+    reads_of: dict[tuple[str, Any], _Reads] = {}
     changes = report.changes
     skipped = report.skipped
     undecidable = report.undecidable
@@ -251,10 +251,11 @@ async def _replay(
 
         # Could the recorded arguments and request have decided this call?
         doubt = None
-        tp_name = decision.tool_policy
-        reads = reads_of.get(tp_name)
+        effective = policy.effective(ctx)  # the overlays of the recorded identity
+        reads_key = (decision.tool_policy, effective.overlay_key)
+        reads = reads_of.get(reads_key)
         if reads is None:
-            reads = reads_of[tp_name] = _reads(policy.for_tool(tool))
+            reads = reads_of[reads_key] = _reads(effective.for_tool(tool))
         if reads.any_args:
             if type(args) is dict and "preview" in args and any(m in args for m in _DIGEST_MARKERS):
                 doubt = "digest_arguments"

@@ -28,6 +28,7 @@ MAX_DERIVED = 50_000  # cached reservation items per policy: bounded by principa
 
 async def decide(call: ToolCall, policy: Policy, store: Store, ctx: CallContext) -> Decision:
     started = time.perf_counter()
+    policy = policy.effective(ctx)  # the identity's overlays (proxy.overlays); derived is its own
     tool = policy.for_tool(call.name)
     decision = Decision(call=call, tool_policy=tool.name, on_block=tool.on_block)
     try:
@@ -80,6 +81,7 @@ async def decide_many(
     own and in order, so parallel calls to one tool take slots first-come as if decided one
     after another."""
     started = time.perf_counter()
+    policy = policy.effective(ctx)
     decisions: list[Decision] = []
     pending: list[tuple[Decision, Items]] = []
     for call in calls:

@@ -59,6 +59,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except BadRequest as exc:
         return exc.response
     ctx = call_context(request, body, policy, ROUTE)
+    policy = policy.effective(ctx)  # its identity's group and principal overlays, if any
     if await prepare_request(state, policy, body, ctx.principal):
         raw = orjson.dumps(body)
     if body.get("stream") is True:

@@ -127,6 +127,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         raw, body = await read_json(request, responses_problem)
     except BadRequest as exc:
         return exc.response
+    ctx = call_context(request, body, policy, ROUTE)
+    policy = policy.effective(ctx)  # its identity's group and principal overlays, if any
     changed = filter_tools(policy, body)
     gated = responses.gated_mcp_servers(policy, body)
     if body.get("background") is True and (gated or responses.has_client_tools(body)):
@@ -138,7 +140,6 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             "local_shell, apply_patch - and gated MCP servers).",
             "background",
         )
-    ctx = call_context(request, body, policy, ROUTE)
     prev = body.get("previous_response_id")
     client_prev = prev if isinstance(prev, str) else None
     completed, inserted = await prepare_request(state, body, ctx.principal)
