@@ -57,3 +57,18 @@ def test_benchmark_quick_run_completes_every_mode(tmp_path):
         if r["target"] != "direct":  # the proxies' memory is read from /proc after each run
             assert r["rss_mb"] > 1 and r["peak_rss_mb"] >= r["rss_mb"], r
     assert "peak resident memory, callgate / bare" in proc.stdout
+
+
+def test_auth_benchmark_prints_each_mode():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_auth", "--requests", "200"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for mode in ("keys", "jwt (cached per token)", "jwt-first", "trusted_header"):
+        line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(mode))
+        assert float(line.split()[-2]) > 0
