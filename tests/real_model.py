@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +47,8 @@ MODEL_ALIAS = "qwen2.5-coder-0.5b-instruct"  # the id /v1/models answers
 
 BUILD_TIMEOUT = float(os.environ.get("CALLGATE_REAL_MODEL_BUILD_TIMEOUT", 3600))
 DOWNLOAD_TIMEOUT = float(os.environ.get("CALLGATE_REAL_MODEL_DOWNLOAD_TIMEOUT", 900))
+# ninja's "[106/193] ..." and make's "[ 42%] ..." progress lines.
+BUILD_STEP = re.compile(r"\s*\[\s*\d+(/\d+|%)\]")
 SERVER_START_TIMEOUT = float(os.environ.get("CALLGATE_REAL_MODEL_START_TIMEOUT", 180))
 
 
@@ -85,13 +89,17 @@ def _run_logged(
 
 
 def _last_line(path: Path) -> str:
+    """The build's latest "[106/193] g++ ..." line (the compiler commands between them are
+    long and say little), else the log's last line."""
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 400))
+            f.seek(max(0, f.seek(0, 2) - 16384))
             lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1][:160] if lines else ""
+    steps = [ln for ln in lines if BUILD_STEP.match(ln)]
+    line = (steps or lines or [""])[-1].strip()
+    return line[:120]
 
 
 def venv_python() -> Path:
@@ -127,7 +135,7 @@ def ensure_server_venv() -> Path:
             "-m",
             "pip",
             "install",
-            # -v: cmake's "[ 42%] Building ..." lines reach the log, and so the heartbeat.
+            # -v: the build's progress lines reach the log, and so the heartbeat.
             "-v",
             "--no-cache-dir",
             "--disable-pip-version-check",
@@ -327,6 +335,9 @@ def main() -> None:
     python, model = setup()
     print(f"python={python}\nmodel={model}")
     if args.serve:
+        # SIGTERM too: a background job (`... --serve &`) ignores SIGINT, and the model server
+        # must go down with this process.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         with serve(python, model, args.port) as base:
             print(f"serving at {base}", flush=True)
             try:
