@@ -44,11 +44,13 @@ def calls_of(message: dict[str, Any]) -> list[ToolCall]:
             name, text, kind = fn.get("name"), fn.get("arguments"), "function"
         calls.append(ToolCall(call_id, str(name or ""), _text(text), kind, position))
     legacy = message.get("function_call")
-    # llama.cpp-style servers repeat a call as legacy function_call next to tool_calls.
-    if isinstance(legacy, dict) and not calls:
-        calls.append(
-            ToolCall(LEGACY_ID, str(legacy.get("name") or ""), _text(legacy.get("arguments")))
-        )
+    if isinstance(legacy, dict):
+        mirror = ToolCall(LEGACY_ID, str(legacy.get("name") or ""), _text(legacy.get("arguments")))
+        # llama.cpp-style servers repeat a call as legacy `function_call` next to `tool_calls`:
+        # a mirror of one of the calls shares its fate (it goes when a call is removed), but one
+        # that names anything else is a call a legacy client would run, so it is decided too.
+        if not any(c.name == mirror.name and c.arguments == mirror.arguments for c in calls):
+            calls.append(mirror)
     return calls
 
 

@@ -353,3 +353,36 @@ def test_fast_ascii_case_functions_match_the_cel_extensions(text):
 
     assert FUNCTIONS["lowerAscii"](text) == STDLIB_FUNCTIONS["lowerAscii"](text)
     assert FUNCTIONS["upperAscii"](text) == STDLIB_FUNCTIONS["upperAscii"](text)
+
+
+async def test_legacy_mirror_that_differs_from_the_calls_is_gated(make_proxy, upstream):
+    """A server's legacy `function_call` beside `tool_calls` naming another call (real
+    llama-cpp-python does this) is what a legacy client runs: it is decided like any call."""
+    proxy = await make_proxy({"on_block": "strip", "tools": {"delete_file": {"allow": False}}})
+    seen = records(proxy)
+    body = completion(("get_weather", {"city": "Paris"}), ids=["c1"])
+    body["choices"][0]["message"]["function_call"] = {
+        "name": "delete_file",
+        "arguments": '{"path": "/"}',
+    }
+    upstream.push(body)
+    out = await proxy.client().chat.completions.create(model="m", messages=MSGS)
+    message = out.choices[0].message
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+    assert message.function_call is None  # the mismatching mirror was blocked and removed
+    assert sorted((r["tool"], r["decision"]) for r in seen) == [
+        ("delete_file", "blocked"),
+        ("get_weather", "allowed"),
+    ]
+
+
+async def test_legacy_mirror_of_an_allowed_call_passes_unchanged(make_proxy, upstream):
+    proxy = await make_proxy({"on_block": "strip", "tools": {"delete_file": {"allow": False}}})
+    seen = records(proxy)
+    body = completion(("get_weather", {"city": "Paris"}), ids=["c1"])
+    call = body["choices"][0]["message"]["tool_calls"][0]["function"]
+    body["choices"][0]["message"]["function_call"] = dict(call)
+    upstream.push(body)
+    out = await proxy.client().chat.completions.create(model="m", messages=MSGS)
+    assert out.choices[0].message.function_call.name == "get_weather"
+    assert [(r["tool"], r["decision"]) for r in seen] == [("get_weather", "allowed")]
