@@ -363,8 +363,9 @@ def test_admin_token_compare_is_constant_time() -> None:
 
     from proxy.routes import admin
 
-    source = inspect.getsource(admin.refused)
+    source = inspect.getsource(admin.token_matches)
     assert "hmac.compare_digest(" in source and "_digest(token)" in source
+    assert "token_matches(presented, token)" in inspect.getsource(admin.approver)
 
 
 async def test_agent_loop_with_the_openai_sdk(make_proxy: Any, upstream: Any) -> None:
