@@ -193,7 +193,7 @@ class Approvals:
     async def gate(self, decision: Decision, ctx: CallContext, rule: Approval) -> Block | None:
         call = decision.call
         digest = grant_digest(
-            call.name, canonical_arguments(decision), ctx.principal, rule.identity
+            call.target or call.name, canonical_arguments(decision), ctx.principal, rule.identity
         )
         held = False
         for _ in range(4):  # each turn: another request or replica changed it meanwhile
@@ -257,7 +257,7 @@ class Approvals:
         return {
             "id": "apr_" + secrets.token_hex(8),
             "state": "pending",
-            "tool": decision.call.name,
+            "tool": decision.call.target or decision.call.name,
             "arguments": args,
             "principal": ctx.principal,
             "groups": list(ctx.groups),
