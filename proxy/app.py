@@ -174,7 +174,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     responses.add_routes(app.router)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
-    admin.add_routes(app.router)
+    admin.setup(app, authenticator)
 
     async def start(_: web.Application) -> None:
         await state.upstream.start()

@@ -193,7 +193,7 @@ class Approvals:
     async def gate(self, decision: Decision, ctx: CallContext, rule: Approval) -> Block | None:
         call = decision.call
         digest = grant_digest(
-            call.name, canonical_arguments(decision), ctx.principal, rule.identity
+            call.target or call.name, canonical_arguments(decision), ctx.principal, rule.identity
         )
         held = False
         for _ in range(4):  # each turn: another request or replica changed it meanwhile
@@ -257,7 +257,7 @@ class Approvals:
         return {
             "id": "apr_" + secrets.token_hex(8),
             "state": "pending",
-            "tool": decision.call.name,
+            "tool": decision.call.target or decision.call.name,
             "arguments": args,
             "principal": ctx.principal,
             "groups": list(ctx.groups),
@@ -323,9 +323,18 @@ class Approvals:
         return None if raw is None else public(orjson.loads(raw))
 
     async def decide(
-        self, approval_id: str, approve: bool, by: str, comment: str | None = None
+        self,
+        approval_id: str,
+        approve: bool,
+        by: str,
+        comment: str | None = None,
+        *,
+        via: str | None = None,
+        credential: str | None = None,
     ) -> dict[str, Any]:
-        """Approve or deny a pending approval; ApprovalError if it is unknown or not pending."""
+        """Approve or deny a pending approval; ApprovalError if it is unknown or not pending.
+        `by`: who answered (a JWT's principal, "admin-token", "cli:<user>"); `via`: how they
+        were let in; `credential`: the id of their credential (a JWT's jti), never itself."""
         raw = await self.store.get_approval(approval_id)
         if raw is None:
             raise ApprovalError(404, f"No approval with id {approval_id!r}")
@@ -340,6 +349,7 @@ class Approvals:
             **approval,
             "state": state,
             "decided_by": by,
+            "decided_via": via,
             "decided_at": utc_iso(now),
             "comment": comment or None,
             "expires": now + approval["ttl"],
@@ -349,7 +359,13 @@ class Approvals:
             approval_id, approval["digest"], "pending", state, orjson.dumps(decided)
         ):
             raise ApprovalError(409, f"Approval {approval_id} was answered meanwhile")
-        await self._audit(f"approval.{state}", decided, by=by, comment=comment or None)
+        who = {"by": by, "via": via, "credential": credential}
+        await self._audit(
+            f"approval.{state}",
+            decided,
+            **{k: v for k, v in who.items() if v is not None},
+            comment=comment or None,
+        )
         held = self._held.get(approval_id)
         if held is not None:
             held[0].set()

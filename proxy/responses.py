@@ -656,7 +656,7 @@ def remove_tools(body: dict[str, Any], removed: list[Any]) -> None:
 
 
 def _gated(tool: ToolPolicy) -> bool:
-    return bool(tool.rules or tool.schema or tool.rate_limit or tool.budget)
+    return bool(tool.rules or tool.schema or tool.rate_limit or tool.budget or tool.approval)
 
 
 def mcp_policy_key(policy: Policy, label: str, name: str | None = None) -> str | None:
@@ -670,8 +670,9 @@ def gated_mcp_servers(policy: Policy, body: dict[str, Any]) -> set[str]:
     """Force approval on the MCP servers whose calls a policy gates, in place; their labels.
 
     A server is gated when its allowed policy entry (or one of its tools') has rules, a schema,
-    a rate limit or a budget: the upstream then asks before each call (`require_approval:
-    "always"`), and callgate answers by running the gates on the requested call.
+    a rate limit, a budget or an approval: the upstream then asks before each call
+    (`require_approval: "always"`), and callgate answers by running the gates on the requested
+    call (an approval: asking a person first).
     """
     labels: set[str] = set()
     tools = body.get("tools")

@@ -77,11 +77,19 @@ MAX_APPROVAL_ROUNDS = 8  # upstream rounds spent answering MCP approval requests
 async def decide_approvals(
     state: AppState, policy: Policy, ctx: CallContext, items: list[dict[str, Any]]
 ) -> list[Decision]:
-    """Run the gates on the calls MCP approval requests ask for, in order."""
-    return [
-        await decide(responses.approval_call(policy, item), policy, state.store, ctx)
-        for item in items
-    ]
+    """Run the gates on the calls MCP approval requests ask for, in order.
+
+    A server whose policy has `approval` is escalated to a person like any tool (the approval
+    gate): the answer is `approve: false` with the approval id until a person approves, then
+    the model's identical request passes once. The grant is bound to the server's tool too
+    (`target`), not only to the policy entry, which may cover all of the server's tools.
+    """
+    decisions = []
+    for item in items:
+        call = responses.approval_call(policy, item)
+        call.target = f"mcp:{item.get('server_label', '')}/{item.get('name', '')}"
+        decisions.append(await decide(call, policy, state.store, ctx))
+    return decisions
 
 
 async def save_entry(

@@ -17,6 +17,9 @@ class ToolCall:
     # ...), whose arguments are its `action` / `operation` as JSON.
     kind: str = "function"
     position: int = -1  # index in the message's `tool_calls` (Chat), where ids may repeat
+    # What the call runs when that is more than `name` (the policy entry) tells: an MCP
+    # server's tool, `mcp:<label>/<tool>`. A human approval is bound to it.
+    target: str | None = None
 
 
 @dataclass(slots=True)

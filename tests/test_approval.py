@@ -363,8 +363,9 @@ def test_admin_token_compare_is_constant_time() -> None:
 
     from proxy.routes import admin
 
-    source = inspect.getsource(admin.refused)
+    source = inspect.getsource(admin.token_matches)
     assert "hmac.compare_digest(" in source and "_digest(token)" in source
+    assert "token_matches(presented, token)" in inspect.getsource(admin.approver)
 
 
 async def test_agent_loop_with_the_openai_sdk(make_proxy: Any, upstream: Any) -> None:
@@ -418,3 +419,63 @@ async def test_agent_loop_with_the_openai_sdk(make_proxy: Any, upstream: Any) ->
     assert final.choices[0].message.content == "Done: sent"
     status, body = await admin.request("GET", "/admin/approvals?state=used")
     assert status == 200 and [a["id"] for a in body["data"]] == [pending["id"]]
+
+
+async def test_decisions_feed(make_proxy: Any, upstream: Any) -> None:
+    """GET /admin/decisions: what was decided (never the arguments), newest last, from `since`
+    on, approval events included, counters by tool; the ring is bounded and says what it lost."""
+    from proxy.routes.admin import FEED, Feed
+
+    proxy = await make_proxy(config())
+    admin = Admin(proxy.root)
+    status, body = await admin.request("GET", "/admin/decisions")
+    assert status == 200 and body["data"] == [] and body["last"] == 0
+    assert (await admin.request("GET", "/admin/decisions?since=x"))[0] == 400
+    assert (await admin.request("GET", "/admin/decisions", headers={}))[0] == 401
+
+    args = {"to": "acct-9", "amount": 500, "secret_note": "do-not-show"}
+    await call(proxy, upstream, args)
+    [pending] = await admin.pending()
+    await admin.approve(pending["id"], "ok")
+    await call(proxy, upstream, args)
+    await call(proxy, upstream, {"to": "acct-9", "amount": 5})
+    status, body = await admin.request("GET", "/admin/decisions?since=0")
+    feed = body["data"]
+    assert [(e["kind"], e.get("decision"), e.get("gate")) for e in feed] == [
+        ("decision", "blocked", "approval"),
+        ("approval.approved", None, None),
+        ("decision", "allowed", None),
+        ("decision", "allowed", None),
+    ]
+    assert [e["seq"] for e in feed] == [1, 2, 3, 4] and body["last"] == 4
+    assert feed[1]["by"] == "admin-token" and feed[1]["approval"] == pending["id"]
+    assert feed[2]["approval"] == {"id": pending["id"], "state": "used"}
+    assert "do-not-show" not in json.dumps(body)
+    assert body["counters"] == {"transfer": {"allowed": 2, "blocked": 1, "gates": {"approval": 1}}}
+    status, body = await admin.request("GET", "/admin/decisions?since=3")
+    assert [e["seq"] for e in body["data"]] == [4] and body["missed"] == 0
+
+    # Bounded: a ring of 3 keeps the last 3; a reader behind it is told how many it missed.
+    small = Feed(size=3)
+    for record in [feed[0]] * 5:
+        small.on_decision({**record, "arguments": None, "action": None, "route": "chat"})
+    assert [e["seq"] for e in small.since(0)["data"]] == [3, 4, 5]
+    assert small.since(0)["missed"] == 2 and small.since(4)["missed"] == 0
+    assert isinstance(proxy.state.extra[FEED], Feed)
+
+
+def test_feed_counters_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model names the tools: past MAX_TOOLS names, the rest are counted together."""
+    from proxy.routes import admin
+
+    monkeypatch.setattr(admin, "MAX_TOOLS", 2)
+    feed = admin.Feed()
+    base = {"time": "t", "decision": "blocked", "gate": "rules", "reason": "tool_not_allowed"}
+    base |= {"action": "strip", "principal": "p", "request_id": "r", "route": "chat"}
+    for name in ("a", "b", "c", "d", "a"):
+        feed.on_decision({**base, "tool": name})
+    assert feed.counters == {
+        "a": {"allowed": 0, "blocked": 2, "gates": {"rules": 2}},
+        "b": {"allowed": 0, "blocked": 1, "gates": {"rules": 1}},
+        admin.OTHER_TOOLS: {"allowed": 0, "blocked": 2, "gates": {"rules": 2}},
+    }
