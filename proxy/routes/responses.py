@@ -26,6 +26,7 @@ from proxy.gates import decide_many, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.request_shape import responses_problem
+from proxy.responses_stash import StashEntry, add_outputs, reinsert
 from proxy.responses_stream import (
     MAX_APPROVAL_ROUNDS,
     ResponsesStream,
@@ -95,24 +96,24 @@ async def prepare_request(
         [stash.responses_key(prev)] if isinstance(prev, str) else []
     )
     keys += [responses.call_key(principal, c) for c in call_ids]
-    found = [responses.clean_entry(e) for e in await stash.get_many(state.store, keys)]
+    found = [StashEntry.from_json(e) for e in await stash.get_many(state.store, keys)]
     items = responses.as_input_list(raw_input)
     if conversation:
         conv_entry, found = found[0] if found else None, found[1:]
-        if conv_entry and conv_entry.get("outputs"):
-            inserted += responses.add_outputs(items, conv_entry["outputs"])
+        if conv_entry and conv_entry.outputs:
+            inserted += add_outputs(items, conv_entry.outputs)
     if isinstance(prev, str):
         prev_entry, found = found[0] if found else None, found[1:]
-        if prev_entry and prev_entry.get("target"):
+        if prev_entry and prev_entry.target:
             # The client saw a reprompted stream under the first round's id; continue the last.
-            body["previous_response_id"] = prev_entry["target"]
+            body["previous_response_id"] = prev_entry.target
             changed = True
-        if prev_entry and prev_entry.get("outputs"):
-            inserted += responses.add_outputs(items, prev_entry["outputs"])
+        if prev_entry and prev_entry.outputs:
+            inserted += add_outputs(items, prev_entry.outputs)
     # The same entry is stored under each surviving call of its response: use it once.
-    unique = {orjson.dumps(e): e for e in found if e and e.get("groups")}
+    unique = {orjson.dumps(e.to_json()): e for e in found if e and e.groups}
     if unique:
-        inserted += responses.reinsert(items, list(unique.values()))
+        inserted += reinsert(items, list(unique.values()))
     stripped = responses.strip_notice_ids(items)
     if inserted or stripped:
         body["input"] = items
@@ -333,8 +334,7 @@ async def _settle(
     record_round(state, ctx, p, decisions, approvals)
     rid = data.get("id")
     if isinstance(rid, str):
-        value = responses.entry(hide=hide, **extra)
-        await save_entry(state, policy, ctx.principal, rid, value, body)
+        await save_entry(state, policy, ctx.principal, rid, StashEntry(hide=hide, **extra), body)
     return out
 
 
@@ -379,9 +379,9 @@ async def _gate_stream(
 # -- reading stored responses back --------------------------------------------------------
 
 
-async def _lookup(state: AppState, response_id: str) -> dict[str, Any] | None:
+async def _lookup(state: AppState, response_id: str) -> StashEntry | None:
     found = await stash.get_many(state.store, [stash.responses_key(response_id)])
-    return responses.clean_entry(found[0]) if found else None
+    return StashEntry.from_json(found[0]) if found else None
 
 
 async def _get(state: AppState, request: web.Request, path_qs: str) -> UpstreamReply | web.Response:
@@ -399,7 +399,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     e = await _lookup(state, rid)
     if not e or request.query.get("stream") == "true":
         return await forward(request)  # nothing of ours in it: verbatim
-    target = e.get("target") or rid
+    target = e.target or rid
     reply = await _get(state, request, _with_query(request, "/responses/" + target))
     if isinstance(reply, web.Response):
         return reply
@@ -410,14 +410,13 @@ async def get_response(request: web.Request) -> web.StreamResponse:
         return data
     found = data.get("output")
     output: list[Any] = found if isinstance(found, list) else []
-    output = [*(e.get("prefix") or []), *responses.visible(output, set(e.get("hide") or []))]
-    output += e.get("extra") or []
+    output = [*e.prefix, *responses.visible(output, set(e.hide)), *e.extra]
     data["output"] = output
     if "output_text" in data:
         data["output_text"] = responses.output_text(output)
     data["id"] = rid
-    if "previous_response_id" in e:
-        data["previous_response_id"] = e["previous_response_id"] or None
+    if e.previous_response_id is not None:
+        data["previous_response_id"] = e.previous_response_id or None
     return json_reply(reply, data)
 
 
@@ -427,7 +426,7 @@ async def get_input_items(request: web.Request) -> web.StreamResponse:
     e = await _lookup(state, rid)
     if not e:
         return await forward(request)
-    source = e.get("input_of") or rid
+    source = e.input_of or rid
     reply = await _get(state, request, _with_query(request, f"/responses/{source}/input_items"))
     if isinstance(reply, web.Response):
         return reply
@@ -438,7 +437,7 @@ async def get_input_items(request: web.Request) -> web.StreamResponse:
         return data
     items = data.get("data")
     if isinstance(items, list):
-        shown = responses.visible(items, set(e.get("hide") or []))
+        shown = responses.visible(items, set(e.hide))
         data["data"] = shown
         if "first_id" in data:
             data["first_id"] = _item_id(shown[0]) if shown else None
