@@ -35,10 +35,11 @@ from proxy.responses_stream import (
 )
 from proxy.rounds import Plan, asked_again, plan_round, record_round, refuse
 from proxy.routes.incoming import BadRequest, call_context, read_json
-from proxy.routes.passthrough import forward, upstream_path
+from proxy.routes.passthrough import forward
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamReply
+from proxy.transport import upstream_failure, upstream_path
+from proxy.upstream import UpstreamError, UpstreamReply
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.responses")
@@ -193,37 +194,15 @@ async def _gate_response(
 
     try:
         while True:
-            reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
-            failure: str | None = None
-            data: dict[str, Any] | web.Response = {}
-            if isinstance(reply, web.Response):  # callgate's own 504 (timeout) or 502
-                failure = "timeout" if reply.status == 504 else "unreachable"
-            elif reply.status != 200:
-                failure = str(reply.status)
-            else:
-                data = parse_reply(reply)
-                if isinstance(data, web.Response):
-                    failure = "malformed"
-                else:
-                    problem = responses.malformed_output(data.get("output"))
-                    if problem is not None:
-                        log.error("upstream_malformed_output", error=problem)
-                        failure = "malformed"
-                        data = bad_gateway(
-                            f"The upstream returned a response callgate cannot gate: {problem}",
-                            "upstream_malformed",
-                        )
-            if failure is not None and last is not None:
+            try:
+                reply, data = await _fetch_round(state, request, path, payload, policy)
+            except _RoundFailed as failed:
+                if last is None:
+                    return failed.answer
                 prev, blocked = last
                 last = None
-                reprompt.failed(state, ctx, ROUTE, blocked, failure)
+                reprompt.failed(state, ctx, ROUTE, blocked, failed.label)
                 return await settle(prev, Plan("strip", [], blocked))
-            if isinstance(reply, web.Response):
-                return reply
-            if reply.status != 200:
-                return raw_reply(reply)  # upstream errors reach the client unchanged
-            if isinstance(data, web.Response):
-                return data
             if last is not None:
                 reprompt.asked(state, ctx, last[1])
                 last = None
@@ -277,6 +256,41 @@ async def _gate_response(
     finally:
         if last is not None:  # asked, and the request ended (cancelled) before the answer
             reprompt.asked(state, ctx, last[1])
+
+
+class _RoundFailed(Exception):
+    """A round the upstream did not answer with a response callgate can gate."""
+
+    def __init__(self, answer: web.Response, label: str) -> None:
+        super().__init__(label)
+        self.answer = answer  # the client's answer, when no earlier round can stand in
+        self.label = label  # how it failed, for a pending reprompt's record
+
+
+async def _fetch_round(
+    state: AppState, request: web.Request, path: str, payload: bytes, policy: Policy
+) -> tuple[UpstreamReply, dict[str, Any]]:
+    """A round's answer and its JSON; raises _RoundFailed."""
+    try:
+        reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
+    except UpstreamError as exc:  # callgate's own 504 (timeout) or 502
+        label = "timeout" if exc.status == 504 else "unreachable"
+        raise _RoundFailed(upstream_failure(exc), label) from None
+    if reply.status != 200:
+        # Upstream errors reach the client unchanged.
+        raise _RoundFailed(raw_reply(reply), str(reply.status))
+    data = parse_reply(reply)
+    if isinstance(data, web.Response):
+        raise _RoundFailed(data, "malformed")
+    problem = responses.malformed_output(data.get("output"))
+    if problem is not None:
+        log.error("upstream_malformed_output", error=problem)
+        answer = bad_gateway(
+            f"The upstream returned a response callgate cannot gate: {problem}",
+            "upstream_malformed",
+        )
+        raise _RoundFailed(answer, "malformed")
+    return reply, data
 
 
 async def _settle(
@@ -384,8 +398,19 @@ async def _lookup(state: AppState, response_id: str) -> StashEntry | None:
     return StashEntry.from_json(found[0]) if found else None
 
 
-async def _get(state: AppState, request: web.Request, path_qs: str) -> UpstreamReply | web.Response:
-    return await fetch(state, request, "GET", path_qs, None, state.policy.config.upstream)
+async def _get(
+    state: AppState, request: web.Request, path_qs: str
+) -> tuple[UpstreamReply, dict[str, Any]] | web.StreamResponse:
+    """A stored response (or its input items) and its JSON, or the client's answer when the
+    upstream has none to give."""
+    try:
+        reply = await fetch(state, request, "GET", path_qs, None, state.policy.config.upstream)
+    except UpstreamError as exc:
+        return upstream_failure(exc)
+    if reply.status != 200:
+        return raw_reply(reply)
+    data = parse_reply(reply)
+    return data if isinstance(data, web.Response) else (reply, data)
 
 
 def _with_query(request: web.Request, path: str) -> str:
@@ -400,14 +425,10 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     if not e or request.query.get("stream") == "true":
         return await forward(request)  # nothing of ours in it: verbatim
     target = e.target or rid
-    reply = await _get(state, request, _with_query(request, "/responses/" + target))
-    if isinstance(reply, web.Response):
-        return reply
-    if reply.status != 200:
-        return raw_reply(reply)
-    data = parse_reply(reply)
-    if isinstance(data, web.Response):
-        return data
+    got = await _get(state, request, _with_query(request, "/responses/" + target))
+    if isinstance(got, web.StreamResponse):
+        return got
+    reply, data = got
     found = data.get("output")
     output: list[Any] = found if isinstance(found, list) else []
     output = [*e.prefix, *responses.visible(output, set(e.hide)), *e.extra]
@@ -427,14 +448,10 @@ async def get_input_items(request: web.Request) -> web.StreamResponse:
     if not e:
         return await forward(request)
     source = e.input_of or rid
-    reply = await _get(state, request, _with_query(request, f"/responses/{source}/input_items"))
-    if isinstance(reply, web.Response):
-        return reply
-    if reply.status != 200:
-        return raw_reply(reply)
-    data = parse_reply(reply)
-    if isinstance(data, web.Response):
-        return data
+    got = await _get(state, request, _with_query(request, f"/responses/{source}/input_items"))
+    if isinstance(got, web.StreamResponse):
+        return got
+    reply, data = got
     items = data.get("data")
     if isinstance(items, list):
         shown = responses.visible(items, set(e.hide))
