@@ -129,26 +129,31 @@ def reinsert(items: list[Any], entries: list[StashEntry]) -> list[str]:
         answered = {k for k in (output_key(i) for i in items) if k}
         outputs = {output_key(o): o for o in e.outputs}
         for g in e.groups:
-            add = [i for i in g["items"] if key_of(i) not in present]
-            add_out = [
-                outputs[key_of(i)]
-                for i in g["items"]
-                if key_of(i) in outputs and key_of(i) not in answered
-            ]
-            if not add and not add_out:
+            add = _missing(g, outputs, present, answered)
+            if not add:
                 continue
             pos = _anchor(items, g, e.calls)
             if pos is None:
                 continue  # the client dropped this part of the conversation: nothing to complete
-            items[pos:pos] = add + add_out
-            for i in add + add_out:
+            items[pos:pos] = add
+            for i in add:
                 key = key_of(i)
                 if key:
                     present.add(key)
                     inserted.append(key)
-                if output_key(i):
-                    answered.add(output_key(i))  # type: ignore[arg-type]
+                answer = output_key(i)
+                if answer:
+                    answered.add(answer)
     return inserted
+
+
+def _missing(
+    group: Group, outputs: dict[str | None, dict[str, Any]], present: set[str], answered: set[str]
+) -> list[Any]:
+    """A group's items the input lacks, then the stashed outputs of its calls it lacks."""
+    keys = [key_of(i) for i in group["items"]]
+    add = [i for i, k in zip(group["items"], keys, strict=True) if k not in present]
+    return add + [outputs[k] for k in keys if k in outputs and k not in answered]
 
 
 def _anchor(items: list[Any], group: Group, calls: list[str]) -> int | None:

@@ -112,45 +112,53 @@ def _preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
         if type(item) is _Raw:
             text: str = item
         elif isinstance(item, dict | list):
-            if id(item) in seen:  # not from a JSON parser, but never loop
-                text = '"<cycle>"'
-            else:
-                seen.add(id(item))
-                if isinstance(item, dict):
-                    stack.append(_Raw("}"))
-                    entries = list(item.items())
-                    for i in range(len(entries) - 1, -1, -1):
-                        key, child = entries[i]
-                        stack.append(child)
-                        name = key if isinstance(key, str) else str(key)
-                        stack.append(_Raw(("," if i else "") + _json_string(name) + ":"))
-                    text = "{"
-                else:
-                    stack.append(_Raw("]"))
-                    for i in range(len(item) - 1, -1, -1):
-                        stack.append(item[i])
-                        if i:
-                            stack.append(_Raw(","))
-                    text = "["
-        elif isinstance(item, str):
-            text = _json_string(item[:limit])
-        elif item is None or isinstance(item, bool):
-            text = "null" if item is None else ("true" if item else "false")
-        elif isinstance(item, int):
-            try:
-                text = str(item)
-            except ValueError:  # more digits than Python will print
-                text = f'"<int of {item.bit_length()} bits>"'
-        elif isinstance(item, float):
-            text = json.dumps(item)  # NaN and Infinity spelled out
+            text = _open_container(item, stack, seen)
         else:
-            try:
-                text = _json_string(repr(item)[:limit])
-            except Exception:  # a broken __repr__
-                text = f'"<{type(item).__name__}>"'
+            text = _scalar_text(item, limit)
         out.append(text)
         size += len(text)
     return "".join(out)[:limit]
+
+
+def _open_container(item: dict[Any, Any] | list[Any], stack: list[Any], seen: set[int]) -> str:
+    """`_preview`'s step into a dict or list: its opening bracket; its members (between
+    separators) and closing bracket pushed to come next."""
+    if id(item) in seen:  # not from a JSON parser, but never loop
+        return '"<cycle>"'
+    seen.add(id(item))
+    if isinstance(item, dict):
+        stack.append(_Raw("}"))
+        entries = list(item.items())
+        for i in range(len(entries) - 1, -1, -1):
+            key, child = entries[i]
+            stack.append(child)
+            name = key if isinstance(key, str) else str(key)
+            stack.append(_Raw(("," if i else "") + _json_string(name) + ":"))
+        return "{"
+    stack.append(_Raw("]"))
+    for i in range(len(item) - 1, -1, -1):
+        stack.append(item[i])
+        if i:
+            stack.append(_Raw(","))
+    return "["
+
+
+def _scalar_text(item: Any, limit: int) -> str:
+    if isinstance(item, str):
+        return _json_string(item[:limit])
+    if item is None or isinstance(item, bool):
+        return "null" if item is None else ("true" if item else "false")
+    if isinstance(item, int):
+        try:
+            return str(item)
+        except ValueError:  # more digits than Python will print
+            return f'"<int of {item.bit_length()} bits>"'
+    if isinstance(item, float):
+        return json.dumps(item)  # NaN and Infinity spelled out
+    try:
+        return _json_string(repr(item)[:limit])
+    except Exception:  # a broken __repr__
+        return f'"<{type(item).__name__}>"'
 
 
 def _digest_form(marker: str, detail: Any, raw: str | None, preview: str) -> dict[str, Any]:

@@ -87,36 +87,32 @@ async def prepare_request(
     """Complete the conversation the client sends, in place: error outputs for the blocked calls
     of the response it continues, blocked calls put back into a full input. Returns (changed,
     keys of the input items callgate added: the client must not see them read back)."""
-    changed = False
-    inserted: list[str] = []
     prev = body.get("previous_response_id")
+    prev = prev if isinstance(prev, str) else None
+    conversation = responses.conversation_id(body)
     raw_input = body.get("input")
     call_ids = responses.input_call_ids(raw_input) if isinstance(raw_input, list) else []
-    conversation = responses.conversation_id(body)
-    keys = ([responses.conversation_key(conversation)] if conversation else []) + (
-        [stash.responses_key(prev)] if isinstance(prev, str) else []
-    )
-    keys += [responses.call_key(principal, c) for c in call_ids]
+    # The conversation's entry, then the previous response's: the outputs the turn must carry.
+    heads = [responses.conversation_key(conversation)] if conversation else []
+    heads += [stash.responses_key(prev)] if prev is not None else []
+    keys = heads + [responses.call_key(principal, c) for c in call_ids]
     found = [StashEntry.from_json(e) for e in await stash.get_many(state.store, keys)]
+    carried, by_call = found[: len(heads)], found[len(heads) :]
     items = responses.as_input_list(raw_input)
-    if conversation:
-        conv_entry, found = found[0] if found else None, found[1:]
-        if conv_entry and conv_entry.outputs:
-            inserted += add_outputs(items, conv_entry.outputs)
-    if isinstance(prev, str):
-        prev_entry, found = found[0] if found else None, found[1:]
-        if prev_entry and prev_entry.target:
-            # The client saw a reprompted stream under the first round's id; continue the last.
-            body["previous_response_id"] = prev_entry.target
-            changed = True
-        if prev_entry and prev_entry.outputs:
-            inserted += add_outputs(items, prev_entry.outputs)
+    inserted: list[str] = []
+    for entry in carried:
+        if entry is not None:
+            inserted += add_outputs(items, entry.outputs)
+    changed = False
+    target = carried[-1].target if prev is not None and carried[-1] is not None else None
+    if target:
+        # The client saw a reprompted stream under the first round's id; continue the last.
+        body["previous_response_id"] = target
+        changed = True
     # The same entry is stored under each surviving call of its response: use it once.
-    unique = {orjson.dumps(e.to_json()): e for e in found if e and e.groups}
-    if unique:
-        inserted += reinsert(items, list(unique.values()))
-    stripped = responses.strip_notice_ids(items)
-    if inserted or stripped:
+    unique = {orjson.dumps(e.to_json()): e for e in by_call if e and e.groups}
+    inserted += reinsert(items, list(unique.values()))
+    if responses.strip_notice_ids(items) or inserted:
         body["input"] = items
         changed = True
     return changed, inserted
