@@ -21,12 +21,13 @@ from proxy.policy import Policy
 from proxy.routes import admin, responses
 from proxy.routes.chat import chat_completions
 from proxy.routes.incoming import PRINCIPAL, request_id
-from proxy.routes.passthrough import TARGET, forward
+from proxy.routes.passthrough import forward
 from proxy.routes.probes import healthz, metrics_handler, readyz
 from proxy.state import STATE, AppState
 from proxy.store import Store, open_store
 from proxy.store.memory import MemoryStore
 from proxy.telemetry import request_trace, start_tracing
+from proxy.transport import TARGET
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("callgate.http")

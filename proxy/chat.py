@@ -270,18 +270,25 @@ def relaxed_tool_choice(
     tools = body.get("tools")
     names = [n for n in map(tool_name, tools if isinstance(tools, list) else []) if n]
     left = [n for n in names if n not in blocked and not denied(n)]
-    choice = body.get("tool_choice")
-    if choice == "required" or (isinstance(choice, dict) and tool_name(choice) in blocked):
-        return {"tool_choice": "auto" if left else "none"}
-    allowed = choice.get("allowed_tools") if isinstance(choice, dict) else None
-    if isinstance(choice, dict) and isinstance(allowed, dict) and allowed.get("mode") == "required":
-        listed = {tool_name(t) for t in allowed.get("tools") or []}
-        if not any(n in listed for n in left):
-            return {"tool_choice": "none"}
-        return {"tool_choice": {**choice, "allowed_tools": {**allowed, "mode": "auto"}}}
+    relaxed = _relaxed_choice(body.get("tool_choice"), blocked, left)
+    if relaxed is not None:
+        return relaxed
     legacy = body.get("function_call")
     if isinstance(legacy, dict) and legacy.get("name") in blocked:
         functions = body.get("functions")
         fns = [f.get("name") for f in functions if isinstance(f, dict)] if functions else []
         return {"function_call": "auto" if any(n not in blocked for n in fns) else "none"}
     return {}
+
+
+def _relaxed_choice(choice: Any, blocked: set[str], left: list[str]) -> dict[str, Any] | None:
+    """relaxed_tool_choice's `tool_choice`; None when it does not force a blocked tool."""
+    if choice == "required" or (isinstance(choice, dict) and tool_name(choice) in blocked):
+        return {"tool_choice": "auto" if left else "none"}
+    allowed = choice.get("allowed_tools") if isinstance(choice, dict) else None
+    if not isinstance(allowed, dict) or allowed.get("mode") != "required":
+        return None
+    listed = {tool_name(t) for t in allowed.get("tools") or []}
+    if not any(n in listed for n in left):
+        return {"tool_choice": "none"}
+    return {"tool_choice": {**choice, "allowed_tools": {**allowed, "mode": "auto"}}}

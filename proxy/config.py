@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 from pydantic import (
@@ -610,6 +610,19 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node | None]:
     """Parse and validate YAML text. Returns the model and the YAML node tree (for line numbers)."""
+    node, raw = _load_yaml(text, source)
+    raw = _expand_env(raw)
+    if os.environ.get("CALLGATE_UPSTREAM_URL") and isinstance(raw.get("upstream", {}), dict):
+        raw["upstream"] = {
+            **(raw.get("upstream") or {}),
+            "base_url": os.environ["CALLGATE_UPSTREAM_URL"],
+        }
+    config = _validate(raw, node, source)
+    _check_ledgers(config, node, source)
+    return config, node
+
+
+def _load_yaml(text: str, source: str) -> tuple[yaml.Node | None, dict[str, Any]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -622,25 +635,34 @@ def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, ["(root): the policy must be a YAML mapping"])
-    raw = _expand_env(raw)
-    if os.environ.get("CALLGATE_UPSTREAM_URL") and isinstance(raw.get("upstream", {}), dict):
-        raw["upstream"] = {
-            **(raw.get("upstream") or {}),
-            "base_url": os.environ["CALLGATE_UPSTREAM_URL"],
-        }
+    return node, raw
+
+
+def _located(node: yaml.Node | None, loc: tuple[Any, ...], message: str) -> tuple[int, str]:
+    """(line or 0, `path: message (line N)`), to sort errors in the order of the file."""
+    line = line_of(node, loc)
+    return line or 0, f"{_format_loc(loc)}: {message}" + (f" (line {line})" if line else "")
+
+
+def _raise_located(source: str, located: list[tuple[int, str]]) -> NoReturn:
+    # In the order of the file, not of the schema's fields.
+    located.sort(key=lambda item: item[0])
+    raise ConfigError(source, [text for _, text in located]) from None
+
+
+def _validate(raw: dict[str, Any], node: yaml.Node | None, source: str) -> Config:
     try:
-        config = Config.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as exc:
         located = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-            msg = err["msg"].removeprefix("Value error, ")
-            line = line_of(node, loc)
-            text = f"{_format_loc(loc)}: {msg}" + (f" (line {line})" if line else "")
-            located.append((line or 0, text))
-        # In the order of the file, not of the schema's fields.
-        located.sort(key=lambda item: item[0])
-        raise ConfigError(source, [text for _, text in located]) from None
+            located.append(_located(node, loc, err["msg"].removeprefix("Value error, ")))
+        _raise_located(source, located)
+
+
+def _check_ledgers(config: Config, node: yaml.Node | None, source: str) -> None:
+    """Every budget names a declared ledger (in the base policy and every overlay)."""
     errors: list[tuple[int, str]] = []
     sections: list[tuple[tuple[str, ...], ToolConfig | ToolOverlay]] = [
         (("default",), config.default)
@@ -648,19 +670,10 @@ def parse_config(text: str, source: str = "<string>") -> tuple[Config, yaml.Node
     sections += [(("tools", name), tool) for name, tool in config.tools.items()]
     for section, tool in sections + overlay_sections(config):
         if tool.budget and tool.budget.ledger and tool.budget.ledger not in config.budgets:
-            loc = (*section, "budget", "ledger")
-            line = line_of(node, loc)
-            errors.append(
-                (
-                    line or 0,
-                    f"{_format_loc(loc)}: unknown ledger {tool.budget.ledger!r}; "
-                    f"declare it under budgets" + (f" (line {line})" if line else ""),
-                )
-            )
+            message = f"unknown ledger {tool.budget.ledger!r}; declare it under budgets"
+            errors.append(_located(node, (*section, "budget", "ledger"), message))
     if errors:
-        errors.sort(key=lambda item: item[0])
-        raise ConfigError(source, [text for _, text in errors])
-    return config, node
+        _raise_located(source, errors)
 
 
 def overlay_sections(config: Config) -> list[tuple[tuple[str, ...], ToolOverlay]]:

@@ -18,10 +18,10 @@ from proxy import http1
 from proxy.config import UpstreamConfig
 from proxy.errors import bad_gateway, error_body, error_response
 from proxy.metrics import add_upstream_time
-from proxy.routes.passthrough import relay, upstream_path
 from proxy.state import AppState
 from proxy.telemetry import request_trace
 from proxy.toolcalls import CallContext
+from proxy.transport import relay, upstream_path
 from proxy.upstream import UpstreamError, UpstreamReply, response_headers
 
 log = structlog.get_logger("callgate.streaming")
@@ -88,15 +88,14 @@ async def fetch(
     path_qs: str,
     payload: bytes | None,
     target: UpstreamConfig,
-) -> UpstreamReply | web.Response:
-    """Send and read the whole answer; an error response when the upstream cannot be had."""
+) -> UpstreamReply:
+    """Send and read the whole answer; raises UpstreamError when the upstream cannot be had
+    (proxy.transport.upstream_failure words it for the client)."""
     if state.tracing is not None:
         return await _traced_fetch(state, request, method, path_qs, payload, target)
     started = time.perf_counter()
     try:
         return await state.upstream.fetch(method, path_qs, request.headers, payload, target=target)
-    except UpstreamError as exc:
-        return error_response(exc.status, str(exc), "upstream_error", exc.code)
     finally:
         add_upstream_time(time.perf_counter() - started)
 
@@ -108,7 +107,7 @@ async def _traced_fetch(
     path_qs: str,
     payload: bytes | None,
     target: UpstreamConfig,
-) -> UpstreamReply | web.Response:
+) -> UpstreamReply:
     """fetch() in a round span, its context sent upstream."""
     assert state.tracing is not None
     rnd = state.tracing.start_round(
@@ -124,7 +123,7 @@ async def _traced_fetch(
         reply = await state.upstream.fetch(method, path_qs, rnd.headers, payload, target=target)
     except UpstreamError as exc:
         rnd.failed(exc.code, exc.status)
-        return error_response(exc.status, str(exc), "upstream_error", exc.code)
+        raise
     except BaseException:
         rnd.failed("cancelled")
         raise

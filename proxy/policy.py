@@ -26,6 +26,7 @@ from proxy.config import (
     Config,
     ConfigError,
     LedgerConfig,
+    OnBlock,
     RateLimitConfig,
     ToolConfig,
     line_of,
@@ -176,7 +177,7 @@ class ToolPolicy:
     name: str
     namespace: str
     allow: bool
-    on_block: str
+    on_block: OnBlock
     rules: tuple[Rule, ...]
     rules_mode: str
     schema: jsonschema.protocols.Validator | None

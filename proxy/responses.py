@@ -8,15 +8,8 @@ and custom tool calls, and the built-in client-run tools' `shell_call`, `local_s
 `apply_patch_call`) and their outputs (the call id is what outputs refer to, and clients that
 build their own input often drop item ids), `id:<id>` for everything else.
 
-What the stash keeps for a response the client saw (see `entry`):
-- `outputs`: the error outputs of its blocked calls (what the next turn must carry, so that the
-  upstream, which stored every call, finds an output for each);
-- `groups`: the removed items with the keys of their neighbours, to put them back in place when
-  the client sends its full input instead of `previous_response_id`;
-- `hide`: keys of items the client must never see (blocked calls and their reasoning, error
-  outputs callgate added) when it reads the stored response or its input items back;
-- `target` / `input_of` / `previous_response_id` / `prefix` / `extra`: how to show the client's
-  view of a stored response after a reprompt (the upstream's ids differ from the client's).
+What the stash keeps for a response the client saw, and how the next turn gets it back:
+proxy.responses_stash.
 """
 
 from __future__ import annotations
@@ -377,66 +370,6 @@ def _without_nulls(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def entry(
-    *,
-    outputs: list[dict[str, Any]] | None = None,
-    groups: list[dict[str, Any]] | None = None,
-    calls: list[str] | None = None,
-    hide: list[str] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A stash entry (see the module docstring); empty lists and None are left out."""
-    out: dict[str, Any] = {}
-    for name, value in (
-        ("outputs", outputs),
-        ("groups", groups),
-        ("calls", calls),
-        ("hide", hide),
-        *extra.items(),
-    ):
-        if value is not None and value != []:
-            out[name] = value
-    return out
-
-
-def clean_entry(value: Any) -> dict[str, Any] | None:
-    """A stash entry read back, keeping only fields of the shape `entry` writes (a damaged or
-    foreign value must not break the request that reads it). None when nothing usable is left."""
-    if not isinstance(value, dict):
-        return None
-    out: dict[str, Any] = {}
-    outputs = value.get("outputs")
-    if isinstance(outputs, list):
-        out["outputs"] = [o for o in outputs if output_key(o)]
-    groups = value.get("groups")
-    if isinstance(groups, list):
-        out["groups"] = [
-            {
-                "items": [i for i in g["items"] if isinstance(i, dict)],
-                "after": g.get("after") if isinstance(g.get("after"), str) else None,
-                "before": g.get("before") if isinstance(g.get("before"), str) else None,
-            }
-            for g in groups
-            if isinstance(g, dict)
-            and isinstance(g.get("items"), list)
-            and any(isinstance(i, dict) for i in g["items"])
-        ]
-    for name in ("calls", "hide"):
-        items = value.get(name)
-        if isinstance(items, list):
-            out[name] = [i for i in items if isinstance(i, str)]
-    for name in ("prefix", "extra"):
-        if isinstance(value.get(name), list):
-            out[name] = [i for i in value[name] if isinstance(i, dict)]
-    for name in ("target", "input_of"):
-        if isinstance(value.get(name), str) and value[name]:
-            out[name] = value[name]
-    if isinstance(value.get("previous_response_id"), str):
-        out["previous_response_id"] = value["previous_response_id"]
-    out = {k: v for k, v in out.items() if v != []}
-    return out or None
-
-
 # -- reprompt --------------------------------------------------------------------------------
 
 
@@ -488,66 +421,7 @@ def relaxed_tool_choice(
     return {}
 
 
-# -- the client's next turn ---------------------------------------------------------------
-
-
-def add_outputs(items: list[Any], outputs: list[dict[str, Any]]) -> list[str]:
-    """Prepend the error outputs the input lacks (after `previous_response_id`). Returns keys."""
-    present = {k for k in (output_key(i) for i in items) if k}
-    missing = [o for o in outputs if output_key(o) not in present]
-    items[0:0] = missing
-    return [k for k in (output_key(o) for o in missing) if k]
-
-
-def reinsert(items: list[Any], entries: list[dict[str, Any]]) -> list[str]:
-    """Put stashed blocked calls (and their outputs) back into a client's full input, in place.
-
-    Each group goes before the kept item that followed it, else after the one before it, else
-    before the first surviving call of its response. Items already present are not repeated.
-    Returns the keys of everything inserted (the client must not see them read back).
-    """
-    inserted: list[str] = []
-    for e in entries:
-        present = {k for k in (key_of(i) for i in items) if k}
-        answered = {k for k in (output_key(i) for i in items) if k}
-        outputs = {output_key(o): o for o in e.get("outputs") or []}
-        for g in e.get("groups") or []:
-            add = [i for i in g["items"] if key_of(i) not in present]
-            add_out = [
-                outputs[key_of(i)]
-                for i in g["items"]
-                if key_of(i) in outputs and key_of(i) not in answered
-            ]
-            if not add and not add_out:
-                continue
-            pos = _anchor(items, g, e.get("calls") or [])
-            if pos is None:
-                continue  # the client dropped this part of the conversation: nothing to complete
-            items[pos:pos] = add + add_out
-            for i in add + add_out:
-                key = key_of(i)
-                if key:
-                    present.add(key)
-                    inserted.append(key)
-                if output_key(i):
-                    answered.add(output_key(i))  # type: ignore[arg-type]
-    return inserted
-
-
-def _anchor(items: list[Any], group: dict[str, Any], calls: list[str]) -> int | None:
-    index = {}
-    for pos, item in enumerate(items):
-        key = key_of(item)
-        if key and key not in index and output_key(item) is None:
-            index[key] = pos
-    if group.get("before") in index:
-        return index[group["before"]]
-    if group.get("after") in index:
-        return index[group["after"]] + 1
-    for call_id in calls:
-        if "call:" + call_id in index:
-            return index["call:" + call_id]
-    return None
+# -- the client's next turn (and proxy.responses_stash) --------------------------------
 
 
 def strip_notice_ids(items: list[Any]) -> bool:

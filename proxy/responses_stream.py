@@ -42,6 +42,7 @@ from proxy.forward import StreamFailed, event_object, next_chunk, open_round
 from proxy.gates import decide, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
+from proxy.responses_stash import StashEntry
 from proxy.rounds import Plan, asked_again, refuse, settle
 from proxy.state import AppState
 from proxy.toolcalls import CallContext, ToolCall
@@ -97,23 +98,23 @@ async def save_entry(
     policy: Policy,
     principal: str,
     response_id: str,
-    value: dict[str, Any],
+    entry: StashEntry,
     body: dict[str, Any],
 ) -> None:
     """Stash a response's entry under its id and its surviving calls' ids; the outputs its
     conversation's next turn needs, under the conversation's id."""
+    value = entry.to_json()
     if not value:
         return
     ttl = policy.config.server.stash_ttl
     keys = [stash.responses_key(response_id)]
-    keys += [responses.call_key(principal, c) for c in value.get("calls", [])]
+    keys += [responses.call_key(principal, c) for c in entry.calls]
     await stash.put(state.store, keys, value, ttl)
     conversation = responses.conversation_id(body)
     if conversation:
         # The new outputs, or none: those this request carried are in the conversation now.
-        outputs = value.get("outputs")
         key = responses.conversation_key(conversation)
-        await stash.put(state.store, [key], {"outputs": outputs} if outputs else {}, ttl)
+        await stash.put(state.store, [key], StashEntry(outputs=entry.outputs).to_json(), ttl)
 
 
 def error_message(obj: dict[str, Any]) -> str:
@@ -972,10 +973,10 @@ class ResponsesStream:
                 groups=groups,
                 calls=[d.call.id for d in p.allowed],
             )
-        value = responses.entry(hide=[*self.inserted, *removed], **extra)
+        entry = StashEntry(hide=[*self.inserted, *removed], **extra)
         if self.visible_id:
             await save_entry(
-                self.state, self.policy, self.ctx.principal, self.visible_id, value, self.body
+                self.state, self.policy, self.ctx.principal, self.visible_id, entry, self.body
             )
 
     # -- reprompt -------------------------------------------------------------------------

@@ -240,7 +240,7 @@ async def test_durable_after_close_with_records_lost_raises(tmp_path):
     record(auditor, "c0")
     waiter = asyncio.ensure_future(auditor.durable())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(audit, "RETRY_SECONDS", 0.01)
+        mp.setattr(audit.writer, "RETRY_SECONDS", 0.01)  # read by the writer thread
         await auditor.close()
     with pytest.raises(AuditUnavailable):
         await waiter

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.config import OnBlock
 from proxy.toolcalls import ToolCall
 
 
@@ -20,7 +21,7 @@ class Block:
 class Decision:
     call: ToolCall
     tool_policy: str  # the policy entry that applied: the tool's name or "*"
-    on_block: str
+    on_block: OnBlock
     block: Block | None = None
     # Blocks a shadow-mode gate would have made; recorded, never enforced.
     shadow: list[Block] = field(default_factory=list)

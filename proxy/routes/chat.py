@@ -20,10 +20,10 @@ from proxy.policy import Policy
 from proxy.request_shape import chat_problem
 from proxy.rounds import asked_again, refuse, settle
 from proxy.routes.incoming import BadRequest, call_context, read_json
-from proxy.routes.passthrough import upstream_path
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamReply
+from proxy.transport import upstream_failure, upstream_path
+from proxy.upstream import UpstreamError, UpstreamReply
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat")
@@ -125,12 +125,13 @@ async def _gate_completion(
     last: _Reprompted | None = None  # the round a pending reprompt was asked about
     try:
         while True:
-            reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
-            if isinstance(reply, web.Response):
+            try:
+                reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
+            except UpstreamError as exc:
                 if last is not None:  # callgate's own 504 (timeout) or 502 (unreachable)
-                    status = "timeout" if reply.status == 504 else "unreachable"
+                    status = "timeout" if exc.status == 504 else "unreachable"
                     return _strip_answer(state, ctx, last, usage, status)
-                return reply  # the upstream could not be reached: an error in OpenAI's shape
+                return upstream_failure(exc)  # not reached: an error in OpenAI's shape
             if reply.status != 200:
                 if last is not None:
                     return _strip_answer(state, ctx, last, usage, str(reply.status))

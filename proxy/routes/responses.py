@@ -26,6 +26,7 @@ from proxy.gates import decide_many, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.request_shape import responses_problem
+from proxy.responses_stash import StashEntry, add_outputs, reinsert
 from proxy.responses_stream import (
     MAX_APPROVAL_ROUNDS,
     ResponsesStream,
@@ -34,10 +35,11 @@ from proxy.responses_stream import (
 )
 from proxy.rounds import Plan, asked_again, plan_round, record_round, refuse
 from proxy.routes.incoming import BadRequest, call_context, read_json
-from proxy.routes.passthrough import forward, upstream_path
+from proxy.routes.passthrough import forward
 from proxy.state import STATE, AppState
 from proxy.toolcalls import CallContext
-from proxy.upstream import UpstreamReply
+from proxy.transport import upstream_failure, upstream_path
+from proxy.upstream import UpstreamError, UpstreamReply
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.responses")
@@ -85,36 +87,32 @@ async def prepare_request(
     """Complete the conversation the client sends, in place: error outputs for the blocked calls
     of the response it continues, blocked calls put back into a full input. Returns (changed,
     keys of the input items callgate added: the client must not see them read back)."""
-    changed = False
-    inserted: list[str] = []
     prev = body.get("previous_response_id")
+    prev = prev if isinstance(prev, str) else None
+    conversation = responses.conversation_id(body)
     raw_input = body.get("input")
     call_ids = responses.input_call_ids(raw_input) if isinstance(raw_input, list) else []
-    conversation = responses.conversation_id(body)
-    keys = ([responses.conversation_key(conversation)] if conversation else []) + (
-        [stash.responses_key(prev)] if isinstance(prev, str) else []
-    )
-    keys += [responses.call_key(principal, c) for c in call_ids]
-    found = [responses.clean_entry(e) for e in await stash.get_many(state.store, keys)]
+    # The conversation's entry, then the previous response's: the outputs the turn must carry.
+    heads = [responses.conversation_key(conversation)] if conversation else []
+    heads += [stash.responses_key(prev)] if prev is not None else []
+    keys = heads + [responses.call_key(principal, c) for c in call_ids]
+    found = [StashEntry.from_json(e) for e in await stash.get_many(state.store, keys)]
+    carried, by_call = found[: len(heads)], found[len(heads) :]
     items = responses.as_input_list(raw_input)
-    if conversation:
-        conv_entry, found = found[0] if found else None, found[1:]
-        if conv_entry and conv_entry.get("outputs"):
-            inserted += responses.add_outputs(items, conv_entry["outputs"])
-    if isinstance(prev, str):
-        prev_entry, found = found[0] if found else None, found[1:]
-        if prev_entry and prev_entry.get("target"):
-            # The client saw a reprompted stream under the first round's id; continue the last.
-            body["previous_response_id"] = prev_entry["target"]
-            changed = True
-        if prev_entry and prev_entry.get("outputs"):
-            inserted += responses.add_outputs(items, prev_entry["outputs"])
+    inserted: list[str] = []
+    for entry in carried:
+        if entry is not None:
+            inserted += add_outputs(items, entry.outputs)
+    changed = False
+    target = carried[-1].target if prev is not None and carried[-1] is not None else None
+    if target:
+        # The client saw a reprompted stream under the first round's id; continue the last.
+        body["previous_response_id"] = target
+        changed = True
     # The same entry is stored under each surviving call of its response: use it once.
-    unique = {orjson.dumps(e): e for e in found if e and e.get("groups")}
-    if unique:
-        inserted += responses.reinsert(items, list(unique.values()))
-    stripped = responses.strip_notice_ids(items)
-    if inserted or stripped:
+    unique = {orjson.dumps(e.to_json()): e for e in by_call if e and e.groups}
+    inserted += reinsert(items, list(unique.values()))
+    if responses.strip_notice_ids(items) or inserted:
         body["input"] = items
         changed = True
     return changed, inserted
@@ -192,37 +190,15 @@ async def _gate_response(
 
     try:
         while True:
-            reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
-            failure: str | None = None
-            data: dict[str, Any] | web.Response = {}
-            if isinstance(reply, web.Response):  # callgate's own 504 (timeout) or 502
-                failure = "timeout" if reply.status == 504 else "unreachable"
-            elif reply.status != 200:
-                failure = str(reply.status)
-            else:
-                data = parse_reply(reply)
-                if isinstance(data, web.Response):
-                    failure = "malformed"
-                else:
-                    problem = responses.malformed_output(data.get("output"))
-                    if problem is not None:
-                        log.error("upstream_malformed_output", error=problem)
-                        failure = "malformed"
-                        data = bad_gateway(
-                            f"The upstream returned a response callgate cannot gate: {problem}",
-                            "upstream_malformed",
-                        )
-            if failure is not None and last is not None:
+            try:
+                reply, data = await _fetch_round(state, request, path, payload, policy)
+            except _RoundFailed as failed:
+                if last is None:
+                    return failed.answer
                 prev, blocked = last
                 last = None
-                reprompt.failed(state, ctx, ROUTE, blocked, failure)
+                reprompt.failed(state, ctx, ROUTE, blocked, failed.label)
                 return await settle(prev, Plan("strip", [], blocked))
-            if isinstance(reply, web.Response):
-                return reply
-            if reply.status != 200:
-                return raw_reply(reply)  # upstream errors reach the client unchanged
-            if isinstance(data, web.Response):
-                return data
             if last is not None:
                 reprompt.asked(state, ctx, last[1])
                 last = None
@@ -276,6 +252,41 @@ async def _gate_response(
     finally:
         if last is not None:  # asked, and the request ended (cancelled) before the answer
             reprompt.asked(state, ctx, last[1])
+
+
+class _RoundFailed(Exception):
+    """A round the upstream did not answer with a response callgate can gate."""
+
+    def __init__(self, answer: web.Response, label: str) -> None:
+        super().__init__(label)
+        self.answer = answer  # the client's answer, when no earlier round can stand in
+        self.label = label  # how it failed, for a pending reprompt's record
+
+
+async def _fetch_round(
+    state: AppState, request: web.Request, path: str, payload: bytes, policy: Policy
+) -> tuple[UpstreamReply, dict[str, Any]]:
+    """A round's answer and its JSON; raises _RoundFailed."""
+    try:
+        reply = await fetch(state, request, "POST", path, payload, policy.config.upstream)
+    except UpstreamError as exc:  # callgate's own 504 (timeout) or 502
+        label = "timeout" if exc.status == 504 else "unreachable"
+        raise _RoundFailed(upstream_failure(exc), label) from None
+    if reply.status != 200:
+        # Upstream errors reach the client unchanged.
+        raise _RoundFailed(raw_reply(reply), str(reply.status))
+    data = parse_reply(reply)
+    if isinstance(data, web.Response):
+        raise _RoundFailed(data, "malformed")
+    problem = responses.malformed_output(data.get("output"))
+    if problem is not None:
+        log.error("upstream_malformed_output", error=problem)
+        answer = bad_gateway(
+            f"The upstream returned a response callgate cannot gate: {problem}",
+            "upstream_malformed",
+        )
+        raise _RoundFailed(answer, "malformed")
+    return reply, data
 
 
 async def _settle(
@@ -333,8 +344,7 @@ async def _settle(
     record_round(state, ctx, p, decisions, approvals)
     rid = data.get("id")
     if isinstance(rid, str):
-        value = responses.entry(hide=hide, **extra)
-        await save_entry(state, policy, ctx.principal, rid, value, body)
+        await save_entry(state, policy, ctx.principal, rid, StashEntry(hide=hide, **extra), body)
     return out
 
 
@@ -379,13 +389,24 @@ async def _gate_stream(
 # -- reading stored responses back --------------------------------------------------------
 
 
-async def _lookup(state: AppState, response_id: str) -> dict[str, Any] | None:
+async def _lookup(state: AppState, response_id: str) -> StashEntry | None:
     found = await stash.get_many(state.store, [stash.responses_key(response_id)])
-    return responses.clean_entry(found[0]) if found else None
+    return StashEntry.from_json(found[0]) if found else None
 
 
-async def _get(state: AppState, request: web.Request, path_qs: str) -> UpstreamReply | web.Response:
-    return await fetch(state, request, "GET", path_qs, None, state.policy.config.upstream)
+async def _get(
+    state: AppState, request: web.Request, path_qs: str
+) -> tuple[UpstreamReply, dict[str, Any]] | web.StreamResponse:
+    """A stored response (or its input items) and its JSON, or the client's answer when the
+    upstream has none to give."""
+    try:
+        reply = await fetch(state, request, "GET", path_qs, None, state.policy.config.upstream)
+    except UpstreamError as exc:
+        return upstream_failure(exc)
+    if reply.status != 200:
+        return raw_reply(reply)
+    data = parse_reply(reply)
+    return data if isinstance(data, web.Response) else (reply, data)
 
 
 def _with_query(request: web.Request, path: str) -> str:
@@ -399,25 +420,20 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     e = await _lookup(state, rid)
     if not e or request.query.get("stream") == "true":
         return await forward(request)  # nothing of ours in it: verbatim
-    target = e.get("target") or rid
-    reply = await _get(state, request, _with_query(request, "/responses/" + target))
-    if isinstance(reply, web.Response):
-        return reply
-    if reply.status != 200:
-        return raw_reply(reply)
-    data = parse_reply(reply)
-    if isinstance(data, web.Response):
-        return data
+    target = e.target or rid
+    got = await _get(state, request, _with_query(request, "/responses/" + target))
+    if isinstance(got, web.StreamResponse):
+        return got
+    reply, data = got
     found = data.get("output")
     output: list[Any] = found if isinstance(found, list) else []
-    output = [*(e.get("prefix") or []), *responses.visible(output, set(e.get("hide") or []))]
-    output += e.get("extra") or []
+    output = [*e.prefix, *responses.visible(output, set(e.hide)), *e.extra]
     data["output"] = output
     if "output_text" in data:
         data["output_text"] = responses.output_text(output)
     data["id"] = rid
-    if "previous_response_id" in e:
-        data["previous_response_id"] = e["previous_response_id"] or None
+    if e.previous_response_id is not None:
+        data["previous_response_id"] = e.previous_response_id or None
     return json_reply(reply, data)
 
 
@@ -427,18 +443,14 @@ async def get_input_items(request: web.Request) -> web.StreamResponse:
     e = await _lookup(state, rid)
     if not e:
         return await forward(request)
-    source = e.get("input_of") or rid
-    reply = await _get(state, request, _with_query(request, f"/responses/{source}/input_items"))
-    if isinstance(reply, web.Response):
-        return reply
-    if reply.status != 200:
-        return raw_reply(reply)
-    data = parse_reply(reply)
-    if isinstance(data, web.Response):
-        return data
+    source = e.input_of or rid
+    got = await _get(state, request, _with_query(request, f"/responses/{source}/input_items"))
+    if isinstance(got, web.StreamResponse):
+        return got
+    reply, data = got
     items = data.get("data")
     if isinstance(items, list):
-        shown = responses.visible(items, set(e.get("hide") or []))
+        shown = responses.visible(items, set(e.hide))
         data["data"] = shown
         if "first_id" in data:
             data["first_id"] = _item_id(shown[0]) if shown else None
