@@ -16,13 +16,14 @@ whole reads of text events (`sse.raw_prefix`), events that cannot carry a call
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 
 from proxy import chat, reprompt, sse, stash
+from proxy.chat_held import ChoiceState, HeldCall
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, event_object
 from proxy.gates.decision import Block, Decision
@@ -46,59 +47,11 @@ from proxy.stream_effects import (
     Stash,
     Steps,
 )
-from proxy.toolcalls import CallContext, ToolCall
+from proxy.toolcalls import CallContext
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat_stream")
 ROUTE = "chat.completions"
-
-
-@dataclass(slots=True)
-class HeldCall:
-    index: int
-    id: str = ""
-    type: str = "function"
-    name: str = ""
-    args: list[str] = field(default_factory=list)
-    legacy: bool = False
-
-    def add(self, delta: dict[str, Any]) -> None:
-        if delta.get("id") and not self.id:
-            self.id = str(delta["id"])
-        if delta.get("type"):
-            self.type = str(delta["type"])
-        inner = delta.get("custom") if self.type == "custom" else delta.get("function", delta)
-        if not isinstance(inner, dict):
-            return
-        name = inner.get("name")
-        # Servers like llama.cpp repeat the full name in every delta: keep it once.
-        if name and name != self.name:
-            self.name = name if not self.name else self.name + name
-        piece = inner.get("input" if self.type == "custom" else "arguments")
-        if isinstance(piece, str):
-            self.args.append(piece)
-
-    @property
-    def arguments(self) -> str:
-        return "".join(self.args)
-
-    def tool_call(self) -> ToolCall:
-        kind = "custom" if self.type == "custom" else "function"
-        return ToolCall(self.id, self.name, self.arguments, kind)
-
-    def wire(self) -> dict[str, Any]:
-        """The call as a complete (non-streamed) `tool_calls` entry."""
-        if self.type == "custom":
-            return {
-                "id": self.id,
-                "type": "custom",
-                "custom": {"name": self.name, "input": self.arguments},
-            }
-        return {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
 
 
 @dataclass(slots=True)
@@ -109,18 +62,6 @@ class Reprompted:
     blocked: list[Decision]
     template: dict[str, Any]  # the round's finishing chunk (id, created, model, ...)
     index: int  # its choice index
-
-
-@dataclass(slots=True)
-class ChoiceState:
-    open: dict[int, HeldCall] = field(default_factory=dict)
-    calls: list[HeldCall] = field(default_factory=list)
-    decisions: list[Decision] = field(default_factory=list)
-    emitted: int = 0
-    deferred: list[HeldCall] = field(default_factory=list)  # allowed, sent once settled
-    saw_tool_calls: bool = False
-    finished: bool = False
-
 
 
 def _meaningful(delta: dict[str, Any]) -> bool:
@@ -171,10 +112,10 @@ class ChatGate(GateSteps):
         if not self.round and not self.draining and not self.splitter.pending and not self.holding:
             # The fast path: whole events of text go on untouched.
             cut = sse.raw_prefix(data)
-            if cut == len(data):
-                self.text.append(data)
-                return [Send(data)]
             if cut:
+                if cut == len(data):
+                    self.text.append(data)
+                    return [Send(data)]
                 head = data[:cut]
                 self.text.append(head)
                 self.send(head)  # one write with what the rest of the read adds
