@@ -121,8 +121,17 @@ class ChatGate(GateSteps):
                 self.send(head)  # one write with what the rest of the read adds
                 data = data[cut:]
         events = self.splitter.feed(data)
-        if events:
-            self.step(self.events(events))
+        for at, event in enumerate(events):
+            over = self.event(event)
+            if over is False:
+                continue
+            if over is True:
+                self.emit(DONE)  # the stream is over, or this round is
+            else:
+                # A slow path: a generator, for the questions it may ask. Only here, as one
+                # costs more than the common event's whole handling.
+                self.step(self.events(over, events, at + 1))
+            break
         return self.take()
 
     def end(self) -> list[Effect]:
@@ -212,17 +221,21 @@ class ChatGate(GateSteps):
 
     # -- the events -----------------------------------------------------------------------
 
-    def events(self, events: list[bytes]) -> Steps:
-        for event in events:
+    def events(self, first: Steps, events: list[bytes], at: int) -> Steps:
+        """The rest of a read, from its first event on the slow path."""
+        yield from first
+        for event in events[at:]:
+            if self.ended:
+                break
             over = self.event(event)
-            if over is False:
-                continue
-            if over is not True:
+            if over is True:
+                break
+            if over is not False:
                 yield from over
-                if not self.ended:
-                    continue
-            self.emit(DONE)  # the stream is over, or this round is
-            return
+        else:
+            if not self.ended:
+                return
+        self.emit(DONE)  # the stream is over, or this round is
 
     def upstream_ended(self) -> Steps:
         rest = self.splitter.rest()

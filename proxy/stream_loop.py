@@ -104,17 +104,19 @@ class StreamLoop:
 
     async def pump(self, resp: http1.Response) -> int:
         """Read one upstream round to its end, or until the gate says it is over."""
-        gate = self.gate
-        auditor = self.state.auditor
+        feed, write = self.gate.feed, self.out.write
+        unwritten, ctx = self.state.auditor.unwritten, self.ctx
         while (data := await next_chunk(resp)) is not None:
-            fx = gate.feed(data)
-            if len(fx) == 1 and type(fx[0]) is Send and not auditor.unwritten(self.ctx):
-                await self.out.write(fx[0].data)  # the common read: text, nothing to wait for
+            fx = feed(data)
+            if not fx:
+                continue  # held: the next piece of a call's arguments
+            if len(fx) == 1 and type(send := fx[0]) is Send and not unwritten(ctx):
+                await write(send.data)  # the common read: text, nothing to wait for
                 continue
             over = await self.apply(fx)
             if over:
                 return over
-        return await self.apply(gate.end())
+        return await self.apply(self.gate.end())
 
     async def apply(self, fx: list[Effect]) -> int:
         """Run a list of effects in order, answering the gate's questions as they come, then
@@ -171,7 +173,10 @@ class StreamLoop:
 
     async def answer(self, ask: Ask) -> Any:
         if isinstance(ask, Decide):
-            return [await decide(c, self.policy, self.state.store, self.ctx) for c in ask.calls]
+            decisions = []  # (a loop, not an async comprehension: that is one more coroutine)
+            for call in ask.calls:
+                decisions.append(await decide(call, self.policy, self.state.store, self.ctx))
+            return decisions
         if isinstance(ask, Settle):
             return settle(self.state, self.ctx, ask.decisions, ask.can_reprompt)
         return await refuse(self.state, ask.plan)
