@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from proxy import chat, reprompt, stash
-from proxy.chat_stream import ChatStream
+from proxy.chat_gate import ChatGate
 from proxy.delivery import deliver
 from proxy.errors import error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
@@ -21,6 +21,7 @@ from proxy.request_shape import chat_problem
 from proxy.rounds import asked_again, refuse, settle
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.state import STATE, AppState
+from proxy.stream_loop import StreamLoop
 from proxy.toolcalls import CallContext
 from proxy.transport import upstream_failure, upstream_path
 from proxy.upstream import UpstreamError, UpstreamReply
@@ -83,7 +84,7 @@ async def _gate_stream(
         ctx,
         payload,
         policy.config.upstream,
-        lambda out: ChatStream(request, out, state, policy, body, ctx),
+        lambda out: StreamLoop(request, out, state, policy, ctx, ChatGate(policy, body, ctx)),
     )
 
 

@@ -1,4 +1,4 @@
-"""Gating a streamed Chat Completion (`stream: true`) on the fly.
+"""Gating a streamed Chat Completion (`stream: true`) on the fly, without I/O.
 
 Text passes through as the raw bytes the upstream sent. A tool call's deltas are held until its
 arguments are complete (the next call starts, or `finish_reason` arrives), then the call is
@@ -7,82 +7,51 @@ decided and either emitted as one coalesced delta (contiguous `index` from 0; `i
 non-streaming path: `error` ends the stream with an error event, `reprompt` asks the upstream
 again and continues this same client stream, `strip` appends a notice. A stream that ends or
 breaks while a call is held fails closed: the call is never emitted.
+
+`ChatGate` is fed bytes and answers with effects (proxy.stream_effects); proxy.stream_loop
+reads, writes, awaits and records for it. Plain text stays on fast paths that parse nothing:
+whole reads of text events (`sse.raw_prefix`), events that cannot carry a call
+(`sse.may_hold_call`), and the next piece of a held call's arguments (`argument_piece`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
 
-from proxy import chat, http1, reprompt, sse, stash
-from proxy.delivery import on_record
+from proxy import chat, reprompt, sse, stash
+from proxy.chat_held import ChoiceState, HeldCall
 from proxy.errors import error_body
-from proxy.forward import StreamFailed, event_object, next_chunk, open_round
-from proxy.gates import decide, release
+from proxy.forward import StreamFailed, event_object
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
-from proxy.rounds import Plan, asked_again, refuse, settle
-from proxy.state import AppState
-from proxy.toolcalls import CallContext, ToolCall
+from proxy.rounds import Plan, Refusal
+from proxy.stream_effects import (
+    DONE,
+    ENDED,
+    Answered,
+    Decide,
+    Effect,
+    Fail,
+    GateSteps,
+    Record,
+    Refuse,
+    Release,
+    Reprompt,
+    RepromptFailed,
+    Send,
+    Settle,
+    Stash,
+    Steps,
+)
+from proxy.toolcalls import CallContext
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat_stream")
 ROUTE = "chat.completions"
-_background: set[asyncio.Task[None]] = set()  # refunds scheduled from cancelled handlers
-
-
-@dataclass(slots=True)
-class HeldCall:
-    index: int
-    id: str = ""
-    type: str = "function"
-    name: str = ""
-    args: list[str] = field(default_factory=list)
-    legacy: bool = False
-
-    def add(self, delta: dict[str, Any]) -> None:
-        if delta.get("id") and not self.id:
-            self.id = str(delta["id"])
-        if delta.get("type"):
-            self.type = str(delta["type"])
-        inner = delta.get("custom") if self.type == "custom" else delta.get("function", delta)
-        if not isinstance(inner, dict):
-            return
-        name = inner.get("name")
-        # Servers like llama.cpp repeat the full name in every delta: keep it once.
-        if name and name != self.name:
-            self.name = name if not self.name else self.name + name
-        piece = inner.get("input" if self.type == "custom" else "arguments")
-        if isinstance(piece, str):
-            self.args.append(piece)
-
-    @property
-    def arguments(self) -> str:
-        return "".join(self.args)
-
-    def tool_call(self) -> ToolCall:
-        kind = "custom" if self.type == "custom" else "function"
-        return ToolCall(self.id, self.name, self.arguments, kind)
-
-    def wire(self) -> dict[str, Any]:
-        """The call as a complete (non-streamed) `tool_calls` entry."""
-        if self.type == "custom":
-            return {
-                "id": self.id,
-                "type": "custom",
-                "custom": {"name": self.name, "input": self.arguments},
-            }
-        return {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
 
 
 @dataclass(slots=True)
@@ -95,45 +64,31 @@ class Reprompted:
     index: int  # its choice index
 
 
-@dataclass(slots=True)
-class ChoiceState:
-    open: dict[int, HeldCall] = field(default_factory=dict)
-    calls: list[HeldCall] = field(default_factory=list)
-    decisions: list[Decision] = field(default_factory=list)
-    emitted: int = 0
-    deferred: list[HeldCall] = field(default_factory=list)  # allowed, sent once settled
-    saw_tool_calls: bool = False
-    finished: bool = False
-
-
 def _meaningful(delta: dict[str, Any]) -> bool:
     return any(v not in (None, "", [], {}) for v in delta.values())
 
 
-class ChatStream:
-    def __init__(
-        self,
-        request: web.Request,
-        out: web.StreamResponse,
-        state: AppState,
-        policy: Policy,
-        body: dict[str, Any],
-        ctx: CallContext,
-    ) -> None:
-        self.request = request
-        self.out = out
-        self.state = state
+def _incomplete(choices: dict[int, ChoiceState]) -> bool:
+    return any(st.open or (st.calls and not st.finished) for st in choices.values())
+
+
+class ChatGate(GateSteps):
+    route = ROUTE
+
+    def __init__(self, policy: Policy, body: dict[str, Any], ctx: CallContext) -> None:
+        super().__init__()
         self.policy = policy
         self.body = body
         self.ctx = ctx
         self.round = 0
         self.single_choice = body.get("n") in (None, 1)
+        self.splitter = sse.EventSplitter()
         self.choices: dict[int, ChoiceState] = {}
         self.envelope: dict[str, Any] | None = None  # id/created/model the client saw first
         self.text: list[bytes | str] = []  # this round's text: raw events, or extracted strings
         self.usage: dict[str, Any] | None = None  # summed over finished rounds
         self.draining = False  # reprompt decided: read the rest of this round, emit nothing
-        self.ended = False  # an error event was sent: the client stream is over
+        self.ended = False  # the client stream is over (an error event, or strip's ending)
         self.reprompt_plan: Plan | None = None
         self.reprompt_calls: list[HeldCall] = []
         self.reprompt_at: tuple[dict[str, Any], int] = ({}, 0)  # finishing chunk, choice index
@@ -142,7 +97,6 @@ class ChatStream:
         # With an error-mode tool in the policy, allowed calls wait for the response's fate:
         # a request that fails must not have sent any of its calls (their slots are refunded).
         self.defer_calls = policy.has_error_mode
-        self.queued: list[bytes] = []
 
     @property
     def holding(self) -> bool:
@@ -152,30 +106,73 @@ class ChatStream:
                 return True
         return False
 
+    # -- the gate's surface (proxy.stream_effects.Gate) -----------------------------------
+
+    def feed(self, data: bytes) -> list[Effect]:
+        if not self.round and not self.draining and not self.splitter.pending and not self.holding:
+            # The fast path: whole events of text go on untouched.
+            cut = sse.raw_prefix(data)
+            if cut:
+                if cut == len(data):
+                    self.text.append(data)
+                    return [Send(data)]
+                head = data[:cut]
+                self.text.append(head)
+                self.send(head)  # one write with what the rest of the read adds
+                data = data[cut:]
+        events = self.splitter.feed(data)
+        for at, event in enumerate(events):
+            over = self.event(event)
+            if over is False:
+                continue
+            if over is True:
+                self.emit(DONE)  # the stream is over, or this round is
+            else:
+                # A slow path: a generator, for the questions it may ask. Only here, as one
+                # costs more than the common event's whole handling.
+                self.step(self.events(over, events, at + 1))
+            break
+        return self.take()
+
+    def end(self) -> list[Effect]:
+        self.step(self.upstream_ended())
+        return self.take()
+
+    def next_round(self) -> list[Effect]:
+        if self.reprompt_plan is None:
+            self.reprompt_answered()
+        else:
+            self.reprompt(self.reprompt_plan)
+        return self.take()
+
+    def failed(self, message: str, code: str) -> list[Effect]:
+        self.drop_waiting()
+        self.on_failed(message, code)
+        return self.take()
+
+    def reprompt_failed(self, message: str, code: str, status: str) -> list[Effect]:
+        self.strip_finish(message, code, status)
+        return self.take()
+
+    def disconnected(self) -> list[Effect]:
+        # The client left mid-stream: what was decided is still recorded.
+        self.drop_waiting()
+        self.settle_unfinished(
+            "the client disconnected", "client_disconnected", "client_disconnected"
+        )
+        return [e for e in self.take() if type(e) is not Send]
+
     # -- output ---------------------------------------------------------------------------
 
-    async def write(self, data: bytes) -> None:
-        # Queued, then sent once per upstream read: one socket write for many events.
+    def write(self, data: bytes) -> None:
         if self.pending is not None:
             self.reprompt_answered()  # the round answers: no strip fallback from here on
-        self.queued.append(data)
+        self.send(data)
 
     def reprompt_answered(self) -> None:
         pending, self.pending = self.pending, None
         if pending is not None:
-            reprompt.asked(self.state, self.ctx, pending.blocked)
-
-    async def flush(self) -> None:
-        if self.queued:
-            if self.state.auditor.unwritten(self.ctx):
-                try:
-                    await on_record(self.state, self.ctx)  # audit before delivery
-                except StreamFailed:
-                    self.queued.clear()  # never sent unrecorded: the stream fails closed
-                    raise
-            data = b"".join(self.queued) if len(self.queued) > 1 else self.queued[0]
-            self.queued.clear()
-            await self.out.write(data)
+            self.emit(Answered(pending.blocked))
 
     def chunk(
         self, template: dict[str, Any], choice: dict[str, Any], keep_usage: bool = False
@@ -199,116 +196,87 @@ class ChatStream:
                     if d.allowed and not sent:
                         d.block = Block("stream", code, message)  # decided, never sent
                         unsent.append(d)
-                    self.state.auditor.record(d, self.ctx, "allowed" if sent else "blocked", action)
+                    self.emit(Record(d, "allowed" if sent else "blocked", action))
             for call in st.open.values():
                 d = Decision(call.tool_call(), self.policy.for_tool(call.name).name, "error")
                 d.block = Block("stream", code, message)
-                self.state.auditor.record(d, self.ctx, "blocked", action)
+                self.emit(Record(d, "blocked", action))
             st.open.clear()
             st.finished = True
             st.deferred.clear()
         if unsent:
-            # Not awaited: this also runs while the handler is being cancelled.
-            task = asyncio.get_running_loop().create_task(release(self.state.store, unsent))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            self.emit(Release(unsent))
 
-    async def fail(self, message: str, code: str) -> None:
-        """Fail closed: drop every held call, tell the client, record why."""
+    def on_failed(self, message: str, code: str) -> None:
+        """The upstream stream cannot go on. After a reprompt that has not answered yet, the
+        stream ends as `strip` would have ended the round before; otherwise it fails closed."""
+        if self.pending is not None:
+            self.strip_finish(message, code, reprompt.label(code))
+            return
+        # Drop every held call, tell the client, record why.
         self.settle_unfinished(message, code)
-        log.warning("stream_failed", code=code, error=message)
-        body = error_body(message, "upstream_error", code)
-        try:
-            with contextlib.suppress(StreamFailed):  # what was queued goes only if on record
-                await self.flush()
-            await self.out.write(b"data: " + body + b"\n\n")  # carries no call: no wait
-        except (ConnectionResetError, RuntimeError):
-            pass
+        self.ended = True
+        event = b"data: " + error_body(message, "upstream_error", code) + b"\n\n"
+        self.emit(Fail(message, code, event))
 
-    # -- the loop -------------------------------------------------------------------------
+    # -- the events -----------------------------------------------------------------------
 
-    async def run(self, resp: http1.Response) -> None:
-        while True:
-            try:
-                await self.pump(resp)
-            except StreamFailed as exc:
-                if self.pending is not None:
-                    await self.strip_finish(str(exc), exc.code, reprompt.label(exc.code))
-                else:
-                    await self.fail(str(exc), exc.code)
+    def events(self, first: Steps, events: list[bytes], at: int) -> Steps:
+        """The rest of a read, from its first event on the slow path."""
+        yield from first
+        for event in events[at:]:
+            if self.ended:
+                break
+            over = self.event(event)
+            if over is True:
+                break
+            if over is not False:
+                yield from over
+        else:
+            if not self.ended:
                 return
-            except (ConnectionResetError, asyncio.CancelledError):
-                # The client left mid-stream: what was decided is still recorded.
-                self.settle_unfinished(
-                    "the client disconnected", "client_disconnected", "client_disconnected"
+        self.emit(DONE)  # the stream is over, or this round is
+
+    def upstream_ended(self) -> Steps:
+        rest = self.splitter.rest()
+        if rest.strip():
+            over = self.event(rest + b"\n\n")
+            if over is not True and over is not False:
+                yield from over
+                over = False
+            if over or self.ended:
+                self.emit(DONE)
+                return
+        if not self.draining:
+            if _incomplete(self.choices):
+                raise StreamFailed(
+                    "upstream stream ended before the tool call's arguments were complete",
+                    "incomplete_tool_call",
                 )
-                raise
-            finally:
-                resp.close()  # a no-op once read to the end; cancels the upstream otherwise
-            if self.reprompt_plan is None:
-                self.reprompt_answered()
-                return
-            next_resp = await self.reprompt(self.reprompt_plan)
-            if next_resp is None:
-                return
-            resp = next_resp
+            if not self.choices or not all(st.finished for st in self.choices.values()):
+                raise StreamFailed(
+                    "upstream stream ended before the response finished", "upstream_truncated"
+                )
+        self.emit(DONE)
 
-    async def pump(self, resp: http1.Response) -> None:
-        splitter = sse.EventSplitter()
-        while (data := await next_chunk(resp)) is not None:
-            if not self.round and not self.draining and not splitter.pending and not self.holding:
-                # The fast path: whole events of text go on untouched.
-                cut = sse.raw_prefix(data)
-                if cut:
-                    head = data if cut == len(data) else data[:cut]
-                    self.text.append(head)
-                    if cut == len(data) and not self.state.auditor.unwritten(self.ctx):
-                        await self.out.write(head)
-                        continue
-                    self.queued.append(head)  # one write with what the rest of the read adds
-                    data = data[cut:]
-            done = False
-            for event in splitter.feed(data):
-                if await self.event(event) or self.ended:
-                    done = True
-                    break
-            await self.flush()
-            if done:
-                return
-        rest = splitter.rest()
-        done = bool(rest.strip()) and (await self.event(rest + b"\n\n") or self.ended)
-        await self.flush()
-        if done:
-            return
-        if self.draining:
-            return
-        if any(st.open or (st.calls and not st.finished) for st in self.choices.values()):
-            raise StreamFailed(
-                "upstream stream ended before the tool call's arguments were complete",
-                "incomplete_tool_call",
-            )
-        if not self.choices or not all(st.finished for st in self.choices.values()):
-            raise StreamFailed(
-                "upstream stream ended before the response finished", "upstream_truncated"
-            )
-
-    async def event(self, event: bytes) -> bool:
-        """Handle one complete event. True when the stream is over (or this round is)."""
+    def event(self, event: bytes) -> bool | Steps:
+        """Handle one complete event: True when the stream is over (or this round is), False
+        when it was handled in place, or the slow path to run."""
         payload = sse.data_of(event)
         if payload is None:
             if not self.draining:
                 # Comments, keep-alives, other fields: queued past write(), as they answer
                 # nothing (a failing reprompt round may still end the stream as strip would).
-                self.queued.append(event)
+                self.send(event)
             return False
         if payload == sse.DONE:
-            if any(st.open or (st.calls and not st.finished) for st in self.choices.values()):
+            if _incomplete(self.choices):
                 raise StreamFailed(
                     "upstream stream ended before the tool call's arguments were complete",
                     "incomplete_tool_call",
                 )
             if not self.draining:
-                await self.write(event)
+                self.write(event)
             return True
         if (
             not self.round
@@ -317,17 +285,17 @@ class ChatStream:
             and not sse.may_hold_call(payload)
         ):
             self.text.append(event)
-            await self.write(event)
+            self.write(event)
             return False
         obj = event_object(payload)
         if "error" in obj and "choices" not in obj and self.pending is not None:
             message = "the upstream sent an error event: " + str(obj.get("error"))[:300]
-            await self.strip_finish(message, "upstream_error", "error_event")
+            self.strip_finish(message, "upstream_error", "error_event")
             return True
         if "error" in obj and "choices" not in obj:
             self.settle_unfinished("the upstream sent an error event", "upstream_error")
             log.warning("upstream_error_event", error=str(obj.get("error"))[:300])
-            await self.write(event)  # the upstream's own error event passes through
+            self.write(event)  # the upstream's own error event passes through
             return True
         if self.argument_piece(obj):
             return False
@@ -335,10 +303,9 @@ class ChatStream:
             # A finish with no tool call in play (a plain text answer): nothing to rewrite.
             for choice in obj.get("choices") or []:
                 self.choices.setdefault(choice.get("index", 0), ChoiceState()).finished = True
-            await self.write(event)
+            self.write(event)
             return False
-        await self.handle_chunk(obj)
-        return False
+        return self.handle_chunk(obj)
 
     def argument_piece(self, obj: dict[str, Any]) -> bool:
         """The event most of a call's stream is made of: the next piece of an open call's
@@ -371,7 +338,7 @@ class ChatStream:
                 return False
         return True
 
-    async def handle_chunk(self, obj: dict[str, Any]) -> None:
+    def handle_chunk(self, obj: dict[str, Any]) -> Steps:
         if self.draining:
             self.usage = add_usage(self.usage, obj.get("usage"))
             return
@@ -384,19 +351,17 @@ class ChatStream:
         out: list[bytes] = []
         choices = obj.get("choices")
         if not isinstance(choices, list) or not choices:
-            await self.write(sse.encode(obj))  # usage-only chunk (include_usage)
+            self.write(sse.encode(obj))  # usage-only chunk (include_usage)
             return
         for choice in choices:
             if isinstance(choice, dict) and not self.ended:
-                await self.handle_choice(obj, choice, out)
+                yield from self.handle_choice(obj, choice, out)
         if self.ended:
             return
         for data in out:
-            await self.write(data)
+            self.write(data)
 
-    async def handle_choice(
-        self, obj: dict[str, Any], choice: dict[str, Any], out: list[bytes]
-    ) -> None:
+    def handle_choice(self, obj: dict[str, Any], choice: dict[str, Any], out: list[bytes]) -> Steps:
         ci = choice.get("index", 0)
         st = self.choices.setdefault(ci, ChoiceState())
         raw_delta = choice.get("delta")
@@ -423,7 +388,7 @@ class ChatStream:
                 if idx not in st.open:
                     # A new call starts: every other open call's arguments are complete.
                     for other in sorted(st.open):
-                        await self.complete(obj, ci, st, st.open.pop(other), out)
+                        yield from self.complete(obj, ci, st, st.open.pop(other), out)
                     st.open[idx] = HeldCall(index=idx)
                 st.open[idx].add(cd)
         elif isinstance(legacy, dict) and not st.saw_tool_calls:
@@ -435,9 +400,9 @@ class ChatStream:
 
         if finish:
             for other in sorted(st.open):
-                await self.complete(obj, ci, st, st.open.pop(other), out)
+                yield from self.complete(obj, ci, st, st.open.pop(other), out)
             st.finished = True
-            await self.finish(obj, ci, st, choice, str(finish), out)
+            yield from self.finish(obj, ci, st, choice, str(finish), out)
 
     @staticmethod
     def next_arguments(st: ChoiceState, choice: dict[str, Any], delta: Any) -> bool:
@@ -461,10 +426,11 @@ class ChatStream:
         held.args.append(piece)
         return True
 
-    async def complete(
+    def complete(
         self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall, out: list[bytes]
-    ) -> None:
-        decision = await decide(call.tool_call(), self.policy, self.state.store, self.ctx)
+    ) -> Steps:
+        decisions: list[Decision] = yield Decide([call.tool_call()])
+        decision = decisions[0]
         st.calls.append(call)
         st.decisions.append(decision)
         if decision.allowed:
@@ -472,7 +438,7 @@ class ChatStream:
                 st.deferred.append(call)
             else:
                 # Sent before the round is settled: on record first (audit before delivery).
-                self.state.auditor.record(decision, self.ctx, "allowed", None)
+                self.emit(Record(decision, "allowed", None))
                 out.append(self.call_chunk(obj, ci, st, call))
 
     def call_chunk(self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall) -> bytes:
@@ -488,7 +454,7 @@ class ChatStream:
             obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None}
         )
 
-    async def finish(
+    def finish(
         self,
         obj: dict[str, Any],
         ci: int,
@@ -496,21 +462,21 @@ class ChatStream:
         choice: dict[str, Any],
         finish: str,
         out: list[bytes],
-    ) -> None:
+    ) -> Steps:
         if not st.decisions:
             out.append(
                 self.chunk(obj, {**choice, "delta": {}, "finish_reason": finish}, keep_usage=True)
             )
             return
         can_reprompt = self.single_choice and self.round < self.policy.config.max_reprompts
-        p = settle(self.state, self.ctx, st.decisions, can_reprompt)
+        p: Plan = yield Settle(st.decisions, can_reprompt)
         if p.action == "error":
-            refusal = await refuse(self.state, p)
+            refusal: Refusal = yield Refuse(p)
             for data in out:
-                await self.write(data)
+                self.write(data)
             out.clear()
             error = error_body(refusal.message, refusal.type, refusal.code)
-            await self.write(b"data: " + error + b"\n\n")
+            self.write(b"data: " + error + b"\n\n")
             self.ended = True
             return
         if p.action == "reprompt":
@@ -540,14 +506,17 @@ class ChatStream:
         stashed = [c for c in st.calls if c.id in blocked and not c.legacy]
         if kept and stashed:
             by_id = {d.call.id: d for d in p.blocked}
-            await stash.put(
-                self.state.store,
-                [stash.chat_key(self.ctx.principal, i) for i in kept],
-                {
-                    "calls": [chat.wire_call(c.wire()) for c in stashed],
-                    "results": [chat.tool_result_messages([by_id[c.id]])[0] for c in stashed],
-                },
-                self.policy.config.server.stash_ttl,
+            self.emit(
+                Stash(
+                    [stash.chat_key(self.ctx.principal, i) for i in kept],
+                    {
+                        "calls": [chat.wire_call(c.wire()) for c in stashed],
+                        "results": [
+                            chat.tool_result_messages([by_id[c.id]])[0] for c in stashed
+                        ],
+                    },
+                    self.policy.config.server.stash_ttl,
+                )
             )
         if p.allowed:
             new_finish = "function_call" if any(c.legacy for c in st.calls) else finish
@@ -581,7 +550,8 @@ class ChatStream:
                     continue
         return "".join(parts) or None
 
-    async def reprompt(self, p: Plan) -> http1.Response | None:
+    def reprompt(self, p: Plan) -> None:
+        """Start the next round: its body, asked of the upstream by the loop."""
         calls: list[HeldCall] = self.reprompt_calls
         legacy = next((c for c in calls if c.legacy), None)
         content = self.round_content()
@@ -600,24 +570,18 @@ class ChatStream:
         self.text = []
         self.draining = False
         self.reprompt_plan = None
+        self.splitter = sse.EventSplitter()
         self.reprompt_answered()  # the round before answered, with calls blocked again
         self.pending = Reprompted(p.blocked, *self.reprompt_at)
-        asked_again(self.state, ROUTE, self.round, len(p.blocked), stream=True)
-        resp, message, code, status = await open_round(
-            self.state, self.request, self.body, self.policy.config.upstream
-        )
-        if resp is None:
-            label = str(status) if status is not None else reprompt.label(code)
-            await self.strip_finish(message, code, label)
-        return resp
+        self.emit(Reprompt(self.body, self.round, len(p.blocked)))
 
-    async def strip_finish(self, message: str, code: str, status: str) -> None:
+    def strip_finish(self, message: str, code: str, status: str) -> None:
         """The reprompt round failed upstream before it sent anything: end the client's
         stream as `strip` would have ended the round before (the notice, a normal finish),
         not with an error event."""
         pending, self.pending = self.pending, None
         assert pending is not None
-        reprompt.failed(self.state, self.ctx, ROUTE, pending.blocked, status)
+        self.emit(RepromptFailed(pending.blocked, status))
         self.settle_unfinished(message, code)  # anything the failed round had decided
         template, ci = pending.template, pending.index
         text = ("\n\n" if self.any_text else "") + chat.notice(pending.blocked)
@@ -625,11 +589,11 @@ class ChatStream:
             {"index": ci, "delta": {"content": text}, "logprobs": None, "finish_reason": None},
             {"index": ci, "delta": {}, "logprobs": None, "finish_reason": "stop"},
         ):
-            await self.write(self.chunk(template, choice))
+            self.write(self.chunk(template, choice))
         options = self.body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") and self.usage:
             head = {k: v for k, v in template.items() if k != "choices"}
-            await self.write(sse.encode({**head, "choices": [], "usage": self.usage}))
-        await self.write(b"data: [DONE]\n\n")
-        await self.flush()
+            self.write(sse.encode({**head, "choices": [], "usage": self.usage}))
+        self.write(b"data: [DONE]\n\n")
         self.ended = True
+        self.emit(ENDED)
