@@ -22,9 +22,9 @@ from proxy.auth.keys import FileKeys, KeyRecord, RedisKeys, new_id, new_key
 from proxy.auth.keys import digest as key_digest
 from proxy.config import ConfigError, parse_duration
 from proxy.gates import decide
-from proxy.gates.decision import Block
+from proxy.gates.decision import Block, Decision
 from proxy.gates.registry import NAMES, OPTIONAL
-from proxy.policy import Policy, load_policy
+from proxy.policy import Policy, ToolPolicy, load_policy
 from proxy.principal import canonical
 from proxy.store import StoreError
 from proxy.store.memory import MemoryStore
@@ -193,6 +193,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import main as demo
 
     return demo(args.config, args.print_policy)
+
+
 def cmd_approvals(args: argparse.Namespace) -> int:
     """Redis store: straight to the shared store (a running server puts the answer in its audit
     chain). Memory store: the approvals live in the server's process, so through its admin API
@@ -264,30 +266,23 @@ async def _approvals_over_http(
             return body
 
 
-async def _explain(
-    policy: Policy, tool: str, arguments: str, principal: str, groups: tuple[str, ...] = ()
-) -> list[str]:
-    """One line per gate name (proxy.gates.registry.NAMES), from the tool's own gate list, as
-    the overlays of the principal and groups make it."""
-    store = MemoryStore()
-    ctx = CallContext(principal=principal, request_id="explain", route="explain", groups=groups)
-    call = ToolCall("call_explain", tool, arguments)
-    decision = await decide(call, policy, store, ctx)
-    effective = policy.effective(ctx)
-    tp = effective.for_tool(tool)
-    who = f"principal: {principal}" + (f", groups: {', '.join(groups)}" if groups else "")
-    lines = [f"tool: {tool}  (policy entry: {tp.name!r}, {who})"]
-    if policy.overlays is not None:
-        key = effective.overlay_key
-        applied = [f"groups.{g}" for g in key[0]] if key else []
-        if key and key[1] is not None:
-            applied.append(f"principals.{key[1]}")
-        lines.append("overlays: " + (", ".join(applied) if applied else "none apply"))
-        if key and tp.config is not None:
-            entry = tp.config.model_dump(mode="json", exclude_none=True)
-            lines.append("effective entry: " + orjson.dumps(entry).decode())
-    blocked_at = decision.block.gate if decision.block else None
-    shadow = {b.gate: b for b in decision.shadow}
+def _overlay_lines(policy: Policy, effective: Policy, tp: ToolPolicy) -> list[str]:
+    """Which overlays apply, and the entry they make (nothing when the policy has none)."""
+    if policy.overlays is None:
+        return []
+    key = effective.overlay_key
+    applied = [f"groups.{g}" for g in key[0]] if key else []
+    if key and key[1] is not None:
+        applied.append(f"principals.{key[1]}")
+    lines = ["overlays: " + (", ".join(applied) if applied else "none apply")]
+    if key and tp.config is not None:
+        entry = tp.config.model_dump(mode="json", exclude_none=True)
+        lines.append("effective entry: " + orjson.dumps(entry).decode())
+    return lines
+
+
+def _gate_details(tp: ToolPolicy, decision: Decision, ctx: CallContext) -> dict[str, list[str]]:
+    """What each configured gate of the tool checks or reserves, by gate name."""
     details: dict[str, list[str]] = {}
     for check in tp.checks:
         details.setdefault(check.name, []).append(check.describe())
@@ -295,6 +290,14 @@ async def _explain(
         item = gate.request(decision, ctx) if not decision.unread else None
         described = "" if item is None or isinstance(item, Block) else gate.describe_item(item)
         details.setdefault(gate.name, []).append(described)
+    return details
+
+
+def _gate_lines(details: dict[str, list[str]], decision: Decision) -> list[str]:
+    """One line per gate, in pipeline order: the gates after the blocking one never ran."""
+    blocked_at = decision.block.gate if decision.block else None
+    shadow = {b.gate: b for b in decision.shadow}
+    lines: list[str] = []
     reached = True
     for name in NAMES:
         if name not in details and name in OPTIONAL:
@@ -311,6 +314,24 @@ async def _explain(
         else:
             detail = ", ".join(d for d in details[name] if d)
             lines.append(f"  {name:<10} pass     {detail}".rstrip())
+    return lines
+
+
+async def _explain(
+    policy: Policy, tool: str, arguments: str, principal: str, groups: tuple[str, ...] = ()
+) -> list[str]:
+    """One line per gate name (proxy.gates.registry.NAMES), from the tool's own gate list, as
+    the overlays of the principal and groups make it."""
+    store = MemoryStore()
+    ctx = CallContext(principal=principal, request_id="explain", route="explain", groups=groups)
+    call = ToolCall("call_explain", tool, arguments)
+    decision = await decide(call, policy, store, ctx)
+    effective = policy.effective(ctx)
+    tp = effective.for_tool(tool)
+    who = f"principal: {principal}" + (f", groups: {', '.join(groups)}" if groups else "")
+    lines = [f"tool: {tool}  (policy entry: {tp.name!r}, {who})"]
+    lines += _overlay_lines(policy, effective, tp)
+    lines += _gate_lines(_gate_details(tp, decision, ctx), decision)
     verdict = "ALLOWED" if decision.allowed else f"BLOCKED (on_block: {tp.on_block})"
     lines.append(f"decision: {verdict}")
     if decision.block is not None:

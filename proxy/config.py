@@ -2,82 +2,83 @@
 
 Validation is pydantic's: it gives every error a location path, which we map back to the
 line of the YAML file so `callgate check` can say `tools.search_web.budget.cost: ... (line 12)`.
+The `auth:` section's models are in `proxy.config_auth`, the shared base model and the duration
+and money parsers in `proxy.config_base`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Literal, NoReturn
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+# The shared base and the `auth:` section live in their own modules; every name is importable
+# from here as before.
+from proxy.config_auth import (
+    JWT_ALGORITHMS,
+    AuthConfig,
+    AuthMode,
+    JwtConfig,
+    TrustedHeaderConfig,
 )
+from proxy.config_base import (
+    MAX_MONEY,
+    MICROS,
+    _Model,
+    looks_numeric,
+    parse_duration,
+    parse_money,
+)
+
+__all__ = [
+    "JWT_ALGORITHMS",
+    "MAX_MONEY",
+    "MICROS",
+    "ApprovalConfig",
+    "AuditConfig",
+    "AuthConfig",
+    "AuthMode",
+    "BudgetOverlay",
+    "BudgetUse",
+    "Config",
+    "ConfigError",
+    "JwtConfig",
+    "LedgerConfig",
+    "Mode",
+    "OnBlock",
+    "OnStoreError",
+    "OverlayConfig",
+    "PrincipalConfig",
+    "RateLimitConfig",
+    "RateLimitOverlay",
+    "RuleConfig",
+    "Scope",
+    "ServerConfig",
+    "StoreConfig",
+    "TelemetryConfig",
+    "ToolConfig",
+    "ToolOverlay",
+    "TrustedHeaderConfig",
+    "UpstreamConfig",
+    "line_of",
+    "looks_numeric",
+    "overlay_sections",
+    "parse_config",
+    "parse_duration",
+    "parse_money",
+    "read_config_text",
+]
 
 Mode = Literal["enforce", "shadow"]
 OnStoreError = Literal["fail_closed", "fail_open"]
 OnBlock = Literal["reprompt", "strip", "error"]
 Scope = Literal["principal", "global"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-MICROS = Decimal("0.000001")
-MAX_MONEY = Decimal(2**53) * MICROS  # micro-units stay exact integers in Lua's doubles
-_NUMERIC = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like "90", "1.5s", "5m", "1h", "1d"."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration (seconds, or e.g. '5m', '1h')")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError(f"invalid duration {value!r} (seconds, or e.g. '5m', '1h')")
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    if seconds < 0:
-        raise ValueError("duration must not be negative")
-    return seconds
-
-
-def parse_money(value: Any) -> Decimal:
-    """An exact decimal amount with at most 6 places (money is kept in integer micro-units)."""
-    if isinstance(value, bool):
-        raise ValueError('expected a decimal amount such as "0.01"')
-    try:
-        amount = Decimal(str(value).strip())
-        if not amount.is_finite() or amount < 0:
-            raise ValueError("amount must be a finite, non-negative decimal")
-        if amount >= MAX_MONEY:
-            raise ValueError(f"amount must be below {MAX_MONEY}")
-        if amount != amount.quantize(MICROS):
-            raise ValueError("amount has more than 6 decimal places")
-    except (InvalidOperation, ArithmeticError):
-        raise ValueError(f"invalid decimal amount {value!r}") from None
-    return amount
-
-
-def looks_numeric(value: Any) -> bool:
-    """Whether a `cost` is meant as a number (and must then be a valid amount), not CEL."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return True
-    return bool(_NUMERIC.match(str(value)))
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class UpstreamConfig(_Model):
@@ -396,122 +397,6 @@ class ServerConfig(_Model):
         return parse_duration(v)
 
 
-# JWT algorithms callgate verifies: asymmetric only. A shared-secret (HS*) algorithm next to
-# public keys is how the RS/HS confusion attack works (a token "signed" with the public key as
-# the HMAC secret), and `none` is no signature at all.
-JWT_ALGORITHMS = frozenset(
-    ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
-)
-AuthMode = Literal["keys", "jwt", "trusted_header", "none"]
-
-
-class JwtConfig(_Model):
-    # Where the verification keys come from: a JWKS URL (fetched, cached, refreshed on an
-    # unknown `kid`), or public keys as PEM text or paths of PEM files, or both.
-    jwks_url: str | None = None
-    public_keys: list[str] = Field(default_factory=list)
-    issuer: str | None = None
-    audience: str | list[str] | None = None
-    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
-    leeway: float = 30.0
-    # Dotted paths into the claims, e.g. "sub", "email", "realm_access.roles".
-    principal_claim: str = "sub"
-    groups_claim: str | None = "groups"
-    # The JWKS is refetched when older than `jwks_max_age`, or on a token whose `kid` it lacks,
-    # but never twice within `jwks_min_refresh` (a stream of made-up kids costs one fetch).
-    jwks_max_age: float = 300.0
-    jwks_min_refresh: float = 10.0
-    jwks_timeout: float = 5.0
-    # Verified tokens kept (by digest, until their exp): the cost per request is a lookup.
-    cache_size: int = Field(default=10_000, ge=0)
-
-    @field_validator("leeway", "jwks_max_age", "jwks_min_refresh", "jwks_timeout", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
-
-    @field_validator("jwks_url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("jwks_url must start with http:// or https://")
-        return v
-
-    @field_validator("algorithms")
-    @classmethod
-    def _algorithms(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("list at least one algorithm")
-        for alg in v:
-            if alg not in JWT_ALGORITHMS:
-                raise ValueError(
-                    f"algorithm {alg!r} is not allowed: use asymmetric ones ("
-                    + ", ".join(sorted(JWT_ALGORITHMS))
-                    + "); never none or HS*"
-                )
-        return v
-
-    @model_validator(mode="after")
-    def _keys(self) -> JwtConfig:
-        if not self.jwks_url and not self.public_keys:
-            raise ValueError("jwt needs jwks_url or public_keys")
-        if not self.audience:
-            # Without it, a token the same issuer made for any other service would do.
-            raise ValueError("jwt needs audience (the aud this callgate accepts)")
-        return self
-
-
-class TrustedHeaderConfig(_Model):
-    header: str = "x-callgate-principal"
-    # Optional: comma-separated groups, honoured under the same condition as the header.
-    groups_header: str | None = None
-    # Peer addresses or CIDRs (the mesh sidecar, the authenticating front) whose header counts.
-    peers: list[str] = Field(min_length=1)
-
-    @field_validator("peers")
-    @classmethod
-    def _networks(cls, v: list[str]) -> list[str]:
-        for peer in v:
-            try:
-                ipaddress.ip_network(peer, strict=False)
-            except ValueError:
-                raise ValueError(f"{peer!r} is not an IP address or CIDR") from None
-        return v
-
-
-class AuthConfig(_Model):
-    # Tried in order; the first whose credential the request carries decides. [none]: no
-    # authentication, written out so that listening openly with an upstream key is a choice.
-    modes: list[AuthMode] = Field(min_length=1)
-    # Memory store: the virtual keys' file (relative: to the policy file's directory).
-    # Default: callgate.keys.json beside the policy. Redis store: the keys live in Redis.
-    keys_file: str | None = None
-    # How often the key set is re-read (the file's stat, or Redis' version counter): a new or
-    # revoked key takes effect on every replica within this many seconds.
-    keys_refresh: float = Field(default=2.0, gt=0)
-    jwt: JwtConfig | None = None
-    trusted_header: TrustedHeaderConfig | None = None
-
-    @field_validator("keys_refresh", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AuthConfig:
-        if "none" in self.modes and len(self.modes) > 1:
-            raise ValueError("none cannot be combined with other modes")
-        if len(set(self.modes)) != len(self.modes):
-            raise ValueError("a mode is listed twice")
-        if "jwt" in self.modes and self.jwt is None:
-            raise ValueError("mode jwt needs a jwt section")
-        if "trusted_header" in self.modes and self.trusted_header is None:
-            raise ValueError("mode trusted_header needs a trusted_header section")
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.modes != ["none"]
 class TelemetryConfig(_Model):
     """OpenTelemetry traces (proxy.telemetry). The standard OTEL_* environment variables apply
     (exporter endpoint, headers, sampler, batch delays, resource attributes); these settings

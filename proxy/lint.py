@@ -5,7 +5,7 @@ call, a field that cannot exist) or a warning (probably a mistake: a dead rule, 
 nothing charges), with the file, the YAML line and a hint. What is checked, all decidable
 cheaply at load time:
 
-- CEL rules and cost expressions, type-checked over their syntax tree (proxy.cel.parser)
+- CEL rules and cost expressions, type-checked over their syntax tree (`proxy.lint_expr`)
   against the tool's `arguments_schema` where one is given: a field the schema does not have, a
   string compared with or added to a number, a string method called on a non-string; and
   everywhere: a variable other than args/tool/principal/request, a `request.` field other than
@@ -27,24 +27,12 @@ from typing import Any
 
 import yaml
 
-from proxy.cel.parser import Parser, Unsupported, tokenize
 from proxy.config import line_of, overlay_sections
+from proxy.lint_expr import check_expression
 from proxy.policy import Expr, Policy
 
-VARIABLES = frozenset(("args", "tool", "principal", "request"))
-REQUEST_FIELDS = {"model": "string", "metadata": "map", "user": "string"}
-STRING_METHODS = frozenset(
-    ("contains", "startsWith", "endsWith", "matches", "lowerAscii", "upperAscii", "trim")
-)
-_JSON_TYPES = {
-    "string": "string",
-    "integer": "number",
-    "number": "number",
-    "boolean": "bool",
-    "array": "list",
-    "object": "map",
-    "null": "null",
-}
+__all__ = ["Finding", "check_expression", "constant_value", "iter_lines", "lint", "normalize"]
+
 _SEPARATORS = re.compile(r"[\s_.\-/:]+")
 
 
@@ -60,250 +48,6 @@ class Finding:
     def format(self, source: str) -> str:
         at = f"{source}:{self.line}" if self.line else source
         return f"{at}: {self.severity}: {self.message} [{self.code}]\n  hint: {self.hint}"
-
-
-# A type is a JSON Schema fragment (dict) for what the schema describes, or a tag: "string",
-# "number", "bool", "list", "map", "null", or None for "unknown" (never reported).
-Type = dict[str, Any] | str | None
-
-
-def _tag(t: Type) -> str | None:
-    """The kind of value a type stands for, when it is one kind."""
-    if isinstance(t, str):
-        return t
-    if isinstance(t, dict):
-        kind = t.get("type")
-        if isinstance(kind, str):
-            return _JSON_TYPES.get(kind)
-        if isinstance(kind, list):
-            kinds = {_JSON_TYPES.get(k) for k in kind if k != "null"}
-            return kinds.pop() if len(kinds) == 1 else None
-        if "properties" in t:
-            return "map"
-        if t.get("enum"):
-            kinds = {_value_tag(v) for v in t["enum"]}
-            return kinds.pop() if len(kinds) == 1 else None
-    return None
-
-
-def _value_tag(v: Any) -> str | None:
-    if isinstance(v, bool):
-        return "bool"
-    if isinstance(v, int | float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if v is None:
-        return "null"
-    return "list" if isinstance(v, list) else "map" if isinstance(v, dict) else None
-
-
-class _Checker:
-    """Walks one expression's tree, inferring types and reporting what cannot work."""
-
-    def __init__(self, schema: dict[str, Any] | None) -> None:
-        self.schema = schema
-        self.problems: list[tuple[str, str, str]] = []  # (severity, code, message)
-
-    def report(self, severity: str, code: str, message: str) -> None:
-        if (severity, code, message) not in self.problems:
-            self.problems.append((severity, code, message))
-
-    def field(self, t: Type, name: str, path: str, soft: bool = False) -> Type:
-        if not isinstance(t, dict):
-            return None
-        props = t.get("properties")
-        if not isinstance(props, dict) or _tag(t) != "map":
-            return None
-        if name in props:
-            return props[name] if isinstance(props[name], dict) else None
-        extra = t.get("additionalProperties", True)
-        closed = extra is False
-        if closed and path == "request":
-            known = ", ".join(REQUEST_FIELDS)
-            self.report(
-                "warning" if soft else "error",
-                "unknown-field",
-                f"`request.{name}`: the request facts are {known}; reading another fails "
-                "every call",
-            )
-        elif closed:
-            self.report(
-                "warning" if soft else "error",
-                "unknown-field",
-                f"`{path}.{name}`: the arguments schema does not allow a field {name!r} "
-                "(additionalProperties: false), so "
-                + ("this is always false" if soft else "reading it fails every call"),
-            )
-        elif "patternProperties" not in t:
-            known = ", ".join(sorted(props)) or "none"
-            self.report(
-                "warning",
-                "unknown-field",
-                f"`{path}.{name}`: the arguments schema has no field {name!r} (it has: {known})",
-            )
-        return extra if isinstance(extra, dict) else None
-
-    def walk(self, node: Any, scope: dict[str, Type], path: str = "") -> Type:
-        kind = node[0]
-        if kind == "lit":
-            return _value_tag(node[1])
-        if kind == "var":
-            name = node[1]
-            if name in scope:
-                return scope[name]
-            if name not in VARIABLES:
-                self.report(
-                    "error",
-                    "unknown-variable",
-                    f"unknown variable {name!r}: rules see args, tool, principal, request",
-                )
-                return None
-            if name == "args":
-                return self.schema if self.schema is not None else None
-            if name in ("tool", "principal"):
-                return "string"
-            return {
-                "type": "object",
-                "properties": {
-                    k: {"type": v if v != "map" else "object"} for k, v in REQUEST_FIELDS.items()
-                },
-                "additionalProperties": False,
-            }
-        if kind == "member":
-            target = self.walk(node[1], scope)
-            return self.field(target, node[2], _render(node[1]))
-        if kind == "has":
-            # has() on a field the schema lacks is only ever false: a warning, never an error.
-            self.field(self.walk(node[1], scope), node[2], _render(node[1]), soft=True)
-            return "bool"
-        if kind == "index":
-            target = self.walk(node[1], scope)
-            key = node[2]
-            self.walk(key, scope)
-            if key[0] == "lit" and isinstance(key[1], str):
-                return self.field(target, key[1], _render(node[1]))
-            if isinstance(target, dict) and _tag(target) == "list":
-                items = target.get("items")
-                return items if isinstance(items, dict) else None
-            return None
-        if kind in ("and", "or"):
-            for side in node[1:]:
-                if _tag(self.walk(side, scope)) not in (None, "bool"):
-                    self.report("error", "type", f"`{_render(side)}` is not a bool ({kind})")
-            return "bool"
-        if kind == "not":
-            self.walk(node[1], scope)
-            return "bool"
-        if kind == "neg":
-            return self.walk(node[1], scope)
-        if kind == "cond":
-            self.walk(node[1], scope)
-            yes, no = self.walk(node[2], scope), self.walk(node[3], scope)
-            return yes if _tag(yes) == _tag(no) else None
-        if kind == "bin":
-            return self.binary(node, scope)
-        if kind == "call":
-            return self.call(node, scope)
-        if kind == "macro":
-            _, name, target, var, body = node
-            t = self.walk(target, scope)
-            item: Type = None
-            if isinstance(t, dict) and _tag(t) == "list" and isinstance(t.get("items"), dict):
-                item = t["items"]
-            self.walk(body, {**scope, var: item})
-            return "bool" if name in ("exists", "all", "exists_one") else "list"
-        if kind == "list":
-            for item_node in node[1]:
-                self.walk(item_node, scope)
-            return "list"
-        if kind == "map":
-            for k, v in node[1]:
-                self.walk(k, scope)
-                self.walk(v, scope)
-            return "map"
-        return None
-
-    def binary(self, node: Any, scope: dict[str, Type]) -> Type:
-        _, op, left, right = node
-        lt, rt = _tag(self.walk(left, scope)), _tag(self.walk(right, scope))
-        pair = f"`{_render(left)}` ({lt}) {op} `{_render(right)}` ({rt})"
-        mixed = lt is not None and rt is not None and lt != rt and "null" not in (lt, rt)
-        if op == "in":
-            if rt not in (None, "list", "map"):
-                self.report("error", "type", f"{pair}: `in` needs a list or map on the right")
-            return "bool"
-        if op in ("<", "<=", ">", ">="):
-            if mixed:
-                self.report(
-                    "error",
-                    "type",
-                    f"{pair}: no ordering between {lt} and {rt}; "
-                    "the rule errors on every call that reaches it",
-                )
-            return "bool"
-        if op in ("==", "!="):
-            if mixed:
-                always = "false" if op == "==" else "true"
-                self.report(
-                    "warning",
-                    "type",
-                    f"{pair}: a {lt} never equals a {rt}, so this is always {always}",
-                )
-            return "bool"
-        if mixed:
-            self.report("error", "type", f"{pair}: CEL does not convert between types")
-            return None
-        return lt if lt == rt else None
-
-    def call(self, node: Any, scope: dict[str, Type]) -> Type:
-        _, name, target, args = node
-        t = self.walk(target, scope) if target is not None else None
-        for a in args:
-            self.walk(a, scope)
-        if target is not None and name in STRING_METHODS:
-            tag = _tag(t)
-            if tag is not None and tag != "string":
-                self.report(
-                    "error",
-                    "type",
-                    f"`{_render(target)}` is a {tag}, and .{name}() is a string method",
-                )
-            return "string" if name in ("lowerAscii", "upperAscii", "trim") else "bool"
-        if name == "size":
-            return "number"
-        if name in ("int", "uint", "double"):
-            return "number"
-        if name == "string":
-            return "string"
-        return None
-
-
-def _render(node: Any) -> str:
-    """A short source-like text of a node, for messages."""
-    kind = node[0]
-    if kind == "var":
-        return node[1]
-    if kind == "lit":
-        return repr(node[1]) if not isinstance(node[1], str) else f'"{node[1]}"'
-    if kind == "member":
-        return f"{_render(node[1])}.{node[2]}"
-    if kind == "index":
-        return f"{_render(node[1])}[{_render(node[2])}]"
-    if kind == "call":
-        target = f"{_render(node[2])}." if node[2] is not None else ""
-        return f"{target}{node[1]}(...)"
-    return "..."
-
-
-def check_expression(source: str, schema: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    try:
-        tree = Parser(tokenize(source)).parse()
-    except (Unsupported, RecursionError):
-        return []  # outside the subset: not guessed at
-    checker = _Checker(schema)
-    checker.walk(tree, {})
-    return checker.problems
 
 
 def constant_value(program: Expr, tool: str | None) -> tuple[bool, Any]:
@@ -325,6 +69,112 @@ _GATES = {"rules", "rate_limit", "budget", "arguments_schema"}
 Add = Callable[[str, str, tuple[Any, ...], str, str], None]
 
 
+def _lint_unreachable(add: Add, loc: tuple[Any, ...], label: str, tool: Any) -> None:
+    extras = [k for k in ("rules", "rate_limit", "budget", "arguments_schema") if getattr(tool, k)]
+    if extras:
+        add(
+            "warning",
+            "unreachable",
+            (*loc, extras[0]),
+            f"{label} is `allow: false`: its {', '.join(extras)} never apply",
+            "remove them, or set allow: true if the tool should be usable",
+        )
+
+
+def _lint_rule(
+    add: Add,
+    rule_cfg: Any,
+    at: tuple[Any, ...],
+    program: Expr,
+    name: str,
+    label: str,
+    schema: dict[str, Any] | None,
+) -> None:
+    deny = rule_cfg.deny_if is not None
+    field = "deny_if" if deny else "allow_if"
+    rloc = (*at, field)
+    source = rule_cfg.deny_if if deny else rule_cfg.allow_if
+    for severity, code, message in check_expression(source or "", schema):
+        add(
+            severity,
+            code,
+            rloc,
+            f"rule {rule_cfg.name!r}: {message}",
+            "fix the expression, or the arguments_schema if the field is real"
+            if code == "unknown-field" and "`request." not in message
+            else "fix the expression",
+        )
+    const, value = constant_value(program, None if name == "*" else name)
+    if const:
+        _lint_constant_rule(add, rule_cfg, rloc, field, deny, label, value)
+
+
+def _lint_constant_rule(
+    add: Add,
+    rule_cfg: Any,
+    rloc: tuple[Any, ...],
+    field: str,
+    deny: bool,
+    label: str,
+    value: Any,
+) -> None:
+    """A rule whose value does not depend on the call: it blocks everything, or nothing."""
+    if not isinstance(value, bool):
+        add(
+            "error",
+            "constant-rule",
+            rloc,
+            f"rule {rule_cfg.name!r} always returns {type(value).__name__}, not a bool: "
+            "every call errors and is blocked",
+            "make it a condition",
+        )
+    elif value is deny:
+        add(
+            "error",
+            "constant-rule",
+            rloc,
+            f"rule {rule_cfg.name!r} ({field}) matches every call: {label} is blocked "
+            "whatever the call",
+            "to deny the tool, write allow: false; "
+            "otherwise make the condition read args, principal or request",
+        )
+    else:
+        add(
+            "warning",
+            "constant-rule",
+            rloc,
+            f"rule {rule_cfg.name!r} ({field}) never blocks: it is always {str(value).lower()}",
+            "remove it, or fix its condition",
+        )
+
+
+def _lint_budget(add: Add, loc: tuple[Any, ...], label: str, tool: Any, tp: Any) -> None:
+    bloc = (*loc, "budget", "cost")
+    budget = tp.budget
+    if budget is None:
+        return
+    if budget.cost_program is not None:
+        for severity, code, message in check_expression(
+            str(tool.budget.cost), tool.arguments_schema
+        ):
+            add(severity, code, bloc, f"cost: {message}", "fix the cost expression")
+    if budget.cost_micros is not None and budget.cost_micros > budget.max_micros:
+        add(
+            "error",
+            "unaffordable",
+            bloc,
+            f"{label} costs {tool.budget.cost} but ledger {budget.ledger!r} allows "
+            f"{budget.ledger_config.max_spend} per window: every call is blocked",
+            "raise the ledger's max_spend or lower the cost",
+        )
+
+
+def _blocks_every_call(tool: Any) -> bool:
+    """An allowed tool whose enforced rate limit admits no call at all."""
+    rl = tool.rate_limit
+    return bool(tool.allow and rl is not None and rl.max_calls == 0 and rl.mode == "enforce")
+
+
 def _lint_entry(
     add: Add,
     loc: tuple[Any, ...],
@@ -337,91 +187,13 @@ def _lint_entry(
 ) -> None:
     """One tool entry's findings. `touched`: for an overlay, the fields it writes (findings
     about the others belong to the base entry)."""
-    schema = tool.arguments_schema
     if not tool.allow and (touched is None or touched & (_GATES | {"allow"})):
-        extras = [
-            k for k in ("rules", "rate_limit", "budget", "arguments_schema") if getattr(tool, k)
-        ]
-        if extras:
-            add(
-                "warning",
-                "unreachable",
-                (*loc, extras[0]),
-                f"{label} is `allow: false`: its {', '.join(extras)} never apply",
-                "remove them, or set allow: true if the tool should be usable",
-            )
+        _lint_unreachable(add, loc, label, tool)
     for rule_cfg, at, program in rules:
-        deny = rule_cfg.deny_if is not None
-        field = "deny_if" if deny else "allow_if"
-        rloc = (*at, field)
-        source = rule_cfg.deny_if if deny else rule_cfg.allow_if
-        for severity, code, message in check_expression(source or "", schema):
-            add(
-                severity,
-                code,
-                rloc,
-                f"rule {rule_cfg.name!r}: {message}",
-                "fix the expression, or the arguments_schema if the field is real"
-                if code == "unknown-field" and "`request." not in message
-                else "fix the expression",
-            )
-        const, value = constant_value(program, None if name == "*" else name)
-        if not const:
-            continue
-        if not isinstance(value, bool):
-            add(
-                "error",
-                "constant-rule",
-                rloc,
-                f"rule {rule_cfg.name!r} always returns {type(value).__name__}, not a bool: "
-                "every call errors and is blocked",
-                "make it a condition",
-            )
-        elif value is deny:
-            add(
-                "error",
-                "constant-rule",
-                rloc,
-                f"rule {rule_cfg.name!r} ({field}) matches every call: {label} is blocked "
-                "whatever the call",
-                "to deny the tool, write allow: false; "
-                "otherwise make the condition read args, principal or request",
-            )
-        else:
-            add(
-                "warning",
-                "constant-rule",
-                rloc,
-                f"rule {rule_cfg.name!r} ({field}) never blocks: it is always {str(value).lower()}",
-                "remove it, or fix its condition",
-            )
+        _lint_rule(add, rule_cfg, at, program, name, label, tool.arguments_schema)
     if tool.budget is not None and (touched is None or "budget" in touched):
-        bloc = (*loc, "budget", "cost")
-        budget = tp.budget
-        if budget is not None and budget.cost_program is not None:
-            for severity, code, message in check_expression(str(tool.budget.cost), schema):
-                add(severity, code, bloc, f"cost: {message}", "fix the cost expression")
-        if (
-            budget is not None
-            and budget.cost_micros is not None
-            and (budget.cost_micros > budget.max_micros)
-        ):
-            add(
-                "error",
-                "unaffordable",
-                bloc,
-                f"{label} costs {tool.budget.cost} but ledger {budget.ledger!r} allows "
-                f"{budget.ledger_config.max_spend} per window: every call is blocked",
-                "raise the ledger's max_spend or lower the cost",
-            )
-    rl = tool.rate_limit
-    if (
-        tool.allow
-        and rl is not None
-        and rl.max_calls == 0
-        and rl.mode == "enforce"
-        and (touched is None or touched & {"rate_limit", "allow"})
-    ):
+        _lint_budget(add, loc, label, tool, tp)
+    if _blocks_every_call(tool) and (touched is None or touched & {"rate_limit", "allow"}):
         add(
             "warning",
             "zero-rate-limit",
@@ -429,6 +201,71 @@ def _lint_entry(
             f"{label} allows 0 calls per window: every call is blocked",
             "to deny the tool, write allow: false",
         )
+
+
+def _lint_base(add: Add, policy: Policy, sections: list[tuple[tuple[Any, ...], str, Any]]) -> None:
+    for loc, name, tool in sections:
+        tp = policy.default if name == "*" else policy.tools[name]
+        label = "the default policy" if name == "*" else f"tool {name!r}"
+        rules = [
+            (rule_cfg, (*loc, "rules", i), rule.program)
+            for i, (rule_cfg, rule) in enumerate(zip(tool.rules, tp.rules, strict=False))
+        ]
+        _lint_entry(add, loc, name, label, tool, tp, rules, None)
+
+
+def _lint_overlay_entries(add: Add, policy: Policy) -> None:
+    overlays = policy.overlays
+    if overlays is None:
+        return
+    for loc, patch in overlay_sections(policy.config):
+        # Each overlay is linted merged over the base (as it applies on its own), for what it
+        # writes itself: the base's findings are not repeated at every overlay.
+        kind, who = loc[0], loc[1]
+        key = ((who,), None) if kind == "groups" else ((), who)
+        effective = overlays.policies[key]
+        name = "*" if loc[2] == "default" else loc[3]
+        tp = effective.default if name == "*" else effective.tools[name]
+        label = ("the default policy" if name == "*" else f"tool {name!r}") + f" in {kind}.{who}"
+        rules = []
+        for i, rule_cfg in enumerate(patch.rules or []):
+            source = rule_cfg.deny_if if rule_cfg.deny_if is not None else rule_cfg.allow_if
+            rules.append((rule_cfg, (*loc, "rules", i), Expr.compile(source or "")))
+        _lint_entry(add, loc, name, label, tp.config, tp, rules, patch.model_fields_set)
+
+
+def _lint_unused_ledgers(
+    add: Add, config: Any, sections: list[tuple[tuple[Any, ...], str, Any]]
+) -> None:
+    charged = {t.budget.ledger for _, _, t in sections if t.budget is not None}
+    charged |= {p.budget.ledger for _, p in overlay_sections(config) if p.budget is not None}
+    for ledger in config.budgets:
+        if ledger not in charged:
+            add(
+                "warning",
+                "unused-ledger",
+                ("budgets", ledger),
+                f"ledger {ledger!r} is charged by no tool",
+                f"remove it, or charge it: budget: {{ledger: {ledger}, cost: ...}}",
+            )
+
+
+def _lint_near_duplicates(add: Add, config: Any) -> None:
+    by_form: dict[str, list[str]] = {}
+    for name in config.tools:
+        by_form.setdefault(normalize(name), []).append(name)
+    for names in by_form.values():
+        if len(names) > 1:
+            shown = ", ".join(repr(n) for n in names)
+            add(
+                "warning",
+                "near-duplicate-name",
+                ("tools", names[1]),
+                f"tool names {shown} differ only by case or separators; names match exactly, "
+                "so each is a separate policy and a model may call either",
+                "keep one entry per tool (as the client names it), and set "
+                "default: {allow: false} so that other spellings are denied",
+            )
 
 
 def lint(policy: Policy, text: str) -> list[Finding]:
@@ -446,57 +283,10 @@ def lint(policy: Policy, text: str) -> list[Finding]:
     config = policy.config
     sections: list[tuple[tuple[Any, ...], str, Any]] = [(("default",), "*", config.default)]
     sections += [(("tools", n), n, t) for n, t in config.tools.items()]
-    for loc, name, tool in sections:
-        tp = policy.default if name == "*" else policy.tools[name]
-        label = "the default policy" if name == "*" else f"tool {name!r}"
-        rules = [
-            (rule_cfg, (*loc, "rules", i), rule.program)
-            for i, (rule_cfg, rule) in enumerate(zip(tool.rules, tp.rules, strict=False))
-        ]
-        _lint_entry(add, loc, name, label, tool, tp, rules, None)
-    overlays = policy.overlays
-    for loc, patch in overlay_sections(config) if overlays is not None else []:
-        # Each overlay is linted merged over the base (as it applies on its own), for what it
-        # writes itself: the base's findings are not repeated at every overlay.
-        kind, who = loc[0], loc[1]
-        key = ((who,), None) if kind == "groups" else ((), who)
-        effective = overlays.policies[key]  # type: ignore[union-attr]
-        name = "*" if loc[2] == "default" else loc[3]
-        tp = effective.default if name == "*" else effective.tools[name]
-        label = ("the default policy" if name == "*" else f"tool {name!r}") + f" in {kind}.{who}"
-        rules = []
-        for i, rule_cfg in enumerate(patch.rules or []):
-            source = rule_cfg.deny_if if rule_cfg.deny_if is not None else rule_cfg.allow_if
-            rules.append((rule_cfg, (*loc, "rules", i), Expr.compile(source or "")))
-        _lint_entry(add, loc, name, label, tp.config, tp, rules, patch.model_fields_set)
-
-    charged = {t.budget.ledger for _, _, t in sections if t.budget is not None}
-    charged |= {p.budget.ledger for _, p in overlay_sections(config) if p.budget is not None}
-    for ledger in config.budgets:
-        if ledger not in charged:
-            add(
-                "warning",
-                "unused-ledger",
-                ("budgets", ledger),
-                f"ledger {ledger!r} is charged by no tool",
-                f"remove it, or charge it: budget: {{ledger: {ledger}, cost: ...}}",
-            )
-
-    by_form: dict[str, list[str]] = {}
-    for name in config.tools:
-        by_form.setdefault(normalize(name), []).append(name)
-    for names in by_form.values():
-        if len(names) > 1:
-            shown = ", ".join(repr(n) for n in names)
-            add(
-                "warning",
-                "near-duplicate-name",
-                ("tools", names[1]),
-                f"tool names {shown} differ only by case or separators; names match exactly, "
-                "so each is a separate policy and a model may call either",
-                "keep one entry per tool (as the client names it), and set "
-                "default: {allow: false} so that other spellings are denied",
-            )
+    _lint_base(add, policy, sections)
+    _lint_overlay_entries(add, policy)
+    _lint_unused_ledgers(add, config, sections)
+    _lint_near_duplicates(add, config)
     _lint_overlays(add, config)
     findings.sort(key=lambda f: (f.line or 0, f.severity != "error"))
     return findings

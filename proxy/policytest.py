@@ -146,13 +146,16 @@ def _where(source: str, line: int | None) -> str:
     return f"{source}:{line}" if line else source
 
 
-def _make_step(data: dict[str, Any], source: str, line: int | None) -> Step:
-    where = _where(source, line)
+def _check_expectation(data: dict[str, Any], where: str) -> str:
     expect = data.get("expect")
     if expect not in ("allowed", "blocked"):
         raise ValueError(f"{where}: `expect` must be `allowed` or `blocked` (got {expect!r})")
     if expect == "allowed" and any(data.get(k) is not None for k in ("gate", "reason", "message")):
         raise ValueError(f"{where}: `gate`, `reason` and `message` describe a block")
+    return str(expect)
+
+
+def _check_call(data: dict[str, Any], where: str) -> None:
     if not isinstance(data.get("tool"), str) or not data["tool"]:
         raise ValueError(f"{where}: a call needs `tool` (a tool name)")
     if "args" in data and "arguments" in data:
@@ -167,9 +170,21 @@ def _make_step(data: dict[str, Any], source: str, line: int | None) -> Step:
     request = data.get("request")
     if request is not None and not isinstance(request, dict):
         raise ValueError(f"{where}: `request` is a mapping of model, metadata, user")
+
+
+def _check_repeat(data: dict[str, Any], where: str) -> int:
     repeat = data.get("repeat", 1)
     if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
         raise ValueError(f"{where}: `repeat` must be a whole number from 1 to {MAX_REPEAT}")
+    return repeat
+
+
+def _make_step(data: dict[str, Any], source: str, line: int | None) -> Step:
+    where = _where(source, line)
+    # The checks run in this order so a file's first reported problem stays the same.
+    expect = _check_expectation(data, where)
+    _check_call(data, where)
+    repeat = _check_repeat(data, where)
     shadow = data.get("shadow")
     if shadow is not None:
         shadow = (shadow,) if isinstance(shadow, str) else tuple(str(s) for s in shadow)
@@ -187,11 +202,10 @@ def _make_step(data: dict[str, Any], source: str, line: int | None) -> Step:
     )
 
 
-def load_tests(text: str, source: str) -> list[Case]:
-    """The cases of a tests file; raises TestFileError listing every problem found."""
+def _parse_yaml(text: str, source: str) -> tuple[Any, Any]:
+    """The node tree (for line numbers) and the data of a tests file."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise TestFileError(
@@ -200,6 +214,90 @@ def load_tests(text: str, source: str) -> list[Case]:
                 f"{getattr(exc, 'problem', None) or exc}"
             ]
         ) from None
+
+
+def _fixture_problems(node: Any, fixtures: dict[str, Any], source: str) -> list[str]:
+    problems: list[str] = []
+    for name, fixture in fixtures.items():
+        line = line_of(node, ("fixtures", name))
+        if not isinstance(fixture, dict):
+            problems.append(f"{_where(source, line)}: fixture {name!r} is not a mapping")
+        elif set(fixture) - FIXTURE_FIELDS:
+            bad = ", ".join(sorted(set(fixture) - FIXTURE_FIELDS))
+            problems.append(f"{_where(source, line)}: fixture {name!r}: unknown key(s) {bad}")
+    return problems
+
+
+def _merge_fixtures(raw: dict[str, Any], fixtures: dict[str, Any], where: str) -> dict[str, Any]:
+    """The case's fields over the fixtures it uses, later fixtures winning."""
+    merged: dict[str, Any] = {}
+    uses = raw.get("use") or []
+    for use in [uses] if isinstance(uses, str) else uses:
+        if use not in fixtures or not isinstance(fixtures[use], dict):
+            raise ValueError(f"{where}: unknown fixture {use!r}")
+        merged.update(fixtures[use])
+    merged.update({k: v for k, v in raw.items() if k not in ("name", "use", "steps")})
+    return merged
+
+
+def _sequence_steps(
+    raw: dict[str, Any], merged: dict[str, Any], node: Any, source: str, i: int, where: str
+) -> list[Step]:
+    steps_raw = raw["steps"]
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise ValueError(f"{where}: `steps` is a non-empty list")
+    if "repeat" in raw or "at" in raw:
+        raise ValueError(f"{where}: `repeat` and `at` belong to steps")
+    # Case-level fields are each step's defaults; a step's expectation replaces the
+    # case's whole expectation (a step saying `expect: allowed` drops `gate`).
+    base = {k: v for k, v in merged.items() if k not in EXPECT_FIELDS}
+    defaults = {k: v for k, v in merged.items() if k in EXPECT_FIELDS}
+    steps: list[Step] = []
+    for j, step_raw in enumerate(steps_raw):
+        step_line = line_of(node, ("tests", i, "steps", j))
+        step_where = _where(source, step_line)
+        if not isinstance(step_raw, dict):
+            raise ValueError(f"{step_where}: a step is a mapping")
+        unknown = set(step_raw) - STEP_FIELDS
+        if unknown:
+            listed = ", ".join(sorted(unknown))
+            raise ValueError(f"{step_where}: unknown key(s) {listed}")
+        expect = (
+            {k: step_raw[k] for k in EXPECT_FIELDS if k in step_raw}
+            if "expect" in step_raw
+            else defaults
+        )
+        fields = {**base, **step_raw, **expect}
+        steps.append(_make_step(fields, source, step_line))
+    return steps
+
+
+def _load_case(
+    raw: Any, i: int, node: Any, source: str, fixtures: dict[str, Any], names: set[str]
+) -> Case:
+    """Case `i` of the file; raises ValueError on its first problem (`names` collects names)."""
+    line = line_of(node, ("tests", i))
+    where = _where(source, line)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a test case is a mapping")
+    unknown = set(raw) - CASE_FIELDS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    name = str(raw.get("name") or f"case {i + 1}")
+    if name in names:
+        raise ValueError(f"{where}: duplicate test name {name!r}")
+    names.add(name)
+    merged = _merge_fixtures(raw, fixtures, where)
+    if raw.get("steps") is None:
+        steps = [_make_step(merged, source, line)]
+    else:
+        steps = _sequence_steps(raw, merged, node, source, i, where)
+    return Case(name, source, line, steps)
+
+
+def load_tests(text: str, source: str) -> list[Case]:
+    """The cases of a tests file; raises TestFileError listing every problem found."""
+    node, data = _parse_yaml(text, source)
     if not isinstance(data, dict) or not isinstance(data.get("tests"), list):
         raise TestFileError([f"{source}: a tests file is a mapping with a `tests:` list"])
     unknown_top = set(data) - {"tests", "fixtures"}
@@ -209,65 +307,13 @@ def load_tests(text: str, source: str) -> list[Case]:
     fixtures = data.get("fixtures") or {}
     if not isinstance(fixtures, dict):
         raise TestFileError([f"{source}: `fixtures` is a mapping of name -> partial case"])
-    for name, fixture in fixtures.items():
-        line = line_of(node, ("fixtures", name))
-        if not isinstance(fixture, dict):
-            problems.append(f"{_where(source, line)}: fixture {name!r} is not a mapping")
-        elif set(fixture) - FIXTURE_FIELDS:
-            bad = ", ".join(sorted(set(fixture) - FIXTURE_FIELDS))
-            problems.append(f"{_where(source, line)}: fixture {name!r}: unknown key(s) {bad}")
+    problems.extend(_fixture_problems(node, fixtures, source))
+    # Every case is checked, so one run lists all of a file's problems, not just the first.
     cases: list[Case] = []
     names: set[str] = set()
     for i, raw in enumerate(data["tests"]):
-        line = line_of(node, ("tests", i))
-        where = _where(source, line)
         try:
-            if not isinstance(raw, dict):
-                raise ValueError(f"{where}: a test case is a mapping")
-            unknown = set(raw) - CASE_FIELDS
-            if unknown:
-                raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-            name = str(raw.get("name") or f"case {i + 1}")
-            if name in names:
-                raise ValueError(f"{where}: duplicate test name {name!r}")
-            names.add(name)
-            merged: dict[str, Any] = {}
-            uses = raw.get("use") or []
-            for use in [uses] if isinstance(uses, str) else uses:
-                if use not in fixtures or not isinstance(fixtures[use], dict):
-                    raise ValueError(f"{where}: unknown fixture {use!r}")
-                merged.update(fixtures[use])
-            merged.update({k: v for k, v in raw.items() if k not in ("name", "use", "steps")})
-            steps_raw = raw.get("steps")
-            steps: list[Step] = []
-            if steps_raw is None:
-                steps.append(_make_step(merged, source, line))
-            else:
-                if not isinstance(steps_raw, list) or not steps_raw:
-                    raise ValueError(f"{where}: `steps` is a non-empty list")
-                if "repeat" in raw or "at" in raw:
-                    raise ValueError(f"{where}: `repeat` and `at` belong to steps")
-                # Case-level fields are each step's defaults; a step's expectation replaces the
-                # case's whole expectation (a step saying `expect: allowed` drops `gate`).
-                base = {k: v for k, v in merged.items() if k not in EXPECT_FIELDS}
-                defaults = {k: v for k, v in merged.items() if k in EXPECT_FIELDS}
-                for j, step_raw in enumerate(steps_raw):
-                    step_line = line_of(node, ("tests", i, "steps", j))
-                    step_where = _where(source, step_line)
-                    if not isinstance(step_raw, dict):
-                        raise ValueError(f"{step_where}: a step is a mapping")
-                    unknown = set(step_raw) - STEP_FIELDS
-                    if unknown:
-                        listed = ", ".join(sorted(unknown))
-                        raise ValueError(f"{step_where}: unknown key(s) {listed}")
-                    expect = (
-                        {k: step_raw[k] for k in EXPECT_FIELDS if k in step_raw}
-                        if "expect" in step_raw
-                        else defaults
-                    )
-                    fields = {**base, **step_raw, **expect}
-                    steps.append(_make_step(fields, source, step_line))
-            cases.append(Case(name, source, line, steps))
+            cases.append(_load_case(raw, i, node, source, fixtures, names))
         except ValueError as exc:
             problems.append(str(exc))
     if problems:

@@ -39,6 +39,7 @@ import orjson
 
 from proxy.audit import REDACTED
 from proxy.gates import decide
+from proxy.gates.decision import Block
 from proxy.policy import Policy, ToolPolicy
 from proxy.policytest import SimClock
 from proxy.store.memory import MemoryStore
@@ -194,116 +195,142 @@ def read_records(paths: Iterable[str], report: ReplayReport) -> Iterator[dict[st
                 yield record
 
 
+_UNPARSED_ARGS = ("Invalid arguments: not valid JSON", "Invalid arguments: nested deeper")
+
+
+def _skip_reason(record: dict[str, Any], clock: SimClock) -> str | None:
+    """Why a record cannot be replayed as a policy decision (None: it can; the clock is set)."""
+    recorded = record["decision"]
+    gate = record.get("gate")
+    if recorded == "withheld":
+        return "withheld"
+    if recorded == "blocked" and gate in NOT_POLICY_GATES:
+        return f"blocked_by_{gate}"
+    if record.get("reason") == "store_error" or record.get("fail_open"):
+        return "store_error"
+    try:
+        clock.now = parse_time(record["time"])
+    except (KeyError, TypeError, ValueError):
+        return "no_time"
+    return None
+
+
+def _arguments_text(record: dict[str, Any], args: Any) -> str:
+    if (
+        type(args) is str
+        and record.get("reason") == "invalid_arguments"
+        and str(record.get("message") or "").startswith(_UNPARSED_ARGS)
+    ):
+        return args  # it never parsed: the record holds the text as sent
+    return orjson.dumps(args).decode()
+
+
+def _context(record: dict[str, Any], principal: str, request: Any) -> CallContext:
+    ctx = CallContext(principal, str(record.get("request_id") or ""), "replay")
+    groups = record.get("groups")
+    if groups:
+        ctx.groups = tuple(str(g) for g in groups)
+    if isinstance(request, dict):
+        ctx.model = request.get("model")
+        ctx.metadata = request.get("metadata") or {}
+        ctx.user = request.get("user")
+    return ctx
+
+
+def _doubt(reads: _Reads, args: Any, text: str, request: Any) -> str | None:
+    """Why the recorded arguments and request may not have decided this call (None: they did)."""
+    if reads.any_args:
+        if type(args) is dict and "preview" in args and any(m in args for m in _DIGEST_MARKERS):
+            return "digest_arguments"
+        if _MARKER_TEXT in text:
+            hidden = _redacted_keys(args)
+            if hidden is None or reads.args is None or not hidden.isdisjoint(reads.args):
+                return "redacted_arguments"
+    if reads.request and not isinstance(request, dict):
+        return "request_facts_not_recorded"
+    return None
+
+
+def _count_change(
+    report: ReplayReport,
+    record: dict[str, Any],
+    block: Block | None,
+    tool: str,
+    principal: str,
+    examples: int,
+) -> None:
+    """Count a call whose decision flipped, and keep it as an example while there is room."""
+    if block is not None:
+        kind, by_gate = "allowed_to_blocked", block.gate
+        now: dict[str, Any] = {
+            "decision": "blocked",
+            "gate": block.gate,
+            "reason": block.reason,
+            "message": block.message,
+        }
+    else:
+        kind, by_gate = "blocked_to_allowed", str(record.get("gate"))
+        now = {"decision": "allowed"}
+    counter = report.changes[kind]
+    counter["tool", tool] += 1
+    counter["gate", by_gate] += 1
+    counter["principal", principal] += 1
+    if len(report.examples[kind]) < examples:
+        report.examples[kind].append(
+            {
+                "time": record.get("time"),
+                "request_id": record.get("request_id"),
+                "call_id": record.get("call_id"),
+                "tool": tool,
+                "principal": principal,
+                "was": {k: record.get(k) for k in ("decision", "gate", "reason", "message")},
+                "now": now,
+            }
+        )
+
+
 async def _replay(
     policy: Policy, records: Iterable[dict[str, Any]], report: ReplayReport, examples: int
 ) -> None:
     clock = SimClock(0.0)
     store = MemoryStore(clock=clock)
     reads_of: dict[tuple[str, Any], _Reads] = {}
-    changes = report.changes
-    skipped = report.skipped
-    undecidable = report.undecidable
-    dumps = orjson.dumps
     for record in records:
         report.total += 1
-        recorded = record["decision"]
-        gate = record.get("gate")
-        if recorded == "withheld":
-            skipped["withheld"] += 1
-            continue
-        if recorded == "blocked" and gate in NOT_POLICY_GATES:
-            skipped[f"blocked_by_{gate}"] += 1
-            continue
-        if record.get("reason") == "store_error" or record.get("fail_open"):
-            skipped["store_error"] += 1
-            continue
-        try:
-            clock.now = parse_time(record["time"])
-        except (KeyError, TypeError, ValueError):
-            skipped["no_time"] += 1
+        skip = _skip_reason(record, clock)
+        if skip is not None:
+            report.skipped[skip] += 1
             continue
         tool = str(record["tool"])
         principal = str(record.get("principal") or "global")
         args = record.get("arguments")
-        if (
-            type(args) is str
-            and record.get("reason") == "invalid_arguments"
-            and (
-                str(record.get("message") or "").startswith(
-                    ("Invalid arguments: not valid JSON", "Invalid arguments: nested deeper")
-                )
-            )
-        ):
-            text = args  # it never parsed: the record holds the text as sent
-        else:
-            text = dumps(args).decode()
+        text = _arguments_text(record, args)
         request = record.get("request")
-        ctx = CallContext(principal, str(record.get("request_id") or ""), "replay")
-        groups = record.get("groups")
-        if groups:
-            ctx.groups = tuple(str(g) for g in groups)
-        if isinstance(request, dict):
-            ctx.model = request.get("model")
-            ctx.metadata = request.get("metadata") or {}
-            ctx.user = request.get("user")
+        ctx = _context(record, principal, request)
         call = ToolCall(str(record.get("call_id") or ""), tool, text)
         decision = await decide(call, policy, store, ctx)
 
-        # Could the recorded arguments and request have decided this call?
-        doubt = None
+        # The call is decided even when in doubt, so that state moves on as it did live.
         effective = policy.effective(ctx)  # the overlays of the recorded identity
         reads_key = (decision.tool_policy, effective.overlay_key)
         reads = reads_of.get(reads_key)
         if reads is None:
             reads = reads_of[reads_key] = _reads(effective.for_tool(tool))
-        if reads.any_args:
-            if type(args) is dict and "preview" in args and any(m in args for m in _DIGEST_MARKERS):
-                doubt = "digest_arguments"
-            elif _MARKER_TEXT in text:
-                hidden = _redacted_keys(args)
-                if hidden is None or reads.args is None or not hidden.isdisjoint(reads.args):
-                    doubt = "redacted_arguments"
-        if doubt is None and reads.request and not isinstance(request, dict):
-            doubt = "request_facts_not_recorded"
+        doubt = _doubt(reads, args, text, request)
         if doubt is not None:
-            undecidable[doubt] += 1
+            report.undecidable[doubt] += 1
             continue
 
-        was_allowed = recorded == "allowed"
         block = decision.block
-        if was_allowed == (block is None):
+        if (record["decision"] == "allowed") == (block is None):
             report.unchanged += 1
-            if block is not None and (block.gate, block.reason) != (gate, record.get("reason")):
+            if block is not None and (block.gate, block.reason) != (
+                record.get("gate"),
+                record.get("reason"),
+            ):
                 report.blocked_differently += 1
             continue
-        if was_allowed:
-            assert block is not None
-            kind, by_gate = "allowed_to_blocked", block.gate
-            now = {
-                "decision": "blocked",
-                "gate": block.gate,
-                "reason": block.reason,
-                "message": block.message,
-            }
-        else:
-            kind, by_gate = "blocked_to_allowed", str(gate)
-            now = {"decision": "allowed"}
-        counter = changes[kind]
-        counter["tool", tool] += 1
-        counter["gate", by_gate] += 1
-        counter["principal", principal] += 1
-        if len(report.examples[kind]) < examples:
-            report.examples[kind].append(
-                {
-                    "time": record.get("time"),
-                    "request_id": record.get("request_id"),
-                    "call_id": record.get("call_id"),
-                    "tool": tool,
-                    "principal": principal,
-                    "was": {k: record.get(k) for k in ("decision", "gate", "reason", "message")},
-                    "now": now,
-                }
-            )
+        _count_change(report, record, block, tool, principal, examples)
 
 
 def replay(policy: Policy, paths: list[str], examples: int = 5) -> ReplayReport:

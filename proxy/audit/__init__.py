@@ -48,7 +48,7 @@ from proxy.audit.records import (
 )
 from proxy.audit.writer import RETRY_SECONDS, _Writer
 from proxy.config import AuditConfig
-from proxy.gates.decision import Decision
+from proxy.gates.decision import Block, Decision
 from proxy.timestamps import utc_iso
 from proxy.toolcalls import CallContext
 
@@ -75,6 +75,19 @@ log = structlog.get_logger("callgate.audit")
 
 class AuditUnavailable(Exception):
     """The audit file could not be written: calls waiting on their records must not go out."""
+
+
+def _shadow_blocks(shadow: list[Block]) -> list[dict[str, str]]:
+    return [{"gate": b.gate, "reason": b.reason, "message": b.message} for b in shadow]
+
+
+def _add_outcome_fields(
+    record: dict[str, Any], upstream_status: str | None, approval: dict[str, Any] | None
+) -> None:
+    if upstream_status is not None:  # action `reprompt_failed`: how the upstream failed it
+        record["upstream_status"] = upstream_status
+    if approval is not None:  # asked for, or passed with, a person's approval
+        record["approval"] = approval
 
 
 class Auditor:
@@ -137,6 +150,8 @@ class Auditor:
         action: str | None,
         upstream_status: str | None = None,
     ) -> None:
+        # Runs on every decision: the common case (JSON arguments, no redaction, no request
+        # facts, no approval) takes no helper call; the rarer branches each have one.
         if decision.recorded:
             return  # recorded when it was sent, before its round was settled
         decision.recorded = True
@@ -144,17 +159,8 @@ class Auditor:
         call = decision.call
         args = decision.args
         raw: str | None = call.arguments
-        if args is None:
-            # Not JSON (so blocked): kept as text, unless it names a redacted key, which a
-            # text cannot be redacted around.
-            args = call.arguments
-            if any(key in args for key in self._redact):
-                args = REDACTED
-                raw = None
-        elif self._redact:
-            args = redact(args, self._redact)
-            if args is not decision.args:
-                raw = None
+        if args is None or self._redact:
+            args, raw = self._recorded_args(call.arguments, args)
         if block is None:
             gate = reason = message = None
         else:
@@ -175,37 +181,51 @@ class Auditor:
             "reason": reason,
             "message": message,
             "action": action,
-            "shadow": [{"gate": b.gate, "reason": b.reason, "message": b.message} for b in shadow]
-            if shadow
-            else [],
+            "shadow": _shadow_blocks(shadow) if shadow else [],
             "fail_open": decision.fail_open,
             "arguments": args,
             "latency_ms": round(decision.latency_ms, 3),
         }
-        if upstream_status is not None:  # action `reprompt_failed`: how the upstream failed it
-            record["upstream_status"] = upstream_status
-        if decision.approval is not None:  # asked for, or passed with, a person's approval
-            record["approval"] = decision.approval
+        if upstream_status is not None or decision.approval is not None:
+            _add_outcome_fields(record, upstream_status, decision.approval)
         if ctx.model is not None or ctx.user is not None or ctx.metadata:
             # What rules may read as `request.*`: `callgate replay` re-decides with it.
-            metadata = redact(ctx.metadata, self._redact) if ctx.metadata else {}
-            record["request"] = {"model": ctx.model, "user": ctx.user, "metadata": metadata}
+            record["request"] = self._request_facts(ctx)
         if ctx.trace_id is not None:  # tracing is on: the record leads to the request's trace
             record["trace_id"] = ctx.trace_id
         self.records += 1
         for listener in self.listeners:
             listener(record)
         if self._log_records:
-            limit = self.config.max_argument_bytes
-            if len(call.arguments) > limit:
-                # The log line is bounded like the file's: no megabytes of arguments on stdout.
-                preview = _preview(args)
-                logged = _digest_form("truncated", f"over {limit} bytes", raw, preview)
-                log.info("tool_call_decision", **{**record, "arguments": logged})
-            else:
-                log.info("tool_call_decision", **record)
+            self._log_decision(record, call.arguments, args, raw)
         if self._file and not self._closed:
             ctx.audit_batch = self._append(record, raw)
+
+    def _recorded_args(self, text: str, args: Any) -> tuple[Any, str | None]:
+        """The arguments as recorded, and the text they may be digested by (None when a
+        redacted key was involved: a digest's preview would show it)."""
+        if args is None:
+            # Not JSON (so blocked): kept as text, unless it names a redacted key, which a
+            # text cannot be redacted around.
+            if any(key in text for key in self._redact):
+                return REDACTED, None
+            return text, text
+        redacted = redact(args, self._redact)
+        return redacted, (text if redacted is args else None)
+
+    def _request_facts(self, ctx: CallContext) -> dict[str, Any]:
+        metadata = redact(ctx.metadata, self._redact) if ctx.metadata else {}
+        return {"model": ctx.model, "user": ctx.user, "metadata": metadata}
+
+    def _log_decision(self, record: dict[str, Any], text: str, args: Any, raw: str | None) -> None:
+        limit = self.config.max_argument_bytes
+        if len(text) > limit:
+            # The log line is bounded like the file's: no megabytes of arguments on stdout.
+            preview = _preview(args)
+            logged = _digest_form("truncated", f"over {limit} bytes", raw, preview)
+            log.info("tool_call_decision", **{**record, "arguments": logged})
+        else:
+            log.info("tool_call_decision", **record)
 
     def _append(self, record: dict[str, Any], raw: str | None) -> int:
         """Queue a record for the file; returns the batch it goes out in."""
