@@ -1,7 +1,7 @@
 """Responses API shapes: reading tool calls out of `output`, rewriting around blocks, stashing.
 
 Pure functions over the decoded JSON; the route (proxy.routes.responses) and the stream gate
-(proxy.responses_stream) do the I/O.
+(proxy.responses_gate) render them; proxy.stream_loop does the I/O.
 
 Items are identified by their *key*: `call:<call_id>` for the calls the client runs (function
 and custom tool calls, and the built-in client-run tools' `shell_call`, `local_shell_call`,

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from proxy import responses, stash
 from proxy.responses import key_of, output_key
 
 # A group of removed items: {"items": [item, ...], "after": key | None, "before": key | None},
@@ -103,6 +104,26 @@ class StashEntry:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def entry_puts(
+    principal: str, response_id: str, entry: StashEntry, body: dict[str, Any]
+) -> list[tuple[list[str], dict[str, Any]]]:
+    """What saving a response's entry writes, as (keys, value) pairs: the entry under the
+    response's id and its surviving calls' ids; the outputs its conversation's next turn
+    needs, under the conversation's id."""
+    value = entry.to_json()
+    if not value:
+        return []
+    keys = [stash.responses_key(response_id)]
+    keys += [responses.call_key(principal, c) for c in entry.calls]
+    puts = [(keys, value)]
+    conversation = responses.conversation_id(body)
+    if conversation:
+        # The new outputs, or none: those this request carried are in the conversation now.
+        key = responses.conversation_key(conversation)
+        puts.append(([key], StashEntry(outputs=entry.outputs).to_json()))
+    return puts
 
 
 # -- the client's next turn ---------------------------------------------------------------

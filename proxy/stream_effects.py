@@ -81,6 +81,7 @@ class Reprompt:
     body: dict[str, Any]
     round: int
     blocked: int
+    counted: bool = True  # a reprompt; False: a round that answers MCP approval requests
 
 
 @dataclass(slots=True)
@@ -119,6 +120,7 @@ class Settle:
 
     decisions: list[Decision]
     can_reprompt: bool
+    approvals: list[Decision] | None = None  # the round's MCP approval requests, decided
 
 
 @dataclass(slots=True)
@@ -126,6 +128,7 @@ class Refuse:
     """A round planned as `error` (proxy.rounds.refuse): answer its Refusal."""
 
     plan: Plan
+    approvals: list[Decision] | None = None
 
 
 Ask = Decide | Settle | Refuse
@@ -154,6 +157,10 @@ class Gate(Protocol):
     def reprompt_failed(self, message: str, code: str, status: str) -> list[Effect]: ...
 
     def disconnected(self) -> list[Effect]: ...  # orders only; run at once, Sends dropped
+
+    def cancelled(self) -> list[Effect]: ...  # as disconnected: cancelled, the client still there
+
+    def crashed(self, exc: Exception) -> list[Effect] | None: ...  # None: the loop re-raises
 
 
 class GateSteps:
@@ -209,3 +216,15 @@ class GateSteps:
 
     def on_failed(self, message: str, code: str) -> None:
         raise NotImplementedError
+
+    def disconnected(self) -> list[Effect]:
+        raise NotImplementedError
+
+    def cancelled(self) -> list[Effect]:
+        """Cancelled while the client is still connected (a server shutting down): unless a
+        gate words it otherwise, as a client that left."""
+        return self.disconnected()
+
+    def crashed(self, exc: Exception) -> list[Effect] | None:
+        """The gate raised: its effects to end the stream, or None to let it propagate."""
+        return None

@@ -74,15 +74,35 @@ class StreamLoop:
 
     async def run(self, resp: http1.Response) -> None:
         gate = self.gate
+        try:
+            await self.rounds(resp)
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            # The client left (aiohttp's reset error is a ConnectionResetError), or a server
+            # with handler cancellation cancelled on its disconnect; else it is shutting down.
+            transport = self.request.transport
+            if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
+                self.apply_now(gate.disconnected())
+            else:
+                self.apply_now(gate.cancelled())
+            raise
+        except Exception as exc:
+            fx = gate.crashed(exc)
+            if fx is None:
+                raise
+            log.exception("stream_gate_error")
+            try:
+                await self.apply(fx)
+            except Exception:
+                log.exception("stream_gate_error_unrecorded")
+
+    async def rounds(self, resp: http1.Response) -> None:
+        gate = self.gate
         while True:
             try:
                 over = await self.pump(resp)
             except StreamFailed as exc:
                 await self.apply(gate.failed(str(exc), exc.code))
                 return
-            except (ConnectionResetError, asyncio.CancelledError):
-                self.apply_now(gate.disconnected())
-                raise
             finally:
                 resp.close()  # a no-op once read to the end; cancels the upstream otherwise
             if over == STREAM_OVER:
@@ -92,7 +112,8 @@ class StreamLoop:
             ask = self.next
             if ask is None:
                 return
-            asked_again(self.state, gate.route, ask.round, ask.blocked, stream=True)
+            if ask.counted:
+                asked_again(self.state, gate.route, ask.round, ask.blocked, stream=True)
             next_resp, message, code, status = await open_round(
                 self.state, self.request, ask.body, self.policy.config.upstream
             )
@@ -178,8 +199,8 @@ class StreamLoop:
                 decisions.append(await decide(call, self.policy, self.state.store, self.ctx))
             return decisions
         if isinstance(ask, Settle):
-            return settle(self.state, self.ctx, ask.decisions, ask.can_reprompt)
-        return await refuse(self.state, ask.plan)
+            return settle(self.state, self.ctx, ask.decisions, ask.can_reprompt, ask.approvals)
+        return await refuse(self.state, ask.plan, ask.approvals)
 
     async def flush(self) -> None:
         queued = self.queued

@@ -3,7 +3,7 @@
 - `POST /v1/responses`: request-side tool filtering (server-side tools a policy denies) and
   completion of the conversation (error outputs of earlier blocked calls), forward, gate every
   call the client runs (`function_call`, `custom_tool_call`, `shell_call`, `local_shell_call`,
-  `apply_patch_call` items), rewrite (streaming: proxy.responses_stream).
+  `apply_patch_call` items), rewrite (streaming: proxy.responses_gate, run by proxy.stream_loop).
 - `GET /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`: the client's view of a
   stored response, without the calls callgate blocked or the items it added.
 - Everything else under /v1/responses/* is forwarded verbatim by the catch-all pass-through.
@@ -22,27 +22,51 @@ from proxy import reprompt, responses, stash
 from proxy.delivery import deliver
 from proxy.errors import bad_gateway, bad_request, error_response
 from proxy.forward import fetch, json_reply, parse_reply, raw_reply, serve_stream
-from proxy.gates import decide_many, release
+from proxy.gates import decide, decide_many, release
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
 from proxy.request_shape import responses_problem
-from proxy.responses_stash import StashEntry, add_outputs, reinsert
-from proxy.responses_stream import (
-    MAX_APPROVAL_ROUNDS,
-    ResponsesStream,
-    decide_approvals,
-    save_entry,
-)
+from proxy.responses_gate import ResponsesGate
+from proxy.responses_items import MAX_APPROVAL_ROUNDS, approval_calls
+from proxy.responses_stash import StashEntry, add_outputs, entry_puts, reinsert
 from proxy.rounds import Plan, asked_again, plan_round, record_round, refuse
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.routes.passthrough import forward
 from proxy.state import STATE, AppState
+from proxy.stream_loop import StreamLoop
 from proxy.toolcalls import CallContext
 from proxy.transport import upstream_failure, upstream_path
 from proxy.upstream import UpstreamError, UpstreamReply
 from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.responses")
+
+
+async def decide_approvals(
+    state: AppState, policy: Policy, ctx: CallContext, items: list[dict[str, Any]]
+) -> list[Decision]:
+    """Run the gates on the calls MCP approval requests ask for, in order
+    (proxy.responses_items.approval_calls)."""
+    decisions = []
+    for call in approval_calls(policy, items):
+        decisions.append(await decide(call, policy, state.store, ctx))
+    return decisions
+
+
+async def save_entry(
+    state: AppState,
+    policy: Policy,
+    principal: str,
+    response_id: str,
+    entry: StashEntry,
+    body: dict[str, Any],
+) -> None:
+    """Stash a response's entry (proxy.responses_stash.entry_puts)."""
+    ttl = policy.config.server.stash_ttl
+    for keys, value in entry_puts(principal, response_id, entry, body):
+        await stash.put(state.store, keys, value, ttl)
+
+
 ROUTE = "responses"
 
 
@@ -382,7 +406,9 @@ async def _gate_stream(
         ctx,
         payload,
         policy.config.upstream,
-        lambda out: ResponsesStream(request, out, state, policy, body, ctx, inserted, gated),
+        lambda out: StreamLoop(
+            request, out, state, policy, ctx, ResponsesGate(policy, body, ctx, inserted, gated)
+        ),
     )
 
 
