@@ -616,7 +616,11 @@ def test_sigkill_at_random_moments_loses_no_delivered_record(tmp_path):
 # --- rotation -----------------------------------------------------------------------------------
 
 
-async def test_rotated_file_is_followed_and_verifies_with_its_predecessor(tmp_path, capsys):
+async def test_rotated_file_is_followed_and_verifies_with_its_predecessor(
+    tmp_path, capsys, monkeypatch
+):
+    # Checked on every write here; callgate checks at most once a second.
+    monkeypatch.setattr(audit.writer, "ROTATION_CHECK_SECONDS", 0.0)
     path = tmp_path / "audit.jsonl"
     rotated = tmp_path / "audit.jsonl.1"
     auditor = await started(path)
