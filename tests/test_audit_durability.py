@@ -641,3 +641,29 @@ async def test_rotated_file_is_followed_and_verifies_with_its_predecessor(
     out = capsys.readouterr().out
     assert "audit.jsonl.1: OK, 2 records" in out and "audit.jsonl: OK, 2 records" in out
     assert main(["audit", "verify", str(path), str(rotated)]) == 1  # out of order
+
+
+async def test_a_window_lets_waiters_of_later_iterations_share_one_write(tmp_path, monkeypatch):
+    """Streams reach their calls at different moments: with a window, their records still go
+    out in one write, and a waiter without a window is never held by someone else's."""
+    monkeypatch.setattr(audit, "BATCH_SECONDS", 5.0)  # only the waiters decide when it flushes
+    path = tmp_path / "audit.jsonl"
+    auditor = await started(path)
+    record(auditor, "a")
+    first = asyncio.ensure_future(auditor.durable(0.2))
+    await asyncio.sleep(0.02)  # a later loop iteration, well inside the window
+    record(auditor, "b")
+    second = asyncio.ensure_future(auditor.durable(0.2))
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert auditor._writer is not None and auditor._writer.writes == 1
+    assert call_ids(path) == ["a", "b"]
+
+    record(auditor, "c")
+    slow = asyncio.ensure_future(auditor.durable(30.0))
+    await asyncio.sleep(0)
+    started_at = asyncio.get_running_loop().time()
+    await asyncio.wait_for(auditor.durable(), 5)  # no window: flushed now, not in 30 s
+    assert asyncio.get_running_loop().time() - started_at < 2
+    await asyncio.wait_for(slow, 1)
+    assert call_ids(path) == ["a", "b", "c"]
+    await auditor.close()

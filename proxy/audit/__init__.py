@@ -104,7 +104,7 @@ class Auditor:
         self._prev = GENESIS
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._batch: asyncio.Handle | None = None  # the pending batch's flush
-        self._batch_soon = False  # that flush runs at the end of this loop iteration
+        self._batch_at = 0.0  # when that flush runs (loop time)
         self._writer: _Writer | None = None
         self._closed = False
         self._sealed = 0  # batches handed to the writer, numbered from 1
@@ -140,7 +140,7 @@ class Auditor:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             if self._unsealed and self._batch is None:  # recorded before start, or a resume
-                self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
+                self._schedule(BATCH_SECONDS)
 
     def record(
         self,
@@ -232,7 +232,7 @@ class Auditor:
         # Serialized and sealed with the batch it is written in: cheaper run back to back.
         # The first record of a batch schedules its flush (sooner if someone waits).
         if not self._unsealed and self._loop is not None:
-            self._batch = self._loop.call_later(BATCH_SECONDS, self._flush)
+            self._schedule(BATCH_SECONDS)
         self._unsealed.append((record, raw))
         return self._sealed + 1
 
@@ -257,19 +257,35 @@ class Auditor:
         every write to a client can afford to ask."""
         return ctx.audit_batch > self._written
 
-    async def written(self, ctx: CallContext) -> None:
+    async def written(self, ctx: CallContext, window: float = 0.0) -> None:
         """Return once every record this request made is in the file (audit before delivery);
-        raise `AuditUnavailable` if it could not be written."""
+        raise `AuditUnavailable` if it could not be written. `window`: see durable()."""
         if ctx.audit_batch > self._written:
-            await self.durable()
+            await self.durable(window)
 
-    async def durable(self) -> None:
+    def _schedule(self, delay: float) -> None:
+        """Flush the gathered records `delay` seconds from now, unless a flush is due sooner."""
+        assert self._loop is not None
+        at = self._loop.time() + delay
+        if self._batch is not None:
+            if self._batch_at <= at:
+                return
+            self._batch.cancel()
+        self._batch_at = at
+        if delay <= 0:
+            self._batch = self._loop.call_soon(self._flush)
+        else:
+            self._batch = self._loop.call_at(at, self._flush)
+
+    async def durable(self, window: float = 0.0) -> None:
         """Return once every record recorded so far is in the file (and on disk with
         `fsync: always`); raise `AuditUnavailable` if it could not be written (it is retried
         in the background; the caller must not deliver the calls it recorded).
 
         Concurrent callers share one write: the first caller of a loop iteration has the
-        records flushed at its end, and all wait on that batch's one future.
+        records flushed at its end, and all wait on that batch's one future. `window`: the
+        caller may wait that long for others to join the write (streams reach their calls at
+        different moments; without a window each would pay a write of its own).
         """
         if not self._file:
             return
@@ -279,11 +295,7 @@ class Auditor:
             if self._closed:
                 raise AuditUnavailable("audit file closed: records recorded after close")
             target = self._sealed + 1
-            if not self._batch_soon:
-                if self._batch is not None:
-                    self._batch.cancel()
-                self._batch = self._loop.call_soon(self._flush)
-                self._batch_soon = True
+            self._schedule(window)
         else:
             target = self._sealed
         if target <= self._written:
@@ -305,7 +317,6 @@ class Auditor:
         """Seal the records gathered so far (on the event loop: the chain is in record order)
         and hand their lines to the writer thread."""
         self._batch = None
-        self._batch_soon = False
         items, self._unsealed = self._unsealed, []
         if not items or not self._file:
             return
