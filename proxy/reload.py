@@ -8,13 +8,13 @@ one log line and the running policy stays.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import structlog
 
 from proxy.config import ConfigError, read_config_text
 from proxy.policy import Policy, load_policy_text
 from proxy.state import AppState
+from proxy.watched import fingerprint
 
 log = structlog.get_logger("callgate.reload")
 
@@ -33,14 +33,6 @@ _RESTART_ONLY = (
     ("upstream", "max_connections"),
 )
 
-
-def _fingerprint(path: str) -> tuple[int, int, int, int] | None:
-    """Identity of the file the path resolves to now (a ConfigMap update swaps a symlink)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
 
 
 async def reload_policy(state: AppState, reason: str) -> bool:
@@ -91,11 +83,11 @@ async def watch(state: AppState, interval: float = 1.0) -> None:
     path = state.config_path
     if path is None:
         return
-    last = await asyncio.to_thread(_fingerprint, path)
+    last = await asyncio.to_thread(fingerprint, path)
     while True:
         await asyncio.sleep(interval)
         try:
-            current = await asyncio.to_thread(_fingerprint, path)
+            current = await asyncio.to_thread(fingerprint, path)
             if current is not None and current != last:
                 last = current
                 await reload_policy(state, "file_changed")

@@ -32,6 +32,7 @@ import orjson
 import structlog
 
 from proxy.timestamps import utc_iso
+from proxy.watched import fingerprint
 
 log = structlog.get_logger("callgate.auth")
 
@@ -250,13 +251,6 @@ class KeySet:
                 log.warning("auth_keys_refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _fingerprint(path: str) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
-
 
 class FileKeySet(KeySet):
     def __init__(self, path: str, refresh: float, clock: Any = time.time) -> None:
@@ -265,13 +259,13 @@ class FileKeySet(KeySet):
         self._seen: tuple[int, int, int, int] | None = None
 
     async def load(self) -> None:
-        self._seen = await asyncio.to_thread(_fingerprint, self.path)
+        self._seen = await asyncio.to_thread(fingerprint, self.path)
         records = await asyncio.to_thread(read_file, self.path)
         self.table = table_of(records)
         log.info("auth_keys_loaded", source=self.path, keys=len(self.table))
 
     async def poll(self) -> bool:
-        current = await asyncio.to_thread(_fingerprint, self.path)
+        current = await asyncio.to_thread(fingerprint, self.path)
         if current == self._seen:
             return False
         await self.load()
