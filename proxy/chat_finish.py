@@ -23,9 +23,7 @@ def stash_order(policy: Policy, ctx: CallContext, st: ChoiceState, p: Plan) -> S
     """The blocked calls a choice lost, stashed under its surviving calls (None: nothing to
     stash, as no call survived or none was removed)."""
     blocked = {d.call.id for d in p.blocked}
-    kept = [
-        c.id for c, d in zip(st.calls, st.decisions, strict=True) if d.allowed and not c.legacy
-    ]
+    kept = [c.id for c, d in zip(st.calls, st.decisions, strict=True) if d.allowed and not c.legacy]
     stashed = [c for c in st.calls if c.id in blocked and not c.legacy]
     if not kept or not stashed:
         return None
