@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import structlog
 
-from proxy import chat, reprompt, sse, stash
+from proxy import chat, reprompt, sse
+from proxy.chat_finish import finish_reason, reprompt_body, round_content, stash_order
 from proxy.chat_held import ChoiceState, HeldCall
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, event_object
@@ -44,7 +44,6 @@ from proxy.stream_effects import (
     RepromptFailed,
     Send,
     Settle,
-    Stash,
     Steps,
 )
 from proxy.toolcalls import CallContext
@@ -270,13 +269,7 @@ class ChatGate(GateSteps):
                 self.send(event)
             return False
         if payload == sse.DONE:
-            if _incomplete(self.choices):
-                raise StreamFailed(
-                    "upstream stream ended before the tool call's arguments were complete",
-                    "incomplete_tool_call",
-                )
-            if not self.draining:
-                self.write(event)
+            self.done(event)
             return True
         if (
             not self.round
@@ -288,14 +281,8 @@ class ChatGate(GateSteps):
             self.write(event)
             return False
         obj = event_object(payload)
-        if "error" in obj and "choices" not in obj and self.pending is not None:
-            message = "the upstream sent an error event: " + str(obj.get("error"))[:300]
-            self.strip_finish(message, "upstream_error", "error_event")
-            return True
         if "error" in obj and "choices" not in obj:
-            self.settle_unfinished("the upstream sent an error event", "upstream_error")
-            log.warning("upstream_error_event", error=str(obj.get("error"))[:300])
-            self.write(event)  # the upstream's own error event passes through
+            self.error_event(obj, event)
             return True
         if self.argument_piece(obj):
             return False
@@ -306,6 +293,27 @@ class ChatGate(GateSteps):
             self.write(event)
             return False
         return self.handle_chunk(obj)
+
+    def done(self, event: bytes) -> None:
+        """`[DONE]`: the round is over, and no call may be left half-streamed."""
+        if _incomplete(self.choices):
+            raise StreamFailed(
+                "upstream stream ended before the tool call's arguments were complete",
+                "incomplete_tool_call",
+            )
+        if not self.draining:
+            self.write(event)
+
+    def error_event(self, obj: dict[str, Any], event: bytes) -> None:
+        """The upstream's error event ends the stream: as strip would have, while a reprompt
+        is unanswered; otherwise it passes through once every held call is dropped."""
+        if self.pending is not None:
+            message = "the upstream sent an error event: " + str(obj.get("error"))[:300]
+            self.strip_finish(message, "upstream_error", "error_event")
+            return
+        self.settle_unfinished("the upstream sent an error event", "upstream_error")
+        log.warning("upstream_error_event", error=str(obj.get("error"))[:300])
+        self.write(event)  # the upstream's own error event passes through
 
     def argument_piece(self, obj: dict[str, Any]) -> bool:
         """The event most of a call's stream is made of: the next piece of an open call's
@@ -399,9 +407,6 @@ class ChatGate(GateSteps):
             held.add(legacy)
 
         if finish:
-            for other in sorted(st.open):
-                yield from self.complete(obj, ci, st, st.open.pop(other), out)
-            st.finished = True
             yield from self.finish(obj, ci, st, choice, str(finish), out)
 
     @staticmethod
@@ -463,6 +468,9 @@ class ChatGate(GateSteps):
         finish: str,
         out: list[bytes],
     ) -> Steps:
+        for other in sorted(st.open):  # the choice is over: its open calls are complete
+            yield from self.complete(obj, ci, st, st.open.pop(other), out)
+        st.finished = True
         if not st.decisions:
             out.append(
                 self.chunk(obj, {**choice, "delta": {}, "finish_reason": finish}, keep_usage=True)
@@ -472,99 +480,65 @@ class ChatGate(GateSteps):
         p: Plan = yield Settle(st.decisions, can_reprompt)
         if p.action == "error":
             refusal: Refusal = yield Refuse(p)
-            for data in out:
-                self.write(data)
-            out.clear()
-            error = error_body(refusal.message, refusal.type, refusal.code)
-            self.write(b"data: " + error + b"\n\n")
-            self.ended = True
-            return
-        if p.action == "reprompt":
+            self.refused(refusal, out)
+        elif p.action == "reprompt":
             st.deferred.clear()
             self.reprompt_plan = p
             self.reprompt_calls = list(st.calls)
             self.reprompt_at = (obj, ci)
             self.usage = add_usage(self.usage, obj.get("usage"))
             self.draining = True
-            return
+        else:
+            self.settled(obj, ci, st, choice, finish, p, out)
+
+    def refused(self, refusal: Refusal, out: list[bytes]) -> None:
+        """The round fails the request: what is queued, then the error event; no call."""
+        for data in out:
+            self.write(data)
+        out.clear()
+        error = error_body(refusal.message, refusal.type, refusal.code)
+        self.write(b"data: " + error + b"\n\n")
+        self.ended = True
+
+    def settled(
+        self,
+        obj: dict[str, Any],
+        ci: int,
+        st: ChoiceState,
+        choice: dict[str, Any],
+        finish: str,
+        p: Plan,
+        out: list[bytes],
+    ) -> None:
+        """A choice whose calls were let through or removed: the deferred ones go now, then
+        strip's notice, the stash order, the finishing chunk."""
         for call in st.deferred:
             out.append(self.call_chunk(obj, ci, st, call))
         st.deferred.clear()
-        blocked = {d.call.id for d in p.blocked}
         if p.action == "strip":
             text = chat.notice(p.blocked)
-            sep = "\n\n" if self.round_content() else ""
+            sep = "\n\n" if round_content(self.text) else ""
             delta = {"content": sep + text}
             out.append(
                 self.chunk(
                     obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None}
                 )
             )
-        kept = [
-            c.id for c, d in zip(st.calls, st.decisions, strict=True) if d.allowed and not c.legacy
-        ]
-        stashed = [c for c in st.calls if c.id in blocked and not c.legacy]
-        if kept and stashed:
-            by_id = {d.call.id: d for d in p.blocked}
-            self.emit(
-                Stash(
-                    [stash.chat_key(self.ctx.principal, i) for i in kept],
-                    {
-                        "calls": [chat.wire_call(c.wire()) for c in stashed],
-                        "results": [
-                            chat.tool_result_messages([by_id[c.id]])[0] for c in stashed
-                        ],
-                    },
-                    self.policy.config.server.stash_ttl,
-                )
-            )
-        if p.allowed:
-            new_finish = "function_call" if any(c.legacy for c in st.calls) else finish
-        else:
-            new_finish = "stop"
+        order = stash_order(self.policy, self.ctx, st, p)
+        if order is not None:
+            self.emit(order)
+        new_finish = finish_reason(st, p, finish)
         out.append(
             self.chunk(obj, {**choice, "delta": {}, "finish_reason": new_finish}, keep_usage=True)
         )
 
     # -- reprompt -------------------------------------------------------------------------
 
-    def round_content(self) -> str | None:
-        parts: list[str] = []
-        for item in self.text:
-            if isinstance(item, str):
-                parts.append(item)
-                continue
-            for event in sse.EventSplitter().feed(
-                item if item.endswith(b"\n\n") else item + b"\n\n"
-            ):
-                payload = sse.data_of(event)
-                if not payload or payload == sse.DONE:
-                    continue
-                try:
-                    obj = orjson.loads(payload)
-                    for c in obj.get("choices") or []:
-                        content = (c.get("delta") or {}).get("content")
-                        if isinstance(content, str):
-                            parts.append(content)
-                except (orjson.JSONDecodeError, AttributeError):
-                    continue
-        return "".join(parts) or None
-
     def reprompt(self, p: Plan) -> None:
         """Start the next round: its body, asked of the upstream by the loop."""
-        calls: list[HeldCall] = self.reprompt_calls
-        legacy = next((c for c in calls if c.legacy), None)
-        content = self.round_content()
+        content = round_content(self.text)
         self.any_text = self.any_text or bool(content)
-        turn = chat.assistant_turn(
-            content,
-            [c.wire() for c in calls if not c.legacy],
-            {"name": legacy.name, "arguments": legacy.arguments} if legacy else None,
-        )
-        messages = [*(self.body.get("messages") or []), turn, *chat.tool_result_messages(p.blocked)]
-        blocked = {d.call.name for d in p.blocked}
-        relaxed = chat.relaxed_tool_choice(self.body, blocked, reprompt.denied(self.policy))
-        self.body = {**self.body, "messages": messages, **relaxed}
+        self.body = reprompt_body(self.policy, self.body, self.reprompt_calls, content, p)
         self.round += 1
         self.choices.clear()
         self.text = []

@@ -228,30 +228,12 @@ class ResponsesGate(ResponsesRounds):
         kind = ev.type or ""
         obj = ev.obj or {}
         if kind in LIFECYCLE:
-            response = obj.get("response")
-            if self.round:
-                if isinstance(response, dict) and isinstance(response.get("id"), str):
-                    self.round_data["id"] = response["id"]
-                self.activate()  # the client already has these: swallowed
-                return False
-            if isinstance(response, dict) and isinstance(response.get("id"), str):
-                self.visible_id = self.visible_id or response["id"]
-            self.pass_on(ev)
+            self.lifecycle(ev, obj)
             return False
         if kind in TERMINAL:
             return self.terminal(ev)
-        if (kind == "error" or ("error" in obj and "type" not in obj)) and self.pending:
-            message = f"the upstream sent an error event: {error_message(obj)}"
-            self.strip_finish(message, "upstream_error", "error_event")
-            return True
         if kind == "error" or ("error" in obj and "type" not in obj):
-            # The upstream's own error event passes through, once every call is recorded;
-            # nothing held goes out.
-            message = error_message(obj)
-            self.abandon(f"the upstream sent an error event: {message}", "upstream_error")
-            log.warning("upstream_error_event", error=message)
-            self.write(self.numbered(ev.raw))
-            self.ended = True
+            self.upstream_error(ev, obj)
             return True
         if kind.startswith(ITEM_EVENTS):
             item, raw = self.item_of(ev, kind, obj)
@@ -265,6 +247,32 @@ class ResponsesGate(ResponsesRounds):
         self.buffer.append(ev)
         self.flush()
         return False
+
+    def lifecycle(self, ev: Ev, obj: dict[str, Any]) -> None:
+        """`response.created` / `.in_progress`: passed on in the first round only."""
+        response = obj.get("response")
+        if self.round:
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self.round_data["id"] = response["id"]
+            self.activate()  # the client already has these: swallowed
+            return
+        if isinstance(response, dict) and isinstance(response.get("id"), str):
+            self.visible_id = self.visible_id or response["id"]
+        self.pass_on(ev)
+
+    def upstream_error(self, ev: Ev, obj: dict[str, Any]) -> None:
+        """The upstream's error event ends the stream: as strip would have, while a reprompt
+        is unanswered; otherwise it passes through once every call is recorded, and nothing
+        held goes out."""
+        if self.pending:
+            message = f"the upstream sent an error event: {error_message(obj)}"
+            self.strip_finish(message, "upstream_error", "error_event")
+            return
+        message = error_message(obj)
+        self.abandon(f"the upstream sent an error event: {message}", "upstream_error")
+        log.warning("upstream_error_event", error=message)
+        self.write(self.numbered(ev.raw))
+        self.ended = True
 
     def item_done(self, ev: Ev, item: Item, done: dict[str, Any]) -> Handled:
         """Decide a call (or an approval) once it is done; then hold or pass its event."""
@@ -292,42 +300,18 @@ class ResponsesGate(ResponsesRounds):
     def terminal(self, ev: Ev) -> Handled:
         obj = ev.obj or {}
         kind = ev.type or ""
-        response = obj.get("response")
-        if not isinstance(response, dict):
-            raise StreamFailed(f"upstream sent {kind} without its response", "upstream_malformed")
-        problem = responses.malformed_output(response.get("output"))
-        if problem is not None:
-            raise StreamFailed(f"upstream sent {kind} where {problem}", "upstream_malformed")
+        response = self.terminal_response(kind, obj)
         output: list[Any] | None = response.get("output")
         if self.round:
             self.usage = add_usage(self.usage, response.get("usage"))
-        if kind == "response.failed" and self.pending is not None:
+        if kind == "response.failed":
+            if self.pending is None:
+                return self.failed_round(obj, response, output)
             error = response.get("error")
             why = error.get("message") if isinstance(error, dict) else None
             self.strip_finish(f"the upstream response failed: {why}", "upstream_failed")
             return True
-        if kind == "response.failed":
-            return self.failed_round(obj, response, output)
-        pending = [
-            i for i in self.items.values() if i.kind in ("call", "approval") and i.status == PENDING
-        ]
-        if pending and kind == "response.completed":
-            raise StreamFailed(
-                "upstream completed the response with a tool call still incomplete",
-                "incomplete_tool_call",
-            )
-        # Cut off mid-call (max_output_tokens): such a call never goes out, nor into `output`.
-        cut: list[Decision] = []
-        for item in pending:
-            if item.kind == "call":
-                d = item.decision = self.blocked_now(
-                    self.tool_call(item, item.added),
-                    "incomplete_tool_call",
-                    "the tool call was cut off",
-                )
-                self.emit(Record(d, "blocked", "fail_closed"))
-                cut.append(d)
-            item.status = DROP  # an approval unanswered: the upstream runs nothing without it
+        cut = self.cut_off(kind)
         if output:
             yield from self.decide_unseen(output)
 
@@ -341,6 +325,55 @@ class ResponsesGate(ResponsesRounds):
             self.send(self.error_event(refusal.message, refusal.type, refusal.code))
             self.ended = True
             return True
+        return self.round_settled(ev, response, output, p, cut, approvals, bool(decided))
+
+    @staticmethod
+    def terminal_response(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """A terminal event's response, which the gate can rewrite (or StreamFailed)."""
+        response = obj.get("response")
+        if not isinstance(response, dict):
+            raise StreamFailed(f"upstream sent {kind} without its response", "upstream_malformed")
+        problem = responses.malformed_output(response.get("output"))
+        if problem is not None:
+            raise StreamFailed(f"upstream sent {kind} where {problem}", "upstream_malformed")
+        return response
+
+    def cut_off(self, kind: str) -> list[Decision]:
+        """The calls still pending at the end of a round (max_output_tokens): blocked and on
+        record, never sent, nor put into `output`; the pending approvals dropped."""
+        pending = [
+            i for i in self.items.values() if i.kind in ("call", "approval") and i.status == PENDING
+        ]
+        if pending and kind == "response.completed":
+            raise StreamFailed(
+                "upstream completed the response with a tool call still incomplete",
+                "incomplete_tool_call",
+            )
+        cut: list[Decision] = []
+        for item in pending:
+            if item.kind == "call":
+                d = item.decision = self.blocked_now(
+                    self.tool_call(item, item.added),
+                    "incomplete_tool_call",
+                    "the tool call was cut off",
+                )
+                self.emit(Record(d, "blocked", "fail_closed"))
+                cut.append(d)
+            item.status = DROP  # an approval unanswered: the upstream runs nothing without it
+        return cut
+
+    def round_settled(
+        self,
+        ev: Ev,
+        response: dict[str, Any],
+        output: list[Any] | None,
+        p: Plan,
+        cut: list[Decision],
+        approvals: list[Decision],
+        decided: bool,
+    ) -> bool:
+        """A round let through or rewritten: concluded (False), or asked again (True) with
+        the blocked calls' errors and the approval answers."""
         self.settled = True
         self.flush_all()
         self.finished = True

@@ -18,7 +18,7 @@ from proxy.gates import decide_many
 from proxy.gates.decision import Decision
 from proxy.policy import Policy
 from proxy.request_shape import chat_problem
-from proxy.rounds import asked_again, refuse, settle
+from proxy.rounds import Plan, asked_again, refuse, settle
 from proxy.routes.incoming import BadRequest, call_context, read_json
 from proxy.state import STATE, AppState
 from proxy.stream_loop import StreamLoop
@@ -181,8 +181,34 @@ async def _gate_round(
     choices = data.get("choices")
     if not isinstance(choices, list):
         choices = []
+    per_choice = await _decide_choices(state, policy, ctx, choices)
+    decisions = [d for _, ds in per_choice for d in ds]
+    if not decisions:
+        return _unchanged(reply, data, rounds, usage)
+
+    p = settle(state, ctx, decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
+    if p.action == "pass":
+        return _unchanged(reply, data, rounds, usage)
+    if p.action == "error":
+        refusal = await refuse(state, p)
+        return error_response(refusal.status, refusal.message, refusal.type, refusal.code)
+    if p.action == "reprompt":
+        # Recorded once the next round is answered (reprompt.asked / reprompt.failed).
+        choice = per_choice[0][0]
+        last = _Reprompted(reply, data, choice, p.blocked, rounds)
+        return last, _reprompt_body(policy, body, choice["message"], p)
+    for choice, ds in per_choice:
+        await _strip_choice(state, policy, ctx, choice, ds, with_notice=p.action == "strip")
+    if rounds:
+        data["usage"] = usage
+    return json_reply(reply, data)
+
+
+async def _decide_choices(
+    state: AppState, policy: Policy, ctx: CallContext, choices: list[Any]
+) -> list[tuple[dict[str, Any], list[Decision]]]:
+    """Each choice with a message, and the decisions on its calls."""
     per_choice: list[tuple[dict[str, Any], list[Decision]]] = []
-    decisions: list[Decision] = []
     for choice in choices:
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
@@ -191,54 +217,57 @@ async def _gate_round(
         # response's reservations cost one store round trip.
         ds = await decide_many(chat.calls_of(message), policy, state.store, ctx)
         per_choice.append((choice, ds))
-        decisions.extend(ds)
-    if not decisions:
-        if not rounds:
-            return raw_reply(reply)
-        data["usage"] = usage
-        return json_reply(reply, data)
+    return per_choice
 
-    p = settle(state, ctx, decisions, rounds < policy.config.max_reprompts and len(choices) == 1)
-    if p.action == "pass":
-        if not rounds:
-            return raw_reply(reply)  # byte for byte what the upstream sent
-        data["usage"] = usage
-        return json_reply(reply, data)
-    if p.action == "error":
-        refusal = await refuse(state, p)
-        return error_response(refusal.status, refusal.message, refusal.type, refusal.code)
-    if p.action == "reprompt":
-        # Recorded once the next round is answered (reprompt.asked / reprompt.failed).
-        choice = per_choice[0][0]
-        message = choice["message"]
-        messages = list(body.get("messages") or [])
-        messages.append(
-            chat.assistant_turn(
-                message.get("content"), message.get("tool_calls"), message.get("function_call")
-            )
-        )
-        messages.extend(chat.tool_result_messages(p.blocked))
-        last = _Reprompted(reply, data, choice, p.blocked, rounds)
-        names = {d.call.name for d in p.blocked}
-        relaxed = chat.relaxed_tool_choice(body, names, reprompt.denied(policy))
-        return last, {**body, "messages": messages, **relaxed}
 
-    for choice, ds in per_choice:
-        blocked = [d for d in ds if not d.allowed]
-        if not blocked:
-            continue
-        removed = chat.strip_calls(choice, blocked, with_notice=p.action == "strip")
-        kept = [d.call.id for d in ds if d.allowed and d.call.id not in ("", chat.LEGACY_ID)]
-        if kept and removed:
-            await stash.put(
-                state.store,
-                [stash.chat_key(ctx.principal, i) for i in kept],
-                {
-                    "calls": [chat.wire_call(raw) for raw, _ in removed],
-                    "results": chat.tool_result_messages([d for _, d in removed]),
-                },
-                policy.config.server.stash_ttl,
-            )
-    if rounds:
-        data["usage"] = usage
+def _unchanged(
+    reply: UpstreamReply, data: dict[str, Any], rounds: int, usage: dict[str, Any] | None
+) -> web.Response:
+    """A round with nothing to rewrite: byte for byte what the upstream sent, unless earlier
+    rounds' usage is summed in."""
+    if not rounds:
+        return raw_reply(reply)
+    data["usage"] = usage
     return json_reply(reply, data)
+
+
+def _reprompt_body(
+    policy: Policy, body: dict[str, Any], message: dict[str, Any], p: Plan
+) -> dict[str, Any]:
+    """The next round's body: the model's turn, then each blocked call's result."""
+    messages = list(body.get("messages") or [])
+    messages.append(
+        chat.assistant_turn(
+            message.get("content"), message.get("tool_calls"), message.get("function_call")
+        )
+    )
+    messages.extend(chat.tool_result_messages(p.blocked))
+    names = {d.call.name for d in p.blocked}
+    relaxed = chat.relaxed_tool_choice(body, names, reprompt.denied(policy))
+    return {**body, "messages": messages, **relaxed}
+
+
+async def _strip_choice(
+    state: AppState,
+    policy: Policy,
+    ctx: CallContext,
+    choice: dict[str, Any],
+    ds: list[Decision],
+    with_notice: bool,
+) -> None:
+    """Remove a choice's blocked calls; stash them under its surviving calls."""
+    blocked = [d for d in ds if not d.allowed]
+    if not blocked:
+        return
+    removed = chat.strip_calls(choice, blocked, with_notice=with_notice)
+    kept = [d.call.id for d in ds if d.allowed and d.call.id not in ("", chat.LEGACY_ID)]
+    if kept and removed:
+        await stash.put(
+            state.store,
+            [stash.chat_key(ctx.principal, i) for i in kept],
+            {
+                "calls": [chat.wire_call(raw) for raw, _ in removed],
+                "results": chat.tool_result_messages([d for _, d in removed]),
+            },
+            policy.config.server.stash_ttl,
+        )

@@ -240,32 +240,22 @@ async def _gate_response(
             audited = False
             try:
                 p = plan_round(decisions, reprompts < policy.config.max_reprompts, approvals)
-                again = p.action == "reprompt" or (
-                    approvals and not decisions and approval_rounds < MAX_APPROVAL_ROUNDS
-                )
-                if p.action == "error" or not again:
+                if not _asks_again(this, p, approval_rounds):
                     return await settle(this, p)
                 answers = [responses.approval_response(d) for d in approvals]
                 if not rounds:
                     usage = add_usage(None, data.get("usage"))
                     first_id = data.get("id") if isinstance(data.get("id"), str) else None
-                outputs = [responses.error_output(d) for d in p.blocked] + answers
-                body = responses.next_round_body(body, data, outputs)
-                if p.action == "reprompt":
-                    names = {d.call.name for d in p.blocked}
-                    body.update(
-                        responses.relaxed_tool_choice(body, names, reprompt.denied(policy))
-                    )
+                body = _next_body(policy, body, data, p, answers)
                 payload = orjson.dumps(body)
                 audited = True
+                # A reprompt's blocked calls are recorded once the next round answers, or fails.
+                record_round(state, ctx, p, decisions, approvals)
                 if p.action == "reprompt":
-                    # The blocked calls are recorded once the next round answers, or fails.
-                    record_round(state, ctx, p, decisions, approvals)
                     last = (this, p.blocked)
                     reprompts += 1
                     asked_again(state, ROUTE, rounds + 1, len(p.blocked), approvals=len(answers))
                 else:
-                    record_round(state, ctx, p, decisions, approvals)
                     approval_rounds += 1
                     log.info("approval_round", round=rounds + 1, approvals=len(answers))
                 rounds += 1
@@ -276,6 +266,28 @@ async def _gate_response(
     finally:
         if last is not None:  # asked, and the request ended (cancelled) before the answer
             reprompt.asked(state, ctx, last[1])
+
+
+def _asks_again(r: _Round, p: Plan, approval_rounds: int) -> bool:
+    """Another round follows: a reprompt, or one that only answers MCP approval requests."""
+    if p.action == "error":
+        return False
+    if p.action == "reprompt":
+        return True
+    return bool(r.approvals) and not r.decisions and approval_rounds < MAX_APPROVAL_ROUNDS
+
+
+def _next_body(
+    policy: Policy, body: dict[str, Any], data: dict[str, Any], p: Plan, answers: list[Any]
+) -> dict[str, Any]:
+    """The next round's request: this round's output, each blocked call's error output and
+    the approval answers; a reprompt relaxes `tool_choice` off the blocked tools."""
+    outputs = [responses.error_output(d) for d in p.blocked] + answers
+    body = responses.next_round_body(body, data, outputs)
+    if p.action == "reprompt":
+        names = {d.call.name for d in p.blocked}
+        body.update(responses.relaxed_tool_choice(body, names, reprompt.denied(policy)))
+    return body
 
 
 class _RoundFailed(Exception):
