@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from proxy.cel import runtime
+import proxy.cel.runtime as runtime
 from proxy.cel.parser import Node, Parser, Unsupported, tokenize
 from proxy.cel.runtime import Fallback
 
