@@ -39,9 +39,10 @@ async def deliver(
     return response
 
 
-# A stream waits up to this long for other streams' records to share its audit write: streams
-# reach their calls at different moments, and a write each cost more CPU than the stream's own
-# gating (a profile under load). The call reaches the client at most this much later.
+# Under load, a stream waits up to this long for other streams' records to share its audit
+# write: streams reach their calls at different moments, and a write each cost more CPU than
+# the stream's own gating (a profile under load). When writes are rare (low load) nobody waits
+# (Auditor.durable). The call reaches the client at most this much later.
 STREAM_WINDOW = 0.001
 
 

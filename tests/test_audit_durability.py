@@ -644,26 +644,36 @@ async def test_rotated_file_is_followed_and_verifies_with_its_predecessor(
 
 
 async def test_a_window_lets_waiters_of_later_iterations_share_one_write(tmp_path, monkeypatch):
-    """Streams reach their calls at different moments: with a window, their records still go
-    out in one write, and a waiter without a window is never held by someone else's."""
+    """Streams reach their calls at different moments: while writes are frequent, a waiter with
+    a window lets later records share its write; when they are rare (low load) it does not wait;
+    and a waiter without a window is never held by someone else's."""
     monkeypatch.setattr(audit, "BATCH_SECONDS", 5.0)  # only the waiters decide when it flushes
     path = tmp_path / "audit.jsonl"
     auditor = await started(path)
+    loop = asyncio.get_running_loop()
+    record(auditor, "z")
+    await asyncio.wait_for(auditor.durable(), 5)  # a write just now: writes are frequent
     record(auditor, "a")
     first = asyncio.ensure_future(auditor.durable(0.2))
     await asyncio.sleep(0.02)  # a later loop iteration, well inside the window
     record(auditor, "b")
     second = asyncio.ensure_future(auditor.durable(0.2))
     await asyncio.wait_for(asyncio.gather(first, second), 5)
-    assert auditor._writer is not None and auditor._writer.writes == 1
-    assert call_ids(path) == ["a", "b"]
+    assert auditor._writer is not None and auditor._writer.writes == 2  # z, then a and b
+    assert call_ids(path) == ["z", "a", "b"]
 
+    await asyncio.sleep(0.5)  # no write for longer than the window: low load
     record(auditor, "c")
+    started_at = loop.time()
+    await asyncio.wait_for(auditor.durable(0.2), 5)
+    assert loop.time() - started_at < 0.15  # written at once, not after the window
+
+    record(auditor, "d")
     slow = asyncio.ensure_future(auditor.durable(30.0))
     await asyncio.sleep(0)
-    started_at = asyncio.get_running_loop().time()
+    started_at = loop.time()
     await asyncio.wait_for(auditor.durable(), 5)  # no window: flushed now, not in 30 s
-    assert asyncio.get_running_loop().time() - started_at < 2
+    assert loop.time() - started_at < 2
     await asyncio.wait_for(slow, 1)
-    assert call_ids(path) == ["a", "b", "c"]
+    assert call_ids(path) == ["z", "a", "b", "c", "d"]
     await auditor.close()
