@@ -29,6 +29,7 @@ class AppState:
     draining: bool = False
     extra: dict[str, object] = field(default_factory=dict)
     tracing: Tracing | None = None  # OpenTelemetry, when on (proxy.telemetry)
+    streams: int = 0  # gated streams being served now (proxy.delivery: the audit write window)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("callgate_state", AppState)

@@ -73,6 +73,13 @@ class StreamLoop:
         self.next: Reprompt | None = None
 
     async def run(self, resp: http1.Response) -> None:
+        self.state.streams += 1
+        try:
+            await self._run(resp)
+        finally:
+            self.state.streams -= 1
+
+    async def _run(self, resp: http1.Response) -> None:
         gate = self.gate
         try:
             await self.rounds(resp)

@@ -4,6 +4,7 @@ is in the file by the time the client has the call."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,32 @@ async def test_delivered_call_is_on_file_when_the_client_has_it(
                 break
         else:
             raise AssertionError("the allowed call was not delivered")
+
+
+async def test_only_concurrent_streams_wait_to_share_an_audit_write(
+    make_proxy, upstream, tmp_path, monkeypatch
+):
+    """A lone stream's call is written at once (no added latency); streams served together may
+    wait up to delivery.STREAM_WINDOW for each other's records, to share one write."""
+    proxy = await make_proxy({"audit": {"file": str(tmp_path / "audit.jsonl"), "log": False}})
+    auditor = proxy.state.auditor
+    windows: list[float] = []
+    real = auditor.written
+
+    async def spy(ctx: Any, window: float = 0.0) -> None:
+        windows.append(window)
+        await real(ctx, window)
+
+    monkeypatch.setattr(auditor, "written", spy)
+    url, body = request(proxy, "chat", True)
+    upstream.push(SSE(chat_stream(("ok", {"a": 1}), ids=["c_ok"], text="Sure")))
+    status, lines = await post(url, body)
+    assert status == 200 and any(b"c_ok" in line for line in lines)
+    assert windows and set(windows) == {0.0}
+
+    windows.clear()
+    slow = [SSE(chat_stream(("ok", {"a": i}), ids=[f"c{i}"]), delay=0.01) for i in range(3)]
+    upstream.push(*slow)
+    results = await asyncio.gather(*(post(url, body) for _ in range(3)))
+    assert all(status == 200 for status, _ in results)
+    assert any(w > 0 for w in windows)

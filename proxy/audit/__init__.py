@@ -105,7 +105,6 @@ class Auditor:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._batch: asyncio.Handle | None = None  # the pending batch's flush
         self._batch_at = 0.0  # when that flush runs (loop time)
-        self._flushed_at = -1e9  # when the last batch was sealed (loop time)
         self._writer: _Writer | None = None
         self._closed = False
         self._sealed = 0  # batches handed to the writer, numbered from 1
@@ -296,9 +295,6 @@ class Auditor:
             if self._closed:
                 raise AuditUnavailable("audit file closed: records recorded after close")
             target = self._sealed + 1
-            if window and self._loop.time() - self._flushed_at > window:
-                # Writes are rare (low load): nobody is likely to join, so no one waits for it.
-                window = 0.0
             self._schedule(window)
         else:
             target = self._sealed
@@ -324,8 +320,6 @@ class Auditor:
         items, self._unsealed = self._unsealed, []
         if not items or not self._file:
             return
-        if self._loop is not None:
-            self._flushed_at = self._loop.time()
         if self._writer is None:
             self._writer = self._start_writer(self._file)
         limit = self.config.max_argument_bytes
