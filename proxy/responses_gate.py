@@ -104,20 +104,11 @@ class ResponsesGate(ResponsesRounds):
             break
         return self.take()
 
-    def end(self) -> list[Effect]:
-        self.step(self.upstream_ended())
-        return self.take()
-
     def next_round(self) -> list[Effect]:
         if self.asking is None or self.ended:
             self.reprompt_answered()
         else:
             self.reprompt(*self.asking)
-        return self.take()
-
-    def failed(self, message: str, code: str) -> list[Effect]:
-        self.drop_waiting()
-        self.on_failed(message, code)
         return self.take()
 
     def reprompt_failed(self, message: str, code: str, status: str) -> list[Effect]:

@@ -214,6 +214,20 @@ class GateSteps:
             self._waiting.close()
             self._waiting = None
 
+    def end(self) -> list[Effect]:
+        """The upstream finished this round's stream."""
+        self.step(self.upstream_ended())
+        return self.take()
+
+    def failed(self, message: str, code: str) -> list[Effect]:
+        """The loop could not go on (upstream broke, audit unavailable): fail closed."""
+        self.drop_waiting()
+        self.on_failed(message, code)
+        return self.take()
+
+    def upstream_ended(self) -> Steps:
+        raise NotImplementedError
+
     def on_failed(self, message: str, code: str) -> None:
         raise NotImplementedError
 
