@@ -277,7 +277,7 @@ def _render(node: Any) -> str:
     """A short source-like text of a node, for messages."""
     kind = node[0]
     if kind == "var":
-        return node[1]
+        return str(node[1])
     if kind == "lit":
         return repr(node[1]) if not isinstance(node[1], str) else f'"{node[1]}"'
     if kind == "member":

@@ -71,7 +71,8 @@ class RouteHistogram:
         self.name = name
         self.documentation = documentation
         self.bounds = buckets
-        self.edges = [floatToGoString(b) for b in buckets] + ["+Inf"]
+        # (prometheus_client's utils carry no type hints.)
+        self.edges = [floatToGoString(b) for b in buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
         # route -> bucket counts (non-cumulative, the last is +Inf) followed by the sum: one
         # look-up per observation.
         self.routes: dict[str, list[float]] = {}

@@ -514,4 +514,5 @@ def junit_xml(report: Report, seconds: float) -> bytes:
             if r.failure is not None:
                 failure = ElementTree.SubElement(case, "failure", message=r.failure.problem)
                 failure.text = "\n".join(describe(r.failure))
-    return ElementTree.tostring(suites, encoding="utf-8", xml_declaration=True)
+    xml: bytes = ElementTree.tostring(suites, encoding="utf-8", xml_declaration=True)
+    return xml

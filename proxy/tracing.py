@@ -17,7 +17,7 @@ The provider is the app's own (not the global one): tests and embedders can run 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -40,7 +40,7 @@ from proxy.telemetry import TRACE
 from proxy.toolcalls import CallContext
 
 log = structlog.get_logger("callgate.tracing")
-Handler = Any
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 EVENT = "callgate.tool_call.decision"
 # Argument text longer than this is cut on the event (span attributes are not a data store).

@@ -12,7 +12,9 @@ def add_usage(total: dict[str, Any] | None, usage: Any) -> dict[str, Any] | None
     if not isinstance(usage, dict):
         return total
     if total is None:
-        return orjson.loads(orjson.dumps(usage))  # totals must not alias a round's dicts
+        # A copy: totals must not alias a round's dicts.
+        copy: dict[str, Any] = orjson.loads(orjson.dumps(usage))
+        return copy
     _sum_into(total, usage)
     return total
 

@@ -17,12 +17,16 @@ import ipaddress
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.auth.identity import IDENTITY, AuthFailure, Identity
 from proxy.auth.keys import PREFIX, FileKeySet, KeySet, RedisKeySet
 from proxy.config import AuthConfig, Config
 from proxy.principal import api_key_of, canonical
+
+if TYPE_CHECKING:  # imported when their mode is on: pyjwt and cryptography load only then
+    from proxy.auth.jwt import JwtVerifier
+    from proxy.auth.trusted import TrustedHeader
 
 __all__ = ["IDENTITY", "AuthFailure", "Authenticator", "Identity", "keys_file", "open_relay"]
 
@@ -51,8 +55,8 @@ class Authenticator:
         assert auth is not None and auth.enabled
         self.modes = tuple(auth.modes)
         self.keys: KeySet | None = None
-        self.jwt: Any = None
-        self.trusted: Any = None
+        self.jwt: JwtVerifier | None = None
+        self.trusted: TrustedHeader | None = None
         if "keys" in self.modes:
             if config.store.backend == "redis":
                 self.keys = RedisKeySet(
@@ -97,9 +101,12 @@ class Authenticator:
                     return self._key(credential)
             elif mode == "jwt":
                 if credential is not None and _looks_like_jwt(credential):
+                    assert self.jwt is not None  # set up for its mode
                     return await self.jwt.verify(credential)
-            elif mode == "trusted_header" and self.trusted.present(headers):
-                return self.trusted.authenticate(headers, peer)
+            elif mode == "trusted_header":
+                assert self.trusted is not None  # set up for its mode
+                if self.trusted.present(headers):
+                    return self.trusted.authenticate(headers, peer)
         if credential is not None:
             return AuthFailure("malformed", "The credential is not one callgate accepts.")
         return MISSING

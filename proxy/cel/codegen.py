@@ -188,4 +188,5 @@ def _compile(source: str) -> Callable[[dict[str, Any]], Any] | None:
         exec(compile("\n".join(lines), f"<cel {source[:40]!r}>", "exec"), namespace)
     except (SyntaxError, RecursionError, MemoryError):
         return None
-    return namespace["evaluate"]
+    evaluate: Callable[[dict[str, Any]], Any] = namespace["evaluate"]
+    return evaluate

@@ -46,18 +46,18 @@ def _num_pair(a: Any, b: Any) -> bool:
     if ta is tb:
         return ta is float or (ta is int and _int_ok(a) and _int_ok(b))
     if ta is int and tb is float:
-        return -EXACT_FLOAT_INT <= a <= EXACT_FLOAT_INT
+        return bool(-EXACT_FLOAT_INT <= a <= EXACT_FLOAT_INT)
     if ta is float and tb is int:
-        return -EXACT_FLOAT_INT <= b <= EXACT_FLOAT_INT
+        return bool(-EXACT_FLOAT_INT <= b <= EXACT_FLOAT_INT)
     return False
 
 
 def eq(a: Any, b: Any) -> bool:
     ta, tb = type(a), type(b)
     if ta is tb and (ta is str or ta is bool or ta is float or a is None):
-        return a == b
+        return bool(a == b)
     if _num_pair(a, b):
-        return a == b
+        return bool(a == b)
     ka, kb = _kind(a), _kind(b)
     if ka is not None and kb is not None and ka is not kb:
         return False  # different kinds of scalars are simply unequal
@@ -73,30 +73,30 @@ def _ordered(a: Any, b: Any) -> bool:
     if ta is type(b) and (ta is str or ta is bool):
         return True
     # NaN has no order: the interpreter errors where Python answers False.
-    return _num_pair(a, b) and a == a and b == b
+    return _num_pair(a, b) and bool(a == a and b == b)
 
 
 def lt(a: Any, b: Any) -> bool:
     if _ordered(a, b):
-        return a < b
+        return bool(a < b)
     raise Fallback
 
 
 def le(a: Any, b: Any) -> bool:
     if _ordered(a, b):
-        return a <= b
+        return bool(a <= b)
     raise Fallback
 
 
 def gt(a: Any, b: Any) -> bool:
     if _ordered(a, b):
-        return a > b
+        return bool(a > b)
     raise Fallback
 
 
 def ge(a: Any, b: Any) -> bool:
     if _ordered(a, b):
-        return a >= b
+        return bool(a >= b)
     raise Fallback
 
 
@@ -230,13 +230,13 @@ def contains(a: Any, b: Any) -> bool:
 
 def starts_with(a: Any, b: Any) -> bool:
     if _str_pair(a, b):
-        return a.startswith(b)
+        return bool(a.startswith(b))
     raise Fallback
 
 
 def ends_with(a: Any, b: Any) -> bool:
     if _str_pair(a, b):
-        return a.endswith(b)
+        return bool(a.endswith(b))
     raise Fallback
 
 
