@@ -142,11 +142,13 @@ async def test_durable_is_immediate_without_a_file_and_when_nothing_is_pending(t
     await auditor.close()
 
 
-async def test_a_waiter_on_a_batch_the_timer_sealed_waits_for_its_write(tmp_path):
+async def test_a_waiter_on_a_batch_the_timer_sealed_waits_for_its_write(tmp_path, sync_spy):
     """Records nobody awaited go out with the 20 ms batch; a waiter who comes after the batch
-    was sealed (while its write is under way) still returns only once it is written."""
+    was sealed (while the writer thread's write is under way) still returns only once it is
+    written. (`fsync: batch` writes from a thread; `never` writes on the loop, where a batch is
+    never sealed without being written.)"""
     path = tmp_path / "audit.jsonl"
-    auditor = await started(path)
+    auditor = await started(path, fsync="batch")
     release = threading.Event()
     real_write = os.write
 
@@ -232,6 +234,44 @@ async def test_disk_full_mid_write_fails_the_waiters_and_repeats_no_bytes(tmp_pa
     assert short_writes
     assert call_ids(path) == ["c0", "c1", "c2", "c3"]
     assert verify_file(str(path)) == (4, None)
+
+
+async def test_fsync_never_writes_on_the_loop_in_one_write_per_batch(tmp_path):
+    """`fsync: never` needs no thread: the batch is written (one write) before the waiters
+    resume, and no writer thread is started."""
+    path = tmp_path / "audit.jsonl"
+    before = set(threading.enumerate())  # (other tests' writers may still be winding down)
+    auditor = await started(path)
+    for i in range(5):
+        record(auditor, f"c{i}")
+    await asyncio.wait_for(auditor.durable(), 5)
+    assert call_ids(path) == [f"c{i}" for i in range(5)]
+    assert auditor._writer is not None and auditor._writer.writes == 1
+    started_threads = set(threading.enumerate()) - before
+    assert not any(t.name.startswith("callgate-audit") for t in started_threads)
+    await auditor.close()
+    assert verify_file(str(path)) == (5, None)
+
+
+async def test_fsync_never_retries_a_failed_write_on_its_own(tmp_path, monkeypatch):
+    """Written on the loop, a failed batch is tried again after RETRY_SECONDS even when no
+    other record comes to carry it, and the waiter of a later batch finds both written."""
+    monkeypatch.setattr(audit.writer, "RETRY_SECONDS", 0.05)
+    path = tmp_path / "later" / "audit.jsonl"  # the directory does not exist yet
+    auditor = await started(path)
+    record(auditor, "c0")
+    with pytest.raises(AuditUnavailable):
+        await asyncio.wait_for(auditor.durable(), 5)
+    path.parent.mkdir()
+    deadline = time.monotonic() + 5
+    while not path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # the retry timer, with nothing new recorded
+    assert call_ids(path) == ["c0"]
+    record(auditor, "c1")
+    await asyncio.wait_for(auditor.durable(), 5)
+    assert call_ids(path) == ["c0", "c1"]
+    await auditor.close()
+    assert verify_file(str(path)) == (2, None)
 
 
 async def test_durable_after_close_with_records_lost_raises(tmp_path):

@@ -2,11 +2,12 @@
 
 The package, one job a module: `chain` (the line format and its hash chain: sealing, `audit
 verify`, cutting a torn tail on start), `records` (redaction, and the bounded, safe forms of a
-record that cannot be written whole), `writer` (the thread that appends sealed lines). The
-`Auditor` here ties them to the event loop.
+record that cannot be written whole), `writer` (what appends sealed lines: one write(2) per
+batch on the event loop with `fsync: never`, a thread of its own with `batch` and `always`).
+The `Auditor` here ties them to the event loop.
 
 Durability. Records are sealed in batches on the event loop (in record order, so the chain is)
-and written by a thread of the auditor's own, never on the request path. A route that is about
+and written a batch at a time, never one request at a time. A route that is about
 to hand allowed calls to its client awaits `durable()` first: it returns once every record
 recorded before it is in the file (written with write(2), so it survives a killed callgate; and
 fdatasync'd first with `fsync: always`), or raises `AuditUnavailable` if the write failed, so
@@ -46,7 +47,7 @@ from proxy.audit.records import (
     _safe_body,
     redact,
 )
-from proxy.audit.writer import RETRY_SECONDS, _Writer
+from proxy.audit.writer import RETRY_SECONDS, _InlineWriter, _Writer
 from proxy.config import AuditConfig
 from proxy.gates.decision import Block, Decision
 from proxy.timestamps import utc_iso
@@ -105,7 +106,7 @@ class Auditor:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._batch: asyncio.Handle | None = None  # the pending batch's flush
         self._batch_at = 0.0  # when that flush runs (loop time)
-        self._writer: _Writer | None = None
+        self._writer: _Writer | _InlineWriter | None = None
         self._closed = False
         self._sealed = 0  # batches handed to the writer, numbered from 1
         self._written = 0  # of those, the last one known written
@@ -342,7 +343,11 @@ class Auditor:
         self._sealed += 1
         self._writer.put(b"".join(lines), len(items), self._sealed)
 
-    def _start_writer(self, path: str) -> _Writer:
+    def _start_writer(self, path: str) -> _Writer | _InlineWriter:
+        if self.config.fsync == "never":
+            inline = _InlineWriter(path, self._lead, self._wrote, self._write_failed)
+            self._lead = b""
+            return inline
         loop = asyncio.get_running_loop()
 
         def tell(callback: Callable[..., None], *args: Any) -> None:  # in the writer's thread
@@ -387,7 +392,10 @@ class Auditor:
         self._flush()
         writer, self._writer = self._writer, None
         if writer is not None:
-            lost = await asyncio.to_thread(writer.stop)
+            if isinstance(writer, _InlineWriter):
+                lost = writer.stop()
+            else:
+                lost = await asyncio.to_thread(writer.stop)
             if lost:
                 log.critical("audit_records_lost", file=self._file, records=lost)
             else:
