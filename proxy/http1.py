@@ -249,6 +249,9 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._headers: list[tuple[str, str]] = []
         self._reason = b""
+        # Body pieces the parser found in the read being parsed: fed to the response once per
+        # read (a stream's read often holds a dozen events, each a chunk of its own).
+        self._body: list[bytes] = []
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -259,6 +262,10 @@ class Connection(asyncio.Protocol):
         self.active = True
         try:
             self.parser.feed_data(data)
+            if self._body:
+                self._feed_body()
+        except aiohttp.ClientError as exc:  # a size bound passed (or undecodable) in _feed_body
+            self._abort(exc)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__  # what the callback raised (e.g. an undecodable body)
             if not isinstance(cause, aiohttp.ClientError):
@@ -327,12 +334,19 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.response is not None:
-            self.response._feed(body)
+            self._body.append(body)
+
+    def _feed_body(self) -> None:
+        body, self._body = self._body, []
+        if self.response is not None:
+            self.response._feed(body[0] if len(body) == 1 else b"".join(body))
 
     def on_message_complete(self) -> None:
         if 100 <= self.parser.get_status_code() < 200:
             return
         self._stop_timer()
+        if self._body:
+            self._feed_body()
         if self.response is not None:
             self.response._finish()
 
