@@ -164,8 +164,48 @@ def _chat_message(msg: dict[str, Any], where: str) -> Problem | None:
     return None
 
 
+def _chat_plainly_fine(body: dict[str, Any]) -> bool:
+    """True only for a body `chat_problem_reference` finds nothing in, in the shape nearly all
+    requests have (messages without assistant tool calls, function tools, a string or absent
+    tool_choice); anything else goes to the reference. Exact type tests: orjson's dicts,
+    lists and strings are never subclasses, and a subclass here only costs the slow path.
+    tests/test_request_shape.py holds the two to agreement on generated bodies."""
+    stream = body.get("stream")
+    if stream is not None and stream is not True and stream is not False:
+        return False
+    messages = body.get("messages")
+    if messages is not None:
+        if type(messages) is not list:
+            return False
+        for msg in messages:
+            if type(msg) is not dict:
+                return False
+            role = msg.get("role")
+            if type(role) is not str or role == "assistant":
+                return False  # (absent roles and assistant turns: the reference decides)
+    tools = body.get("tools")
+    if tools is not None:
+        if type(tools) is not list:
+            return False
+        for tool in tools:
+            if type(tool) is not dict or tool.get("type") != "function":
+                return False
+            function = tool.get("function")
+            if type(function) is not dict or type(function.get("name")) is not str:
+                return False
+    choice = body.get("tool_choice")
+    return choice is None or type(choice) is str
+
+
 def chat_problem(body: dict[str, Any]) -> Problem | None:
     """Why callgate cannot read a Chat Completions request, or None."""
+    if _chat_plainly_fine(body):
+        return None
+    return chat_problem_reference(body)
+
+
+def chat_problem_reference(body: dict[str, Any]) -> Problem | None:
+    """chat_problem, field by field: the reference the fast check is held to."""
     problem = _flag(body, "stream")
     if problem:
         return problem

@@ -262,3 +262,71 @@ async def test_denied_server_tool_is_still_removed_and_gates_still_run(make_prox
     assert status == 403 and data["error"]["type"] == "tool_call_blocked"
     sent = upstream.received[0].body["tools"]
     assert [t.get("name", t["type"]) for t in sent] == ["get_weather"]
+
+
+# -- the fast check against the reference -------------------------------------------------------
+
+_VALUES: list[Any] = [None, True, False, 0, 1.5, "", "x", "assistant", "user", [], {}, [{}]]
+
+
+def _random_body(rng: Any) -> dict[str, Any]:
+    """A Chat body mostly in the common shape, with one field or item now and then off it."""
+
+    def maybe(value: Any) -> Any:
+        return rng.choice(_VALUES) if rng.random() < 0.08 else value
+
+    def message() -> Any:
+        m: dict[str, Any] = {"role": maybe(rng.choice(["user", "system", "tool", "assistant"]))}
+        if m["role"] == "assistant" and rng.random() < 0.5:
+            m["tool_calls"] = maybe([{"id": maybe("call_1"), "type": "function"}])
+        if rng.random() < 0.1:
+            del m["role"]
+        m["content"] = "hi"
+        return maybe(m)
+
+    def tool() -> Any:
+        t: dict[str, Any] = {
+            "type": maybe(rng.choice(["function", "function", "custom", "web_search"])),
+            "function": maybe({"name": maybe("get_weather"), "parameters": {}}),
+        }
+        if t["type"] == "custom":
+            t["custom"] = maybe({"name": maybe("grep")})
+        return maybe(t)
+
+    body: dict[str, Any] = {"model": "m"}
+    if rng.random() < 0.95:
+        body["messages"] = maybe([message() for _ in range(rng.randrange(4))])
+    if rng.random() < 0.7:
+        body["tools"] = maybe([tool() for _ in range(rng.randrange(4))])
+    if rng.random() < 0.5:
+        body["stream"] = maybe(rng.choice([True, False, None]))
+    if rng.random() < 0.4:
+        body["tool_choice"] = maybe(
+            rng.choice(["auto", "required", {"type": "function", "function": {"name": "f"}}])
+        )
+    return body
+
+
+def test_chat_fast_check_agrees_with_the_reference() -> None:
+    """Whatever the fast check passes, the field-by-field reference passes too; the answer
+    chat_problem gives is the reference's on every body."""
+    import random
+
+    from proxy.request_shape import _chat_plainly_fine, chat_problem_reference
+
+    rng = random.Random(12)
+    fast = 0
+    problems = 0
+    for _ in range(20_000):
+        body = _random_body(rng)
+        reference = chat_problem_reference(body)
+        assert chat_problem(body) == reference, body
+        if _chat_plainly_fine(body):
+            fast += 1
+            assert reference is None, body
+        problems += reference is not None
+    # Both kinds are well represented, so the agreement means something.
+    assert fast > 3_000 and problems > 3_000, (fast, problems)
+    from bench.common import chat_request
+
+    assert _chat_plainly_fine(json.loads(chat_request(stream=True)))
