@@ -32,7 +32,6 @@ from proxy.rounds import Plan, Refusal
 from proxy.stream_effects import (
     DONE,
     ENDED,
-    Answered,
     Decide,
     Effect,
     Fail,
@@ -153,16 +152,6 @@ class ChatGate(GateSteps):
         return [e for e in self.take() if type(e) is not Send]
 
     # -- output ---------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.pending is not None:
-            self.reprompt_answered()  # the round answers: no strip fallback from here on
-        self.send(data)
-
-    def reprompt_answered(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            self.emit(Answered(pending.blocked))
 
     def chunk(
         self, template: dict[str, Any], choice: dict[str, Any], keep_usage: bool = False

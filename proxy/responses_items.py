@@ -102,6 +102,10 @@ class Reprompted:
     round_data: dict[str, Any]
     usage: dict[str, Any] | None
 
+    @property
+    def blocked(self) -> list[Decision]:
+        return self.plan.blocked
+
 
 def _kind(item: dict[str, Any], gated: set[str], hold_reasoning: bool) -> str:
     kind = responses.type_of(item)

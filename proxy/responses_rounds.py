@@ -18,7 +18,6 @@ from proxy.responses_wire import Numbering
 from proxy.rounds import Plan
 from proxy.stream_effects import (
     ENDED,
-    Answered,
     Fail,
     GateSteps,
     Record,
@@ -86,16 +85,6 @@ class ResponsesRounds(GateSteps, Numbering, ItemBook):
         self.settled = False
 
     # -- output ---------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.pending is not None:
-            self.reprompt_answered()  # the round answers: no strip fallback from here on
-        self.send(data)
-
-    def reprompt_answered(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            self.emit(Answered(pending.plan.blocked))
 
     def pass_on(self, ev: Ev) -> None:
         """An event that is not held, as the client gets it."""

@@ -170,9 +170,23 @@ class GateSteps:
         self._fx: list[Effect] = []
         self._buf: list[bytes] = []  # bytes to send, joined into one Send
         self._waiting: Steps | None = None
+        # The round asked again, until the next round sends something (its `blocked`: the
+        # calls that round had blocked); each gate keeps its own kind.
+        self.pending: Any = None
 
     def send(self, data: bytes) -> None:
         self._buf.append(data)
+
+    def write(self, data: bytes) -> None:
+        """Bytes for the client that answer for the round: a reprompt is answered by them."""
+        if self.pending is not None:
+            self.reprompt_answered()  # the round answers: no strip fallback from here on
+        self.send(data)
+
+    def reprompt_answered(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.emit(Answered(pending.blocked))
 
     def emit(self, effect: Effect) -> None:
         if self._buf:
