@@ -123,13 +123,18 @@ def _chat_tool(tool: dict[str, Any], where: str) -> Problem | None:
     return None
 
 
-def _chat_tool_choice(choice: Any) -> Problem | None:
+def _tool_choice_kind(choice: Any) -> tuple[str | None, Problem | None]:
+    """A tool_choice object's type (None also for a string or an absent one), or its problem."""
     if choice is None or isinstance(choice, str):
-        return None
+        return None, None
     if not isinstance(choice, dict):
-        return _invalid("tool_choice", "a string or an object", choice)
-    kind, problem = _tool_type(choice, "tool_choice")
-    if problem:
+        return None, _invalid("tool_choice", "a string or an object", choice)
+    return _tool_type(choice, "tool_choice")
+
+
+def _chat_tool_choice(choice: Any) -> Problem | None:
+    kind, problem = _tool_choice_kind(choice)
+    if problem or not isinstance(choice, dict):
         return problem
     if kind == "allowed_tools":
         allowed = choice.get("allowed_tools")
@@ -249,12 +254,8 @@ def _responses_tool(tool: dict[str, Any], where: str) -> Problem | None:
 
 
 def _responses_tool_choice(choice: Any) -> Problem | None:
-    if choice is None or isinstance(choice, str):
-        return None
-    if not isinstance(choice, dict):
-        return _invalid("tool_choice", "a string or an object", choice)
-    kind, problem = _tool_type(choice, "tool_choice")
-    if problem:
+    kind, problem = _tool_choice_kind(choice)
+    if problem or not isinstance(choice, dict):
         return problem
     if kind == "allowed_tools":
         tools, problem = _objects(choice, "tools")
