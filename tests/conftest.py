@@ -25,6 +25,35 @@ from proxy.policy import load_policy_text
 from proxy.server import make_runner
 from proxy.state import STATE, AppState
 
+# The files that spend seconds waiting (subprocesses, a browser, timeouts that must run out),
+# longest first, as `--durations` measured them. tests/run hands whole files to its xdist
+# workers in collection order (--dist loadfile --no-loadscope-reorder); these go first, so the
+# run ends on many short files spread over the workers, not on one long file running alone
+# while the others idle. Only the order changes; a stale name costs balance, nothing else.
+SLOW_FILES = (
+    "test_deploy.py",  # on a fresh clone it pip-installs kubectl first
+    "test_bench_smoke.py",
+    "test_upstream_bounds.py",
+    "test_audit_kill.py",
+    "test_workers.py",
+    "test_slowloris.py",
+    "test_redis_burst.py",
+    "test_audit_durability.py",
+    "test_http1.py",
+    "test_approval_page.py",
+    "test_hostile_input.py",
+    "test_multiprocess.py",
+    "test_responses_review.py",
+    "test_first_run.py",
+    "test_auth_serve.py",
+    "test_operations.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order
+
 
 class GuardedTestServer(TestServer):
     """The app behind the runner `callgate serve` uses (protocol errors in OpenAI's shape,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import cel
@@ -226,11 +227,18 @@ def random_env(rng: random.Random) -> dict[str, Any]:
 
 
 class Gen:
+    """Random CEL source. Each branch builds only the alternative it picks (`one`): building
+    every alternative and keeping one, as a plain `pick` of f-strings would, gives the same
+    distribution but costs a tree per discarded branch, exponential in the depth."""
+
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
 
     def pick(self, *options: Any) -> Any:
         return self.rng.choice(options)
+
+    def one(self, *makers: Callable[[], str]) -> str:
+        return self.rng.choice(makers)()
 
     def any(self, d: int) -> str:
         return getattr(self, self.pick("bool", "int", "float", "str", "list", "map"))(d)
@@ -242,79 +250,88 @@ class Gen:
         r = self.rng
         if d <= 0 or r.random() < 0.35:
             return self.pick(repr(r.choice(STRINGS)), "args.query", "args.path", "tool")
-        return self.pick(
-            f"({self.str(d - 1)} + {self.str(d - 1)})",
-            f"{self.str(d - 1)}.lowerAscii()",
-            f"{self.str(d - 1)}.upperAscii()",
-            f"({self.bool(d - 1)} ? {self.str(d - 1)} : {self.str(d - 1)})",
-            "args.nested.deep.value",
-            "args.tags[0]",
-            self.field(),
+        return self.one(
+            lambda: f"({self.str(d - 1)} + {self.str(d - 1)})",
+            lambda: f"{self.str(d - 1)}.lowerAscii()",
+            lambda: f"{self.str(d - 1)}.upperAscii()",
+            lambda: f"({self.bool(d - 1)} ? {self.str(d - 1)} : {self.str(d - 1)})",
+            lambda: "args.nested.deep.value",
+            lambda: "args.tags[0]",
+            self.field,
         )
 
     def int(self, d: int) -> str:
         r = self.rng
         if d <= 0 or r.random() < 0.3:
-            return self.pick(
-                str(r.choice([0, 1, 2, 3, 7, 9223372036854775807])),
-                str(-r.randint(0, 9)),
-                "args.n",
-                "args.big",
+            return self.one(
+                lambda: str(r.choice([0, 1, 2, 3, 7, 9223372036854775807])),
+                lambda: str(-r.randint(0, 9)),
+                lambda: "args.n",
+                lambda: "args.big",
             )
         op = self.pick("+", "-", "*", "/", "%")
-        return self.pick(
-            f"({self.int(d - 1)} {op} {self.int(d - 1)})",
-            f"-{self.int(d - 1)}",
-            f"size({self.pick(self.str(d - 1), self.list(d - 1), self.map(d - 1))})",
-            f"{self.str(d - 1)}.size()",
-            f"args.nums[{self.int(d - 1)}]",
-            self.field(),
+        return self.one(
+            lambda: f"({self.int(d - 1)} {op} {self.int(d - 1)})",
+            lambda: f"-{self.int(d - 1)}",
+            lambda: f"size({self.pick(self.str, self.list, self.map)(d - 1)})",
+            lambda: f"{self.str(d - 1)}.size()",
+            lambda: f"args.nums[{self.int(d - 1)}]",
+            self.field,
         )
 
     def float(self, d: int) -> str:
         if d <= 0 or self.rng.random() < 0.4:
             return self.pick("1.5", "0.0", "2.0", "-2.5", "1e3", "args.f")
         op = self.pick("+", "-", "*", "/")
-        return f"({self.float(d - 1)} {op} {self.pick(self.float(d - 1), self.int(d - 1))})"
+        other = self.one(lambda: self.float(d - 1), lambda: self.int(d - 1))
+        return f"({self.float(d - 1)} {op} {other})"
 
     def bool(self, d: int) -> str:
         r = self.rng
         if d <= 0 or r.random() < 0.2:
-            return self.pick("true", "false", "args.ok", f"has({self.field()})")
+            return self.one(
+                lambda: "true", lambda: "false", lambda: "args.ok", lambda: f"has({self.field()})"
+            )
         scalar = self.pick(self.int, self.float, self.str, self.bool)
         other = self.pick(scalar, self.any) if r.random() < 0.8 else self.any
         rel = self.pick("==", "!=", "<", "<=", ">", ">=")
-        return self.pick(
-            f"({scalar(d - 1)} {rel} {other(d - 1)})",
-            f"({self.bool(d - 1)} && {self.bool(d - 1)})",
-            f"({self.bool(d - 1)} || {self.bool(d - 1)})",
-            f"!{self.bool(d - 1)}",
-            f"({scalar(d - 1)} in {self.list(d - 1)})",
-            f"({self.str(d - 1)} in {self.map(d - 1)})",
-            f"{self.str(d - 1)}.contains({self.str(d - 1)})",
-            f"{self.str(d - 1)}.startsWith({self.str(d - 1)})",
-            f"{self.str(d - 1)}.endsWith({self.str(d - 1)})",
-            f"{self.list(d - 1)}.exists(e, {self.loop_body(d - 1)})",
-            f"{self.list(d - 1)}.all(e, {self.loop_body(d - 1)})",
-            f"{self.list(d - 1)}.exists_one(e, {self.loop_body(d - 1)})",
-            f"({self.bool(d - 1)} ? {self.bool(d - 1)} : {self.bool(d - 1)})",
-            self.field(),
+        return self.one(
+            lambda: f"({scalar(d - 1)} {rel} {other(d - 1)})",
+            lambda: f"({self.bool(d - 1)} && {self.bool(d - 1)})",
+            lambda: f"({self.bool(d - 1)} || {self.bool(d - 1)})",
+            lambda: f"!{self.bool(d - 1)}",
+            lambda: f"({scalar(d - 1)} in {self.list(d - 1)})",
+            lambda: f"({self.str(d - 1)} in {self.map(d - 1)})",
+            lambda: f"{self.str(d - 1)}.contains({self.str(d - 1)})",
+            lambda: f"{self.str(d - 1)}.startsWith({self.str(d - 1)})",
+            lambda: f"{self.str(d - 1)}.endsWith({self.str(d - 1)})",
+            lambda: f"{self.list(d - 1)}.exists(e, {self.loop_body(d - 1)})",
+            lambda: f"{self.list(d - 1)}.all(e, {self.loop_body(d - 1)})",
+            lambda: f"{self.list(d - 1)}.exists_one(e, {self.loop_body(d - 1)})",
+            lambda: f"({self.bool(d - 1)} ? {self.bool(d - 1)} : {self.bool(d - 1)})",
+            self.field,
         )
 
     def loop_body(self, d: int) -> str:
-        return self.pick(
-            f"e == {self.any(d)}", "e > 1", f"e.startsWith({self.str(d)})", self.bool(d)
+        return self.one(
+            lambda: f"e == {self.any(d)}",
+            lambda: "e > 1",
+            lambda: f"e.startsWith({self.str(d)})",
+            lambda: self.bool(d),
         )
 
     def list(self, d: int) -> str:
         if d <= 0 or self.rng.random() < 0.4:
             return self.pick("[]", "[1, 2]", "['a', 'ssn']", "args.tags", "args.nums", "args.mixed")
-        return self.pick(
-            f"[{self.any(d - 1)}, {self.any(d - 1)}]",
-            f"({self.list(d - 1)} + {self.list(d - 1)})",
-            f"{self.list(d - 1)}.map(e, {self.pick('e', 'e + e', self.any(d - 1))})",
-            f"{self.list(d - 1)}.filter(e, {self.loop_body(d - 1)})",
+        return self.one(
+            lambda: f"[{self.any(d - 1)}, {self.any(d - 1)}]",
+            lambda: f"({self.list(d - 1)} + {self.list(d - 1)})",
+            lambda: f"{self.list(d - 1)}.map(e, {self.mapper(d - 1)})",
+            lambda: f"{self.list(d - 1)}.filter(e, {self.loop_body(d - 1)})",
         )
+
+    def mapper(self, d: int) -> str:
+        return self.one(lambda: "e", lambda: "e + e", lambda: self.any(d))
 
     def map(self, d: int) -> str:
         if d <= 0 or self.rng.random() < 0.5:
