@@ -11,6 +11,9 @@ per decision (Redis's own CPU is not counted: it is another process). Variants:
     redis 1/run   one script run (one EVALSHA round trip) per call: the store before pipelining
     redis         auto-pipelined: the calls of one loop iteration share a script run
     redis many8   reserve_many: a response's 8 calls in one round trip (per decision figures)
+    redis-py ...  the same two first Redis runs through redis-py's asyncio client instead of
+                  the slim client (proxy.store.resp): what the store uses when the URL has a
+                  query string (here `?health_check_interval=0`, which changes nothing else)
 
 Every run is bounded by --count decisions per phase and --max-seconds per phase. The parser in
 use (hiredis when installed, else redis-py's pure-Python one) is printed first.
@@ -33,6 +36,8 @@ from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 
 PRINCIPALS = 100
+# A query string only redis-py reads: the store then sends everything through redis-py.
+REDIS_PY = "?health_check_interval=0"
 
 
 def items(i: int) -> list[SlotRequest | ChargeRequest]:
@@ -180,15 +185,23 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
     )
     mem = await run("memory", MemoryStore, args)
 
-    def redis(**kw: int) -> Callable[[], Store]:
+    def redis(query: str = "", **kw: int) -> Callable[[], Store]:
         prefix = f"bench{time.time_ns()}:"
-        return lambda: RedisStore(url, timeout=2.0, prefix=prefix, **kw)
+        return lambda: RedisStore(url + query, timeout=2.0, prefix=prefix, **kw)
 
     one = await run("redis 1/run", redis(max_batch=1), args)
     red = await run("redis", redis(), args)
     many = await run("redis many8", redis(), args, per_response=8)
+    py_one = await run("redis-py 1/run", redis(REDIS_PY, max_batch=1), args)
+    py = await run("redis-py", redis(REDIS_PY), args)
     ping = await ping_latency(url, args.count)
-    print(f"redis PING round trip through redis-py (the floor): mean {ping:.1f} us")
+    print(f"redis PING round trip through the slim client (the floor): mean {ping:.1f} us")
+    print(
+        f"slim client vs redis-py, CPU per decision: one run per call {py_one['cpu']:.1f} -> "
+        f"{one['cpu']:.1f} us, pipelined {py['cpu']:.1f} -> {red['cpu']:.1f} us; "
+        f"sequential p50 {py_one['p50']:.1f} -> {one['p50']:.1f} us, "
+        f"p99 {py_one['p99']:.1f} -> {one['p99']:.1f} us"
+    )
     print(
         f"redis/memory: latency x{red['mean'] / mem['mean']:.1f} "
         f"(+{red['mean'] - mem['mean']:.1f} us per decision, "
@@ -207,7 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--max-seconds", type=float, default=20.0)
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="bound per phase")
     parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
     if args.redis_url:

@@ -85,6 +85,8 @@ OTEL_VARIANT = "cg-otel"
 # `--redis` / `--workers N`: callgate with a heavier policy (five CEL rules, the schema, the
 # rate limit, the budget and the audit file) on a Redis store the benchmark starts, measured in
 # the same alternating rounds: one process ("cg-redis"), and N workers ("cg-redis-wN").
+# `--redis-py`: also that one process with the store's hot path on redis-py's asyncio client
+# rather than its slim client ("cg-redis-py"; a URL query string selects redis-py).
 HEAVY_RULES = """\
       - name: no_secrets
         deny_if: 'args.query.contains("password")'
@@ -95,6 +97,10 @@ HEAVY_RULES = """\
       - name: no_shell
         deny_if: 'args.query.matches("^\\\\$\\\\(")'
 """
+
+
+REDIS_PY_VARIANT = "cg-redis-py"
+REDIS_PY_QUERY = "?health_check_interval=0"  # changes nothing but the client
 
 
 def _redis_policy(policy: str, redis_url: str) -> str:
@@ -261,7 +267,10 @@ class Servers:
             audit = self.workdir / f"{name}.audit.jsonl"
             if name.startswith("cg-redis"):
                 assert self.redis_url is not None
-                text = _redis_policy(policy, self.redis_url)
+                url = self.redis_url
+                if name == REDIS_PY_VARIANT:
+                    url += REDIS_PY_QUERY
+                text = _redis_policy(policy, url)
             else:
                 text = _variant_policy(policy, name, self.url("direct"))
             config.write_text(text.replace(str(self.audit_file), str(audit)))
@@ -589,6 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure that Redis configuration served by `callgate serve --workers N`",
     )
     parser.add_argument(
+        "--redis-py",
+        action="store_true",
+        help="also measure the --redis configuration with the store's hot path on redis-py",
+    )
+    parser.add_argument(
         "--otel",
         action="store_true",
         help="also measure callgate with OpenTelemetry tracing on (every request, OTLP/HTTP)",
@@ -596,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = parser.parse_args(argv)
     variants = tuple(AUDIT_VARIANTS) if args.audit_variants else ()
-    if args.redis or args.workers:
+    if args.redis or args.workers or args.redis_py:
         variants += ("cg-redis",)
+    if args.redis_py:
+        variants += (REDIS_PY_VARIANT,)
     if args.workers and args.workers > 1:
         variants += (f"cg-redis-w{args.workers}",)
     if args.otel:

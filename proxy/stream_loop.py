@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy import http1, reprompt, stash
 from proxy.delivery import on_record
 from proxy.forward import StreamFailed, next_chunk, open_round
-from proxy.gates import decide, release
+from proxy.gates import decide, decide_many, release
 from proxy.policy import Policy
 from proxy.rounds import asked_again, refuse, settle
 from proxy.state import AppState
@@ -201,10 +201,12 @@ class StreamLoop:
 
     async def answer(self, ask: Ask) -> Any:
         if isinstance(ask, Decide):
-            decisions = []  # (a loop, not an async comprehension: that is one more coroutine)
-            for call in ask.calls:
-                decisions.append(await decide(call, self.policy, self.state.store, self.ctx))
-            return decisions
+            calls = ask.calls
+            if len(calls) == 1:
+                return [await decide(calls[0], self.policy, self.state.store, self.ctx)]
+            # Several at once (calls a terminal event brought unannounced, approval requests):
+            # every call's reservation in one store round trip, each all-or-nothing on its own.
+            return await decide_many(calls, self.policy, self.state.store, self.ctx)
         if isinstance(ask, Settle):
             return settle(self.state, self.ctx, ask.decisions, ask.can_reprompt, ask.approvals)
         return await refuse(self.state, ask.plan, ask.approvals)

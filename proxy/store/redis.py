@@ -25,14 +25,18 @@ members: the members are the truth. Timestamps and amounts are integers below 2*
 Lua's doubles; numbers going back to Redis are formatted with `%d`, never `tostring` (which
 rounds to 14 digits).
 
-Connections: a pool of `pool_size`, all opened (and both scripts loaded) by `start()` before
-the app serves, so a burst right after start does not open connections and load scripts once per
-request. A call first waits for a free connection, up to `pool_timeout` (waiting is local
-queueing, not Redis being slow; a wait past it is a store error all the same), then holds it for
-at most `timeout`: connect if the connection is down, send, read, and one retry on a fresh
-connection (which is what lets the pool survive a Redis restart). A connection that dies after
-Redis ran a reservation but before the reply arrived is retried with the same reservation id;
-the script finds that reservation's members already recorded and records nothing again.
+Client: reservations, releases, stashes and pings go through a slim RESP client
+(proxy.store.resp: an asyncio.Protocol with hiredis's parser, a fraction of redis-py's CPU per
+round trip); approvals, and everything when the URL has options only redis-py reads, through
+redis-py. Connections: a pool of `pool_size`, all opened (and both scripts loaded) by `start()`
+before the app serves, so a burst right after start does not open connections and load scripts
+once per request (redis-py opens its own, for approvals, when first needed). A call first waits
+for a free connection, up to `pool_timeout` (waiting is local queueing, not Redis being slow; a
+wait past it is a store error all the same), then holds it for at most `timeout`: connect if the
+connection is down, send, read, and one retry on a fresh connection (which is what lets the pool
+survive a Redis restart). A connection that dies after Redis ran a reservation but before the
+reply arrived is retried with the same reservation id; the script finds that reservation's
+members already recorded and records nothing again.
 
 Redis Cluster is not supported: the keys of one reservation (a rate-limit log and a ledger)
 usually hash to different slots. Use a single primary (with replicas / Sentinel for failover).
@@ -41,19 +45,22 @@ usually hash to different slots. Use a single primary (with replicas / Sentinel 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import hiredis
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from proxy.store import resp
 from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest, StoreError
 from proxy.store.redis_scripts import (
     FIND_APPROVAL_LUA,
@@ -68,12 +75,19 @@ __all__ = ["LIMITS", "MAX_BATCH", "MAX_EXACT", "RELEASE_LUA", "RESERVE_LUA", "Re
 T = TypeVar("T")
 log = structlog.get_logger("callgate.store")
 
+# What a failed Redis call raises: redis-py's errors, the slim client's (proxy.store.resp) error
+# replies, and socket errors from either.
+_ERRORS = (RedisError, OSError, resp.ReplyError)
 # Largest integer a Lua number (a double) holds exactly.
 MAX_EXACT = 2**53 - 1
 LIMITS = ("", "max_calls", "cooldown", "max_spend")
 # Calls per script run: Redis runs one script at a time, so this bounds how long one batch holds
 # it up (~44 us of Redis time per call: ~3 ms at 64), and a batch is one reply to parse.
 MAX_BATCH = 64
+
+
+_RESERVE_SHA = hashlib.sha1(RESERVE_LUA.encode()).hexdigest()
+_RELEASE_SHA = hashlib.sha1(RELEASE_LUA.encode()).hexdigest()
 
 
 def _micros(seconds: float) -> int:
@@ -145,6 +159,11 @@ class RedisStore:
         # One quick retry on a fresh connection: after a Redis restart every pooled connection
         # is dead, and the first command on each fails once. The whole call stays bounded by
         # `timeout` (see _call), retries included.
+        # The hot path (reservations, releases, stashes, pings) goes through the slim client
+        # (proxy.store.resp): its connections are the pool that `start()` opens. redis-py
+        # serves the rest (approvals), opening its connections when first needed, and
+        # everything where the URL carries options only redis-py understands.
+        self._wire = resp.Wire(url) if resp.supports(url) else None
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
@@ -156,8 +175,8 @@ class RedisStore:
         )
         self._pool = pool
         self._redis = Redis.from_pool(pool)
-        self._reserve = self._redis.register_script(RESERVE_LUA)
-        self._release = self._redis.register_script(RELEASE_LUA)
+        self._reserve = self._run_reserve
+        self._release = self._run_release
         self._put_approval = self._redis.register_script(PUT_APPROVAL_LUA)
         self._find_approval = self._redis.register_script(FIND_APPROVAL_LUA)
         self._update_approval = self._redis.register_script(UPDATE_APPROVAL_LUA)
@@ -183,12 +202,16 @@ class RedisStore:
         """
         held = 0
         opened: list[AbstractConnection] = []
+        wired: list[resp.Connection] = []
 
         async def open_one() -> None:
             # Nothing awaits between the pool handing a connection over and its being listed,
             # so a cancellation cannot lose one (get_connection returns it to the pool itself
             # if cancelled while connecting).
-            opened.append(await self._pool.get_connection())
+            if self._wire is not None:
+                wired.append(await self._wire.connect())
+            else:
+                opened.append(await self._pool.get_connection())
 
         try:
             async with asyncio.timeout(self._pool_timeout):
@@ -201,16 +224,18 @@ class RedisStore:
                 finally:
                     for conn in opened:
                         await self._pool.release(conn)
+                    for wire_conn in wired:
+                        self._wire.keep(wire_conn)  # type: ignore[union-attr]
                 # EVALSHA then finds them: no NOSCRIPT round trip on the first calls. (After a
-                # Redis restart, Script reloads on NOSCRIPT by itself.)
-                for script in (self._reserve, self._release):
-                    await self._redis.script_load(script.script)
+                # Redis restart, _evalsha reloads on NOSCRIPT.)
+                for script in (RESERVE_LUA, RELEASE_LUA):
+                    await self._command("SCRIPT", "LOAD", script)
         except TimeoutError:
             raise StoreError(
                 f"redis warm-up: not done within {self._pool_timeout:g}s"
-                f" ({len(opened)} of {self._pool_size} connections open)"
+                f" ({len(opened) + len(wired)} of {self._pool_size} connections open)"
             ) from None
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             detail = str(exc) or type(exc).__name__
             raise StoreError(f"redis warm-up: {detail}") from None
         finally:
@@ -231,11 +256,34 @@ class RedisStore:
                 return await op()
         except TimeoutError:
             raise StoreError(f"redis {what}: no answer within {self._timeout:g}s") from None
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             detail = str(exc) or type(exc).__name__
             raise StoreError(f"redis {what}: {detail}") from None
         finally:
             self._slots.release()
+
+    async def _command(self, *args: Any) -> Any:
+        """One command: through the slim client, or redis-py where the URL needs it."""
+        if self._wire is not None:
+            return await self._wire.execute(hiredis.pack_command(args))
+        return await self._redis.execute_command(*args)
+
+    async def _evalsha(self, script: str, sha: str, keys: list[str], args: list[Any]) -> Any:
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        try:
+            return await self._command(*command)
+        except (resp.ReplyError, NoScriptError) as exc:
+            if isinstance(exc, resp.ReplyError) and not str(exc).startswith("NOSCRIPT"):
+                raise
+        # A Redis that restarted (or whose scripts were flushed) has lost it: load, run again.
+        await self._command("SCRIPT", "LOAD", script)
+        return await self._command(*command)
+
+    async def _run_reserve(self, keys: list[str], args: list[Any]) -> Any:
+        return await self._evalsha(RESERVE_LUA, _RESERVE_SHA, keys, args)
+
+    async def _run_release(self, keys: list[str], args: list[Any]) -> Any:
+        return await self._evalsha(RELEASE_LUA, _RELEASE_SHA, keys, args)
 
     def _keys(self, key: str) -> tuple[str, str]:
         return self._prefix + key, f"{self._prefix}sum:{key}"
@@ -357,7 +405,7 @@ class RedisStore:
                 raw = await self._reserve(keys=keys, args=args)
         except TimeoutError:
             error = StoreError(f"redis reserve: no answer within {self._timeout:g}s")
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             error = StoreError(f"redis reserve: {str(exc) or type(exc).__name__}")
         finally:
             self._slots.release()
@@ -379,13 +427,14 @@ class RedisStore:
 
     async def put_stash(self, key: str, value: bytes, ttl: float) -> None:
         px = max(1, math.ceil(ttl * 1000))
-        await self._call("stash write", lambda: self._redis.set(self._prefix + key, value, px=px))
+        full = self._prefix + key
+        await self._call("stash write", lambda: self._command("SET", full, value, "PX", px))
 
     async def get_stash_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
         full = [self._prefix + k for k in keys]
-        found = await self._call("stash read", lambda: self._redis.mget(full))
+        found = await self._call("stash read", lambda: self._command("MGET", *full))
         # Replies are bytes (decode_responses is off); str only in redis-py's general typing.
         return [v.encode() if isinstance(v, str) else v for v in found]
 
@@ -458,12 +507,14 @@ class RedisStore:
         if not self._warm:
             # Start-up could not warm up (Redis was down): ready only once it has.
             await self._warm_up()
-        await self._call("ping", self._redis.ping)
+        await self._call("ping", lambda: self._command("PING"))
 
     async def close(self) -> None:
         for task in list(self._senders):
             task.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
+        if self._wire is not None:
+            self._wire.close()
         try:
             await self._redis.aclose()
         except (RedisError, OSError):

@@ -1,0 +1,155 @@
+"""A streamed response whose gate asks for several calls at once decides them in one Redis round
+trip, each call still all-or-nothing and applying its own on_store_error.
+
+The Responses stream gate asks for several calls together when a terminal event's `output`
+carries calls no item event announced (proxy.responses_gate `decide_unseen`). Counted on a real
+redis-server through INFO commandstats: the 8 calls of such a response cost one EVALSHA.
+(The Chat Completions stream gate decides each call as its arguments complete, one at a time.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from proxy.store.redis import RedisStore
+from tests.conftest import SSE, records
+from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
+from tests.responses_streams import fc, response, sse_event
+from tests.test_redis_pipelining import evalsha_calls
+
+TOOLS = [
+    {"type": "function", "name": n, "parameters": {"type": "object", "properties": {}}}
+    for n in ("search", "closed", "open")
+]
+
+
+def unannounced(*items: dict[str, Any]) -> SSE:
+    """A stream whose calls appear only in its terminal event (no item events)."""
+    body = response(*items)
+    shell = {**body, "status": "in_progress", "output": [], "usage": None}
+    events = [
+        {"type": "response.created", "response": shell},
+        {"type": "response.in_progress", "response": shell},
+        {"type": "response.completed", "response": body},
+    ]
+    for n, event in enumerate(events):
+        event["sequence_number"] = n
+    return SSE([sse_event(e) for e in events], done=False)
+
+
+async def stream(proxy: Any) -> dict[str, Any]:
+    """The streamed response's final object, as the client got it."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            proxy.url + "/responses",
+            json={"model": "m", "input": "hi", "stream": True, "tools": TOOLS},
+        ) as resp,
+    ):
+        assert resp.status == 200
+        raw = await resp.read()
+    finals = [
+        json.loads(line[6:])
+        for line in raw.decode().splitlines()
+        if line.startswith("data: ") and '"response.completed"' in line
+    ]
+    assert len(finals) == 1, raw
+    return finals[0]["response"]
+
+
+def call_ids(final: dict[str, Any]) -> list[str]:
+    return [o["call_id"] for o in final["output"] if o["type"] == "function_call"]
+
+
+async def test_eight_streamed_calls_cost_one_round_trip_each_all_or_nothing(
+    make_proxy: Any, upstream: Any, redis_server: RedisServer
+):
+    # search: 6 calls per window, 0.30 each against 1.50: calls 1-5 pass; the budget stops
+    # 6-8, and (all-or-nothing) they take no rate-limit slot either.
+    cfg = {
+        "on_block": "strip",
+        "store": {"backend": "redis", "url": redis_server.url},
+        "budgets": {"b": {"max_spend": "1.50", "window": 3600, "scope": "global"}},
+        "tools": {
+            "search": {
+                "rate_limit": {"max_calls": 6, "window": 60, "scope": "global"},
+                "budget": {"ledger": "b", "cost": "0.30"},
+            }
+        },
+        "audit": {"log": True},
+    }
+    store = RedisStore(redis_server.url)
+    proxy = await make_proxy(cfg, store=store)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.start()
+        recs = records(proxy)
+        calls = [fc("search", {"q": i}, f"c{i}") for i in range(8)]
+        upstream.push(unannounced(*calls))
+        before = await evalsha_calls(raw)
+        final = await stream(proxy)
+        assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
+        assert call_ids(final) == [f"c{i}" for i in range(5)]
+        assert len(recs) == 8  # on record before delivery
+        blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
+        assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
+        [log_key] = await raw.keys("callgate:rl:*")
+        assert await raw.zcard(log_key) == 5  # the refused calls took no slot
+        assert int(await raw.get("callgate:sum:budget:b@*")) == 1_500_000
+    finally:
+        await raw.aclose()
+
+
+async def test_a_stalled_batch_applies_each_calls_on_store_error(
+    make_proxy: Any, upstream: Any, redis_server: RedisServer
+):
+    """Redis stops dead while the 8 calls are decided: their one round trip times out once, and
+    each call applies its own tool's on_store_error."""
+    cfg = {
+        "on_block": "strip",
+        "store": {"backend": "redis", "url": redis_server.url, "timeout": 0.3},
+        "tools": {
+            name: {
+                "rate_limit": {"max_calls": 100, "window": 60, "on_store_error": name},
+            }
+            for name in ("fail_open", "fail_closed")
+        },
+        "audit": {"log": True},
+    }
+    store = RedisStore(redis_server.url, timeout=0.3)
+    proxy = await make_proxy(cfg, store=store)
+    names = ["fail_open", "fail_closed"] * 4
+    calls = [fc(name, {}, f"c{i}") for i, name in enumerate(names)]
+    assert redis_server.proc is not None
+    recs = records(proxy)
+    await store.start()
+    upstream.push(unannounced(*calls))
+    redis_server.proc.send_signal(19)  # SIGSTOP
+    try:
+        async with asyncio.timeout(5):
+            started = asyncio.get_running_loop().time()
+            final = await stream(proxy)
+            elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        redis_server.proc.send_signal(18)  # SIGCONT
+    # One timeout for the whole batch (and one for the stash write of the blocked calls); one by
+    # one the calls would have taken 8 (2.4 s).
+    assert elapsed < 4 * 0.3 + 0.4, elapsed
+    assert call_ids(final) == [f"c{i}" for i in range(0, 8, 2)]
+    assert len(recs) == 8
+    by_call = {r["call_id"]: r for r in recs}
+    for i, name in enumerate(names):
+        rec = by_call[f"c{i}"]
+        if name == "fail_open":
+            assert rec["decision"] == "allowed", rec
+        else:
+            assert (rec["decision"], rec["gate"], rec["reason"]) == (
+                "blocked",
+                "rate_limit",
+                "store_error",
+            ), rec
