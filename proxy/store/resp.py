@@ -33,6 +33,12 @@ import hiredis
 __all__ = ["Connection", "ReplyError", "Wire", "supports"]
 
 
+def pack(*args: str | int | float | bytes) -> bytes:
+    """One command in RESP (hiredis.pack_command; its stub types the tuple as one element)."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
+
+
 class ReplyError(Exception):
     """Redis answered with an error reply (`-ERR ...`, `-NOSCRIPT ...`)."""
 
@@ -129,10 +135,13 @@ class Wire:
             )
         try:
             if self._password is not None:
-                auth = ("AUTH", self._username, self._password) if self._username else None
-                _check(await conn.call(hiredis.pack_command(auth or ("AUTH", self._password))))
+                if self._username:
+                    auth = pack("AUTH", self._username, self._password)
+                else:
+                    auth = pack("AUTH", self._password)
+                _check(await conn.call(auth))
             if self._db:
-                _check(await conn.call(hiredis.pack_command(("SELECT", self._db))))
+                _check(await conn.call(pack("SELECT", self._db)))
         except BaseException:
             conn.close()
             raise
