@@ -95,6 +95,11 @@ class ChatGate(GateSteps):
         # With an error-mode tool in the policy, allowed calls wait for the response's fate:
         # a request that fails must not have sent any of its calls (their slots are refunded).
         self.defer_calls = policy.has_error_mode
+        # Calls whose arguments are complete, decided together at the end of the read (one
+        # store round trip for all of them), and what the client gets after the first of them,
+        # held in order with each call in its place until then.
+        self.undecided: list[tuple[HeldCall, dict[str, Any], int, ChoiceState]] = []
+        self.held: list[bytes | HeldCall] = []
 
     @property
     def holding(self) -> bool:
@@ -153,6 +158,12 @@ class ChatGate(GateSteps):
 
     # -- output ---------------------------------------------------------------------------
 
+    def write(self, data: bytes) -> None:
+        if self.undecided:
+            self.held.append(data)  # after a call not yet decided: in order, once it is
+        else:
+            super().write(data)
+
     def chunk(
         self, template: dict[str, Any], choice: dict[str, Any], keep_usage: bool = False
     ) -> bytes:
@@ -166,6 +177,12 @@ class ChatGate(GateSteps):
         """The stream ends early: record every decided call once, drop held ones (closed), and
         give back the reservations of allowed calls the client never received."""
         self.reprompt_answered()
+        for call, _, _, _ in self.undecided:  # complete, never decided: nothing was reserved
+            d = Decision(call.tool_call(), self.policy.for_tool(call.name).name, "error")
+            d.block = Block("stream", code, message)
+            self.emit(Record(d, "blocked", action))
+        self.undecided.clear()
+        self.held.clear()
         unsent: list[Decision] = []
         for st in self.choices.values():
             if not st.finished:
@@ -212,6 +229,7 @@ class ChatGate(GateSteps):
             if over is not False:
                 yield from over
         else:
+            yield from self.decide_held()  # the read is over: its complete calls, together
             if not self.ended:
                 return
         self.emit(DONE)  # the stream is over, or this round is
@@ -222,6 +240,7 @@ class ChatGate(GateSteps):
             over = self.event(rest + b"\n\n")
             if over is not True and over is not False:
                 yield from over
+                yield from self.decide_held()
                 over = False
             if over or self.ended:
                 self.emit(DONE)
@@ -246,7 +265,10 @@ class ChatGate(GateSteps):
             if not self.draining:
                 # Comments, keep-alives, other fields: queued past write(), as they answer
                 # nothing (a failing reprompt round may still end the stream as strip would).
-                self.send(event)
+                if self.undecided:
+                    self.held.append(event)
+                else:
+                    self.send(event)
             return False
         if payload == sse.DONE:
             self.done(event)
@@ -262,6 +284,8 @@ class ChatGate(GateSteps):
             return False
         obj = event_object(payload)
         if "error" in obj and "choices" not in obj:
+            if self.undecided:
+                return self.error_after_held(obj, event)
             self.error_event(obj, event)
             return True
         if self.argument_piece(obj):
@@ -294,6 +318,13 @@ class ChatGate(GateSteps):
         self.settle_unfinished("the upstream sent an error event", "upstream_error")
         log.warning("upstream_error_event", error=str(obj.get("error"))[:300])
         self.write(event)  # the upstream's own error event passes through
+
+    def error_after_held(self, obj: dict[str, Any], event: bytes) -> Steps:
+        """An error event after calls this read completed: they are decided and go on first,
+        as they would have had the error come in a later read."""
+        yield from self.decide_held()
+        self.error_event(obj, event)
+        self.ended = True
 
     def argument_piece(self, obj: dict[str, Any]) -> bool:
         """The event most of a call's stream is made of: the next piece of an open call's
@@ -376,7 +407,7 @@ class ChatGate(GateSteps):
                 if idx not in st.open:
                     # A new call starts: every other open call's arguments are complete.
                     for other in sorted(st.open):
-                        yield from self.complete(obj, ci, st, st.open.pop(other), out)
+                        self.complete(obj, ci, st, st.open.pop(other), out)
                     st.open[idx] = HeldCall(index=idx)
                 st.open[idx].add(cd)
         elif isinstance(legacy, dict) and not st.saw_tool_calls:
@@ -413,18 +444,40 @@ class ChatGate(GateSteps):
 
     def complete(
         self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall, out: list[bytes]
-    ) -> Steps:
-        decisions: list[Decision] = yield Decide([call.tool_call()])
-        decision = decisions[0]
-        st.calls.append(call)
-        st.decisions.append(decision)
-        if decision.allowed:
-            if self.defer_calls:
-                st.deferred.append(call)
+    ) -> None:
+        """A call's arguments are complete: what came before it goes on, and the call waits in
+        its place to be decided with the others of this read (decide_held)."""
+        for data in out:
+            self.write(data)
+        out.clear()
+        self.undecided.append((call, obj, ci, st))
+        self.held.append(call)
+
+    def decide_held(self) -> Steps:
+        """Decide the complete calls (one question, so one store round trip), then pass on
+        what was held: each allowed call's chunk in its place, on record first (audit before
+        delivery), unless the response's fate must come first (defer_calls)."""
+        if not self.undecided:
+            return
+        undecided, self.undecided = self.undecided, []
+        decisions: list[Decision] = yield Decide([u[0].tool_call() for u in undecided])
+        chunks: dict[int, bytes] = {}
+        for (call, obj, ci, st), decision in zip(undecided, decisions, strict=True):
+            st.calls.append(call)
+            st.decisions.append(decision)
+            if decision.allowed:
+                if self.defer_calls:
+                    st.deferred.append(call)
+                else:
+                    self.emit(Record(decision, "allowed", None))
+                    chunks[id(call)] = self.call_chunk(obj, ci, st, call)
+        held, self.held = self.held, []
+        for item in held:
+            if isinstance(item, HeldCall):
+                if id(item) in chunks:
+                    self.write(chunks[id(item)])
             else:
-                # Sent before the round is settled: on record first (audit before delivery).
-                self.emit(Record(decision, "allowed", None))
-                out.append(self.call_chunk(obj, ci, st, call))
+                self.write(item)
 
     def call_chunk(self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall) -> bytes:
         if call.legacy:
@@ -449,7 +502,8 @@ class ChatGate(GateSteps):
         out: list[bytes],
     ) -> Steps:
         for other in sorted(st.open):  # the choice is over: its open calls are complete
-            yield from self.complete(obj, ci, st, st.open.pop(other), out)
+            self.complete(obj, ci, st, st.open.pop(other), out)
+        yield from self.decide_held()  # its calls and any other choice's, before it settles
         st.finished = True
         if not st.decisions:
             out.append(

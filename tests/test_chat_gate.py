@@ -85,6 +85,7 @@ class Driver:
         self.store = MemoryStore()
         self.ctx = CallContext("alice", "req-1", "chat.completions")
         self.body = body or {"model": "m", "messages": MSGS, "stream": True}
+        self.watch: list[str] = []  # call ids whose bytes must follow their records
 
     def gate(self) -> ChatGate:
         return ChatGate(self.policy, self.body, self.ctx)
@@ -95,6 +96,11 @@ class Driver:
             for effect in fx:
                 if isinstance(effect, Send):
                     assert run.ending is None or isinstance(run.ending, Done)
+                    # Audit before delivery: a call's bytes never come before its record.
+                    recorded = {r[0] for r in run.records}
+                    for call_id in self.watch:
+                        if call_id.encode() in effect.data:
+                            assert call_id in recorded, f"{call_id} sent before its record"
                     run.out += effect.data
                 elif isinstance(effect, (Decide, Settle, Refuse)):
                     assert effect is fx[-1], "a question is the last effect"
@@ -221,10 +227,60 @@ async def test_error_mode_fails_the_stream_and_sends_no_call() -> None:
     whole = await driver.run([data])
     for chunks in split_every(data)[::7]:
         assert (await driver.run(chunks)).out == whole.out
-    assert [type(a) for a in whole.asked] == [Decide, Decide, Settle, Refuse]
+    # Both calls complete in the one read: decided together, one store round trip.
+    assert [type(a) for a in whole.asked] == [Decide, Settle, Refuse]
+    assert [c.name for c in whole.asked[0].calls] == ["ok", "bad"]
     error = whole.events[-1]
     assert error["error"]["type"] == "tool_call_blocked" and "'bad'" in error["error"]["message"]
     assert b"c_ok" not in whole.out and "[DONE]" not in whole.events  # deferred, then withheld
+
+
+async def test_a_read_that_completes_several_calls_asks_once() -> None:
+    """Eight calls in one read are decided with one question (one store round trip); however
+    the bytes are split into reads, the client gets the same stream, each call after its
+    record."""
+    driver = Driver({"on_block": "strip", "tools": {"bad": {"allow": False}}})
+    names = ["ok", "bad"] * 4
+    ids = [f"c{i}_{n}" for i, n in enumerate(names)]
+    driver.watch = ids
+    data = sse_bytes(chat_stream(*[(n, {"i": i}) for i, n in enumerate(names)], text="Hi", ids=ids))
+    whole = await driver.run([data])
+    assert [type(a) for a in whole.asked] == [Decide, Settle]
+    assert [c.id for c in whole.asked[0].calls] == ids
+    rng = random.Random(3)
+    for _ in range(150):
+        run = await driver.run(random_chunks(data, rng))
+        assert run.out == whole.out
+        assert run.records == whole.records
+    sent = [
+        tc["id"]
+        for e in whole.events[:-1]
+        for c in e["choices"]
+        for tc in c["delta"].get("tool_calls") or []
+        if tc.get("id")
+    ]
+    assert sent == ids[0::2]  # the allowed ones, in order
+    assert whole.records == [(i, "allowed", None) for i in ids[0::2]]  # each as it is sent
+    settled = whole.asked[1].decisions  # the blocked ones are recorded when the round settles
+    assert [d.call.id for d in settled if not d.allowed] == ids[1::2]
+
+
+async def test_an_error_event_after_a_complete_call_in_the_same_read() -> None:
+    """The upstream's error event comes in the read that completed a call: the call is decided
+    and goes first, as it would have from a read of its own; the open call is dropped."""
+    driver = Driver({})
+    driver.watch = ["c0"]
+    err = {"error": {"message": "overloaded", "type": "server_error"}}
+    events = chat_stream(("ok", {"a": 1}), ("ok", {"b": 2}), ids=["c0", "c1"])
+    data = sse_bytes([*events[:-2], err], done=False)  # no finish: c1 is still open
+    whole = await driver.run([data])
+    for chunks in split_every(data)[::5]:
+        assert (await driver.run(chunks)).out == whole.out
+    assert b'"c0"' in whole.out and b'"c1"' not in whole.out
+    assert whole.events[-1]["error"]["message"] == "overloaded"
+    # (c0 is offered again as the stream ends; the auditor keeps a decision's first record.)
+    assert whole.records[0] == ("c0", "allowed", None)
+    assert whole.records[-1] == ("c1", "blocked", "fail_closed")
 
 
 REPROMPT = {"on_block": "reprompt", "tools": {"bad": {"allow": False}}}

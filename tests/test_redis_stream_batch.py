@@ -4,7 +4,8 @@ trip, each call still all-or-nothing and applying its own on_store_error.
 The Responses stream gate asks for several calls together when a terminal event's `output`
 carries calls no item event announced (proxy.responses_gate `decide_unseen`). Counted on a real
 redis-server through INFO commandstats: the 8 calls of such a response cost one EVALSHA.
-(The Chat Completions stream gate decides each call as its arguments complete, one at a time.)
+The Chat Completions stream gate decides the calls a read completes together (proxy.chat_gate
+`decide_held`): a streamed response read at once costs one EVALSHA for its 8 calls too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from proxy.store.redis import RedisStore
 from tests.conftest import SSE, records
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 from tests.responses_streams import fc, response, sse_event
+from tests.streams import chat_stream
 from tests.test_redis_pipelining import evalsha_calls
 
 TOOLS = [
@@ -153,3 +155,52 @@ async def test_a_stalled_batch_applies_each_calls_on_store_error(
                 "rate_limit",
                 "store_error",
             ), rec
+
+
+async def test_a_chat_stream_with_eight_calls_costs_one_round_trip(
+    make_proxy: Any, upstream: Any, redis_server: RedisServer
+):
+    """Chat: calls complete one after another as the stream goes (each when the next starts);
+    those a read completes are decided together, so a response read at once costs one EVALSHA
+    for its 8 calls, with the same all-or-nothing outcome, seen through the openai SDK."""
+    cfg = {
+        "on_block": "strip",
+        "store": {"backend": "redis", "url": redis_server.url},
+        "budgets": {"b": {"max_spend": "1.50", "window": 3600, "scope": "global"}},
+        "tools": {
+            "search": {
+                "rate_limit": {"max_calls": 6, "window": 60, "scope": "global"},
+                "budget": {"ledger": "b", "cost": "0.30"},
+            }
+        },
+        "audit": {"log": True},
+    }
+    store = RedisStore(redis_server.url)
+    proxy = await make_proxy(cfg, store=store)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.start()
+        recs = records(proxy)
+        ids = [f"c{i}" for i in range(8)]
+        events = chat_stream(*[("search", {"q": i}) for i in range(8)], ids=ids)
+        whole = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+        upstream.push(SSE([whole]))  # one write: callgate reads it at once
+        before = await evalsha_calls(raw)
+        stream = await proxy.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        got: list[str] = []
+        finish = None
+        async for ch in stream:
+            for tc in ch.choices[0].delta.tool_calls or []:
+                if tc.id:
+                    got.append(tc.id)
+            finish = ch.choices[0].finish_reason or finish
+        assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
+        assert got == ids[:5] and finish == "tool_calls"
+        blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
+        assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
+        [log_key] = await raw.keys("callgate:rl:*")
+        assert await raw.zcard(log_key) == 5  # the refused calls took no slot
+    finally:
+        await raw.aclose()
