@@ -16,14 +16,13 @@ whole reads of text events (`sse.raw_prefix`), events that cannot carry a call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from proxy import chat, reprompt, sse
 from proxy.chat_finish import finish_reason, reprompt_body, round_content, stash_order
-from proxy.chat_held import ChoiceState, HeldCall
+from proxy.chat_held import ChoiceState, HeldCall, Reprompted, incomplete, meaningful
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, event_object
 from proxy.gates.decision import Block, Decision
@@ -50,24 +49,6 @@ from proxy.usage import add_usage
 
 log = structlog.get_logger("callgate.chat_stream")
 ROUTE = "chat.completions"
-
-
-@dataclass(slots=True)
-class Reprompted:
-    """A round the upstream is being asked again about, until the next round sends something:
-    what `strip` answers for it if that round fails upstream."""
-
-    blocked: list[Decision]
-    template: dict[str, Any]  # the round's finishing chunk (id, created, model, ...)
-    index: int  # its choice index
-
-
-def _meaningful(delta: dict[str, Any]) -> bool:
-    return any(v not in (None, "", [], {}) for v in delta.values())
-
-
-def _incomplete(choices: dict[int, ChoiceState]) -> bool:
-    return any(st.open or (st.calls and not st.finished) for st in choices.values())
 
 
 class ChatGate(GateSteps):
@@ -246,7 +227,7 @@ class ChatGate(GateSteps):
                 self.emit(DONE)
                 return
         if not self.draining:
-            if _incomplete(self.choices):
+            if incomplete(self.choices):
                 raise StreamFailed(
                     "upstream stream ended before the tool call's arguments were complete",
                     "incomplete_tool_call",
@@ -300,7 +281,7 @@ class ChatGate(GateSteps):
 
     def done(self, event: bytes) -> None:
         """`[DONE]`: the round is over, and no call may be left half-streamed."""
-        if _incomplete(self.choices):
+        if incomplete(self.choices):
             raise StreamFailed(
                 "upstream stream ended before the tool call's arguments were complete",
                 "incomplete_tool_call",
@@ -395,7 +376,7 @@ class ChatGate(GateSteps):
             self.text.append(delta["content"])
         finish = choice.get("finish_reason")
         rest = {k: v for k, v in choice.items() if k not in ("delta", "finish_reason")}
-        if _meaningful(delta) or (rest.get("logprobs") not in (None, {})):
+        if meaningful(delta) or (rest.get("logprobs") not in (None, {})):
             out.append(self.chunk(obj, {**rest, "delta": delta, "finish_reason": None}))
 
         if isinstance(call_deltas, list) and call_deltas:

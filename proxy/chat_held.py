@@ -1,5 +1,5 @@
 """A Chat Completions tool call as a stream gate holds it while its deltas arrive, and the
-held calls of one choice."""
+held calls of one choice; and a round asked again (what strip answers if it fails)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,23 @@ class ChoiceState:
     deferred: list[HeldCall] = field(default_factory=list)  # allowed, sent once settled
     saw_tool_calls: bool = False
     finished: bool = False
+
+
+@dataclass(slots=True)
+class Reprompted:
+    """A round the upstream is being asked again about, until the next round sends something:
+    what `strip` answers for it if that round fails upstream."""
+
+    blocked: list[Decision]
+    template: dict[str, Any]  # the round's finishing chunk (id, created, model, ...)
+    index: int  # its choice index
+
+
+def meaningful(delta: dict[str, Any]) -> bool:
+    """Whether a delta says anything (an empty role-less delta is dropped)."""
+    return any(v not in (None, "", [], {}) for v in delta.values())
+
+
+def incomplete(choices: dict[int, ChoiceState]) -> bool:
+    """A call is still streaming in, or decided calls await their choice's finish."""
+    return any(st.open or (st.calls and not st.finished) for st in choices.values())

@@ -29,7 +29,7 @@ reads, writes, awaits and records for it.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from proxy import reprompt, responses, sse
@@ -157,6 +157,7 @@ class ResponsesGate(ResponsesRounds):
                 if handled or self.ended:
                     break
             else:
+                yield from self.decide_held()  # the read is over: its done calls, together
                 return
         self.emit(DONE)  # the stream is over, or this round is
 
@@ -169,6 +170,7 @@ class ResponsesGate(ResponsesRounds):
             if over or self.ended:
                 self.emit(DONE)
                 return
+        yield from self.decide_held()
         self.check_end()
         self.emit(DONE)
 
@@ -193,10 +195,9 @@ class ResponsesGate(ResponsesRounds):
             self.send(event)
             return False
         if payload == sse.DONE:
-            if self.finished and self.asking is None:
-                self.write(event)
-            self.check_end()
-            return True
+            if self.undecided:
+                return self.held_then(lambda: self.done_event(event))
+            return self.done_event(event)
         if self.finished:
             # The response is settled and its terminal event sent: nothing may follow it.
             log.warning("upstream_event_after_end", bytes=len(event))
@@ -224,8 +225,9 @@ class ResponsesGate(ResponsesRounds):
         if kind in TERMINAL:
             return self.terminal(ev)
         if kind == "error" or ("error" in obj and "type" not in obj):
-            self.upstream_error(ev, obj)
-            return True
+            if self.undecided:  # decided first, as they would have been in a read of their own
+                return self.held_then(lambda: self.upstream_error(ev, obj))
+            return self.upstream_error(ev, obj)
         if kind.startswith(ITEM_EVENTS):
             item, raw = self.item_of(ev, kind, obj)
             if kind == "response.output_item.done":
@@ -251,22 +253,35 @@ class ResponsesGate(ResponsesRounds):
             self.visible_id = self.visible_id or response["id"]
         self.pass_on(ev)
 
-    def upstream_error(self, ev: Ev, obj: dict[str, Any]) -> None:
+    def done_event(self, event: bytes) -> bool:
+        if self.finished and self.asking is None:
+            self.write(event)
+        self.check_end()
+        return True
+
+    def held_then(self, handle: Callable[[], bool]) -> Handled:
+        """Decide the calls this read has done so far, then handle the event that ends it."""
+        yield from self.decide_held()
+        return handle()
+
+    def upstream_error(self, ev: Ev, obj: dict[str, Any]) -> bool:
         """The upstream's error event ends the stream: as strip would have, while a reprompt
         is unanswered; otherwise it passes through once every call is recorded, and nothing
         held goes out."""
         if self.pending:
             message = f"the upstream sent an error event: {error_message(obj)}"
             self.strip_finish(message, "upstream_error", "error_event")
-            return
+            return True
         message = error_message(obj)
         self.abandon(f"the upstream sent an error event: {message}", "upstream_error")
         log.warning("upstream_error_event", error=message)
         self.write(self.numbered(ev.raw))
         self.ended = True
+        return True
 
     def item_done(self, ev: Ev, item: Item, done: dict[str, Any]) -> Handled:
-        """Decide a call (or an approval) once it is done; then hold or pass its event."""
+        """A call (or an approval) is done: an approval is decided at once, a call with the
+        others the read completes (decide_held); its event is held until then, or passed."""
         raw = {**item.added, **done}
         decision: Decision | None = None
         if item.kind == "approval":
@@ -276,9 +291,7 @@ class ResponsesGate(ResponsesRounds):
         elif responses.runs_upstream(raw):
             item.status = KEEP  # a hosted shell's call, known at `done`: it ran upstream
         else:
-            [decision] = yield Decide([self.tool_call(item, raw)])
-            self.decisions.append(decision)
-            item.status = KEEP if decision.allowed else DROP
+            self.undecided.append((item, raw))  # decided with the read's others (decide_held)
         if decision is not None:
             item.decision = decision
             item.call_id = decision.call.id
@@ -289,6 +302,7 @@ class ResponsesGate(ResponsesRounds):
     # -- the end of a round ---------------------------------------------------------------
 
     def terminal(self, ev: Ev) -> Handled:
+        yield from self.decide_held()  # the round's fate needs every done call's
         obj = ev.obj or {}
         kind = ev.type or ""
         response = self.terminal_response(kind, obj)
@@ -385,6 +399,20 @@ class ResponsesGate(ResponsesRounds):
             return True
         self.conclude(ev, response, output, p, cut, approvals, answers)
         return False
+
+    def decide_held(self) -> Steps:
+        """Decide the calls done since the last time, with one question (one store round
+        trip), then send what waited for their fates."""
+        if not self.undecided:
+            return
+        undecided, self.undecided = self.undecided, []
+        decisions: list[Decision] = yield Decide([self.tool_call(i, raw) for i, raw in undecided])
+        for (item, _), decision in zip(undecided, decisions, strict=True):
+            self.decisions.append(decision)
+            item.status = KEEP if decision.allowed else DROP
+            item.decision = decision
+            item.call_id = decision.call.id
+        self.flush()
 
     def decide_unseen(self, output: list[Any]) -> Steps:
         """Gate the calls (and approval requests) a terminal event's `output` carries that no

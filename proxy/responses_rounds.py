@@ -12,7 +12,7 @@ from typing import Any
 from proxy import reprompt, responses, sse
 from proxy.gates.decision import Block, Decision
 from proxy.policy import Policy
-from proxy.responses_items import DROP, PENDING, Ev, ItemBook, Reprompted, log
+from proxy.responses_items import DROP, PENDING, Ev, Item, ItemBook, Reprompted, log
 from proxy.responses_stash import StashEntry, entry_puts
 from proxy.responses_wire import Numbering
 from proxy.rounds import Plan
@@ -75,6 +75,9 @@ class ResponsesRounds(GateSteps, Numbering, ItemBook):
 
     def reset_round(self) -> None:
         self.reset_items()
+        # Calls done in this read, decided together at its end (one store round trip); their
+        # items stay pending, so the events after them wait in `buffer` until then.
+        self.undecided: list[tuple[Item, dict[str, Any]]] = []
         self.index_map = {}
         self.splitter = sse.EventSplitter()
         self.buffer: list[Ev] = []
@@ -113,6 +116,8 @@ class ResponsesRounds(GateSteps, Numbering, ItemBook):
 
         Returns (calls the client received, calls it did not: each with a block)."""
         self.reprompt_answered()
+        done = {id(item): raw for item, raw in self.undecided}  # complete, never decided
+        self.undecided = []
         decided = {id(d) for d in self.decisions}
         delivered: list[Decision] = []
         withheld: list[Decision] = []
@@ -123,7 +128,7 @@ class ResponsesRounds(GateSteps, Numbering, ItemBook):
             d = item.decision
             if d is None and item.status == PENDING:
                 d = item.decision = self.blocked_now(
-                    self.tool_call(item, item.added), code, message
+                    self.tool_call(item, done.get(id(item), item.added)), code, message
                 )
             elif d is None or id(d) not in decided:
                 continue  # settled already

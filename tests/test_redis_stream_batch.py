@@ -1,11 +1,10 @@
 """A streamed response whose gate asks for several calls at once decides them in one Redis round
 trip, each call still all-or-nothing and applying its own on_store_error.
 
-The Responses stream gate asks for several calls together when a terminal event's `output`
-carries calls no item event announced (proxy.responses_gate `decide_unseen`). Counted on a real
-redis-server through INFO commandstats: the 8 calls of such a response cost one EVALSHA.
-The Chat Completions stream gate decides the calls a read completes together (proxy.chat_gate
-`decide_held`): a streamed response read at once costs one EVALSHA for its 8 calls too.
+Both stream gates decide the calls a read completes together (`decide_held`), and the
+Responses gate the calls a terminal event's `output` carries that no item event announced
+(`decide_unseen`). Counted on a real redis-server through INFO commandstats: the 8 calls of a
+response read at once cost one EVALSHA.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import redis.asyncio as aioredis
 from proxy.store.redis import RedisStore
 from tests.conftest import SSE, records
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
-from tests.responses_streams import fc, response, sse_event
+from tests.responses_streams import fc, response, sse_event, stream_events
 from tests.streams import chat_stream
 from tests.test_redis_pipelining import evalsha_calls
 
@@ -202,5 +201,40 @@ async def test_a_chat_stream_with_eight_calls_costs_one_round_trip(
         assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
         [log_key] = await raw.keys("callgate:rl:*")
         assert await raw.zcard(log_key) == 5  # the refused calls took no slot
+    finally:
+        await raw.aclose()
+
+
+async def test_a_responses_stream_with_eight_announced_calls_costs_one_round_trip(
+    make_proxy: Any, upstream: Any, redis_server: RedisServer
+):
+    """Responses: each call's `output_item.done` completes it; those a read completes are
+    decided together, so a response read at once costs one EVALSHA for its 8 calls."""
+    cfg = {
+        "on_block": "strip",
+        "store": {"backend": "redis", "url": redis_server.url},
+        "budgets": {"b": {"max_spend": "1.50", "window": 3600, "scope": "global"}},
+        "tools": {
+            "search": {
+                "rate_limit": {"max_calls": 6, "window": 60, "scope": "global"},
+                "budget": {"ledger": "b", "cost": "0.30"},
+            }
+        },
+        "audit": {"log": True},
+    }
+    store = RedisStore(redis_server.url)
+    proxy = await make_proxy(cfg, store=store)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.start()
+        recs = records(proxy)
+        body = response(*[fc("search", {"q": i}, f"c{i}") for i in range(8)])
+        upstream.push(SSE([b"".join(stream_events(body))], done=False))  # one write
+        before = await evalsha_calls(raw)
+        final = await stream(proxy)
+        assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
+        assert call_ids(final) == [f"c{i}" for i in range(5)]
+        blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
+        assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
     finally:
         await raw.aclose()

@@ -67,6 +67,7 @@ class Run:
     records: list[tuple[str, str, str | None]] = field(default_factory=list)
     orders: list[Effect] = field(default_factory=list)
     ending: Effect | None = None
+    asked: list[Any] = field(default_factory=list)
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -109,6 +110,7 @@ class Driver:
                     run.orders.append(effect)
             if ask is None:
                 return
+            run.asked.append(ask)
             fx = gate.answer(await self.answer(ask))
 
     async def answer(self, ask: Any) -> Any:
@@ -238,6 +240,41 @@ async def test_a_stream_cut_while_a_call_is_held_fails_closed() -> None:
     assert whole.events[-1]["type"] == "error"
     assert_numbered(whole)
     assert whole.records == [("c_ok", "blocked", "fail_closed")]
+
+
+async def test_a_read_that_completes_several_calls_asks_once() -> None:
+    """Eight calls done in one read are decided with one question (one store round trip); the
+    client gets the same stream however the bytes are split into reads."""
+    driver = Driver(STRIP)
+    names = ["ok", "bad"] * 4
+    ids = [f"c{i}_{n}" for i, n in enumerate(names)]
+    body = response(msg("Sure"), *[fc(n, {"i": i}, ids[i]) for i, n in enumerate(names)])
+    data = b"".join(stream_events(body))
+    whole = await same_everywhere(driver, data, seeds=10)
+    decides = [a for a in whole.asked if isinstance(a, Decide)]
+    assert [[c.id for c in a.calls] for a in decides] == [ids]
+    assert_numbered(whole)
+    [final] = [e for e in whole.events if e["type"] == "response.completed"]
+    sent = [i["call_id"] for i in final["response"]["output"] if i["type"] == "function_call"]
+    assert sent == ids[0::2]
+    assert sorted(whole.records) == sorted(
+        [(i, "allowed", None) for i in ids[0::2]]
+        + [(i, "blocked", "strip+stash") for i in ids[1::2]]
+    )
+
+
+async def test_an_error_event_after_a_done_call_in_the_same_read() -> None:
+    """The upstream's error event comes in the read that completed a call: the call is decided
+    and goes first, as it would have from a read of its own; the unfinished one is dropped."""
+    driver = Driver(STRIP)
+    events = stream_events(response(fc("ok", {"a": 1}, "c0"), fc("ok", {"b": 2}, "c1")), piece=3)
+    second = next(i for i, e in enumerate(events) if b'"output_index": 1' in e)
+    error = {"type": "error", "message": "overloaded", "sequence_number": second + 2}
+    data = b"".join([*events[: second + 2], b"data: " + json.dumps(error).encode() + b"\n\n"])
+    whole = await same_everywhere(driver, data, seeds=10)
+    assert b'"c0"' in whole.out and b'"c1"' not in whole.out
+    assert whole.events[-1]["type"] == "error"
+    assert whole.records == [("c0", "allowed", None), ("c1", "blocked", "fail_closed")]
 
 
 async def test_reprompt_continues_one_client_stream_numbered_without_gaps() -> None:
