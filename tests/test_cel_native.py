@@ -126,7 +126,13 @@ def test_fast_path_defers_what_it_cannot_vouch_for(source: str) -> None:
 @pytest.mark.parametrize(
     "source",
     [
-        "args.path.matches('^/etc')",
+        "args.path.matches(args.query)",  # a pattern known only when it runs
+        "args.path.matches('\\\\d+')",  # \d: Unicode digits, read differently at the edges
+        "args.path.matches('(?i)etc')",
+        "args.path.matches('[[:alpha:]]')",
+        "args.path.matches('[a-z&&[^aeiou]]')",
+        "args.path.matches('(a)\\\\1')",  # a backreference: the interpreter's error
+        "args.path.matches('a(?=b)')",
         "1u == args.n",
         "b'abc' == args.x",
         "r'raw' == args.x",
@@ -374,3 +380,104 @@ def test_differential_against_the_interpreter() -> None:
     # The test means something only if the fast path actually answers most of the time.
     assert compiled > 1000
     assert answered > 1500
+
+
+# --- matches: RE2 patterns on the fast path (proxy.cel.regex) ------------------------------------
+
+PATTERN_PIECES = [
+    "a",
+    "b",
+    "é",
+    " ",
+    "\n",
+    "\\.",
+    "\\$",
+    "\\(",
+    "\\\\",
+    ".",
+    "[ab]",
+    "[^a]",
+    "[a-c]",
+    "[\\.x]",
+    "[a-]",
+    "[-b]",
+    "[é-ü]",
+    "^",
+    "$",
+    "\\-",
+]
+# Pieces outside the subset: each pattern holding one must be left to the interpreter.
+OUTSIDE = ["\\d", "\\w", "\\s", "\\b", "(?i)", "[[:alpha:]]", "[a&&b]", "(?=a)", "\\x41", "[]a]"]
+QUANTIFIERS = ["*", "+", "?", "{2}", "{1,2}", "{0,}", "*?", "+?", "??", "{1,3}?"]
+HAYSTACK = "ab$(.\n é\\-xü"
+
+
+def random_pattern(rng: random.Random, depth: int = 0) -> tuple[str, bool]:
+    """A pattern, and whether it holds a piece outside the subset."""
+    parts, outside = [], False
+    for _ in range(rng.randint(0, 4)):
+        roll = rng.random()
+        if roll < 0.12 and depth < 2:
+            branches = [random_pattern(rng, depth + 1) for _ in range(rng.randint(1, 3))]
+            piece = rng.choice(["(", "(?:"]) + "|".join(b[0] for b in branches) + ")"
+            outside = outside or any(b[1] for b in branches)
+        elif roll < 0.16:
+            piece, outside = rng.choice(OUTSIDE), True
+        else:
+            piece = rng.choice(PATTERN_PIECES)
+        if rng.random() < 0.3:
+            piece += rng.choice(QUANTIFIERS)
+        parts.append(piece)
+    return "".join(parts), outside
+
+
+def test_matches_fast_path_agrees_with_the_interpreter() -> None:
+    """Generated patterns (some outside the subset) against generated strings: whenever
+    proxy.cel.regex translates a pattern the interpreter accepts, the two engines agree on
+    every string; a pattern holding a piece outside the subset is never translated."""
+    from proxy.cel.regex import translate
+    from proxy.cel.runtime import matches
+
+    rng = random.Random(SEED)
+    program = cel.compile("s.matches(p)")
+    translated = checks = hits = 0
+    for _ in range(1500):
+        pattern, outside = random_pattern(rng)
+        compiled = translate(pattern)
+        if outside:
+            assert compiled is None, pattern
+        if compiled is None:
+            continue
+        try:
+            program.execute({"s": "", "p": pattern})
+        except Exception:
+            continue  # the interpreter refuses it: compile_native leaves it to its error
+        translated += 1
+        for _ in range(8):
+            s = "".join(rng.choice(HAYSTACK) for _ in range(rng.randint(0, 7)))
+            expected = program.execute({"s": s, "p": pattern})
+            got = matches(s, compiled.search)
+            assert got == expected, f"{pattern!r} on {s!r}: fast {got}, interpreter {expected}"
+            checks += 1
+            hits += got
+    assert translated > 600 and checks > 5000 and 0.1 < hits / checks < 0.9, (translated, hits)
+
+
+@pytest.mark.parametrize(
+    ("source", "query", "expected"),
+    [
+        ("args.query.matches('^\\\\$\\\\(')", "$(rm -rf /)", True),
+        ("args.query.matches('^\\\\$\\\\(')", "echo $(x)", False),
+        ("args.query.matches('abc$')", "abc\n", False),  # RE2's $: the end, not before "\n"
+        ("args.query.matches('[a-z]+@[a-z]+\\\\.com')", "mail bob@example.com now", True),
+        ("!args.query.matches('(ssn|passport)[ _-]?[0-9]{3}')", "ssn 123", False),
+    ],
+)
+def test_matches_compiles_once_and_answers(source: str, query: str, expected: bool) -> None:
+    native = compile_native(source)
+    assert native is not None
+    env = {"args": {"query": query}}
+    assert native(env) is expected
+    assert interpret(source, env) is expected
+    with pytest.raises(Fallback):  # not a string: the interpreter words the error
+        native({"args": {"query": 7}})

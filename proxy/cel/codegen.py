@@ -9,6 +9,7 @@ from typing import Any
 
 import proxy.cel.runtime as runtime
 from proxy.cel.parser import Node, Parser, Unsupported, tokenize
+from proxy.cel.regex import translate
 from proxy.cel.runtime import Fallback
 
 # --- code generation ----------------------------------------------------------------------------
@@ -49,8 +50,8 @@ _HELPERS = {
     name: getattr(runtime, name)
     for name in (
         "eq ne lt le gt ge add sub mul div mod neg not_ truth in_ member index has size "
-        "contains starts_with ends_with lower_ascii upper_ascii exists all_ exists_one map_ "
-        "filter_ result"
+        "contains starts_with ends_with matches lower_ascii upper_ascii exists all_ exists_one "
+        "map_ filter_ result"
     ).split()
 }
 
@@ -58,6 +59,7 @@ _HELPERS = {
 class _Generator:
     def __init__(self) -> None:
         self.variables: list[str] = []  # free variables, in order of first use
+        self.patterns: list[Callable[[str], Any]] = []  # `matches` patterns' compiled search
 
     def gen(self, node: Node, bound: dict[str, str]) -> str:
         """Python source for `node`; `bound` maps macro variables to their Python names."""
@@ -105,6 +107,16 @@ class _Generator:
             return self.macro(node, bound)
         raise Unsupported(kind)
 
+    def pattern(self, node: Node) -> str:
+        """A constant pattern, compiled now: the name its `search` has in the function."""
+        if node[0] != "lit" or type(node[1]) is not str:
+            raise Unsupported("a pattern that is not a constant string")
+        compiled = translate(node[1])
+        if compiled is None or not _interpreter_accepts(node[1]):
+            raise Unsupported("a pattern outside the common subset")
+        self.patterns.append(compiled.search)
+        return f"pattern_{len(self.patterns) - 1}"
+
     def macro(self, node: Node, bound: dict[str, str]) -> str:
         name, target, var, body = node[1:]
         if var in bound or var in ("true", "false", "null"):
@@ -118,6 +130,8 @@ class _Generator:
             if name == "size" and len(args) == 1:
                 return f"size({self.gen(args[0], bound)})"
             raise Unsupported(f"function {name}")
+        if name == "matches" and len(args) == 1:
+            return f"matches({self.gen(target, bound)}, {self.pattern(args[0])})"
         if name not in _METHODS or _METHODS[name][1] != len(args):
             raise Unsupported(f"method {name}")
         parts = [self.gen(target, bound), *(self.gen(a, bound) for a in args)]
@@ -140,6 +154,18 @@ _SENTINELS = (
     '"abc" < "abd"',
     '"a" in ["b", 1, "a"]',
 )
+
+
+def _interpreter_accepts(pattern: str) -> bool:
+    """Whether the interpreter compiles `pattern` (its regex crate refuses some Python's `re`
+    takes): an invalid pattern must reach it, for its error."""
+    import cel
+
+    try:
+        cel.compile("s.matches(p)").execute({"s": "", "p": pattern})
+    except Exception:
+        return False
+    return True
 
 
 @functools.cache
@@ -184,6 +210,7 @@ def _compile(source: str) -> Callable[[dict[str, Any]], Any] | None:
         ]
     lines.append(f"    return result({body})")
     namespace: dict[str, Any] = {**_HELPERS, "fallback": runtime.fallback}
+    namespace.update((f"pattern_{i}", search) for i, search in enumerate(generator.patterns))
     try:
         exec(compile("\n".join(lines), f"<cel {source[:40]!r}>", "exec"), namespace)
     except (SyntaxError, RecursionError, MemoryError):

@@ -228,6 +228,13 @@ def contains(a: Any, b: Any) -> bool:
     raise Fallback
 
 
+def matches(a: Any, search: Callable[[str], Any]) -> bool:
+    """`a.matches(PATTERN)` with the pattern compiled once (proxy.cel.regex): its `search`."""
+    if type(a) is str:
+        return search(a) is not None
+    raise Fallback
+
+
 def starts_with(a: Any, b: Any) -> bool:
     if _str_pair(a, b):
         return bool(a.startswith(b))
