@@ -13,9 +13,9 @@ A differential test (tests/test_cel_native.py) checks that whenever the compiled
 answers, the interpreter gives the same value of the same type.
 
 parser.py reads the source into a tree, codegen.py writes the tree as Python calling the
-operations in runtime.py; regex.py compiles a constant `matches` pattern once, when it keeps
-to the RE2 syntax Python's `re` reads alike. (The interpreter is the third-party package `cel`,
-imported as such.)
+operations in runtime.py; regex.py compiles a constant `matches` pattern once, with RE2
+(linear time, as the interpreter's engine), when it keeps to the syntax both read alike.
+(The interpreter is the third-party package `cel`, imported as such.)
 """
 
 from proxy.cel.codegen import compile_native, engine_agrees

@@ -9,7 +9,7 @@ from typing import Any
 
 import proxy.cel.runtime as runtime
 from proxy.cel.parser import Node, Parser, Unsupported, tokenize
-from proxy.cel.regex import translate
+from proxy.cel.regex import compile_pattern
 from proxy.cel.runtime import Fallback
 
 # --- code generation ----------------------------------------------------------------------------
@@ -111,10 +111,10 @@ class _Generator:
         """A constant pattern, compiled now: the name its `search` has in the function."""
         if node[0] != "lit" or type(node[1]) is not str:
             raise Unsupported("a pattern that is not a constant string")
-        compiled = translate(node[1])
-        if compiled is None or not _interpreter_accepts(node[1]):
+        search = compile_pattern(node[1])
+        if search is None or not _interpreter_accepts(node[1]):
             raise Unsupported("a pattern outside the common subset")
-        self.patterns.append(compiled.search)
+        self.patterns.append(search)
         return f"pattern_{len(self.patterns) - 1}"
 
     def macro(self, node: Node, bound: dict[str, str]) -> str:

@@ -1,84 +1,83 @@
-"""CEL's `matches` on the fast path: an RE2 pattern, when it is in a subset whose meaning Python's
-`re` shares, compiled once when the policy loads.
+"""CEL's `matches` on the fast path: a constant RE2 pattern compiled once, when the policy loads,
+by Google's RE2 (`google-re2`), when it keeps to the syntax both RE2 and the interpreter's
+engine read alike.
 
-The interpreter (`cel`, on Rust's regex crate) compiles the pattern on every evaluation: under
-streaming load one `matches` rule cost about 60 µs of CPU per request. Python's `re` reads most
-RE2 syntax alike, but not all of it: `$` also matches before a final newline, `\\d`, `\\w`,
-`\\s` and case folding differ at the edges of Unicode, RE2's classes know `[[:alpha:]]` and
-set operations (`&&`, `--`, `~~`), Python knows lookarounds and backreferences RE2 refuses.
-So `translate` accepts only literals, escaped punctuation, `.`, anchors (`^` -> `\\A`,
-`$` -> `\\Z`), classes of literals and ranges, groups (plain and `(?:`), alternation and the
-greedy or lazy quantifiers `* + ? {n} {n,} {n,m}`; anything else leaves the rule to the
-interpreter. tests/test_cel_native.py holds the two engines to agreement on generated
-patterns and strings.
+Why: the interpreter (`cel`, on Rust's regex crate) compiles the pattern on every evaluation;
+under streaming load one `matches` rule cost about 60 µs of CPU per request, against about
+1 µs compiled once. Why RE2 and not Python's `re`: matching an attacker's arguments must take
+linear time, as it does in the interpreter. `re` backtracks: `x.*y` over 20,000 `x` took 0.14 s,
+and it grows with the square of the length (nested quantifiers: exponentially).
+
+RE2 and Rust's regex crate share their syntax but not every meaning: `\\d`, `\\w`, `\\s`, `\\b` are
+ASCII in RE2 and Unicode in Rust, case folding differs at the edges, and Rust's classes know set
+operations (`&&`, `--`, `~~`). `in_subset` accepts only literals, escaped punctuation, `.`,
+`^` and `$`, classes of literals and ranges, groups (plain and `(?:`), alternation and the
+quantifiers `* + ? {n} {n,} {n,m}` (greedy or lazy); a pattern with anything else stays with the
+interpreter. tests/test_cel_native.py holds the two engines to agreement on generated patterns.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
+
+try:  # a wheel for the common platforms; without it every `matches` stays interpreted
+    import re2
+except ImportError:  # pragma: no cover - the package is a dependency
+    re2 = None
 
 _REPEAT = re.compile(r"\{(\d{1,3})(,(\d{1,3})?)?\}")
 _CLASS_SPECIAL = frozenset("[]\\-&~^")
 
 
-def _escaped(pattern: str, i: int) -> str | None:
-    """The escape at pattern[i] (a backslash) as Python source, if it is escaped punctuation."""
-    if i + 1 >= len(pattern):
-        return None
-    char = pattern[i + 1]
-    if char.isascii() and not char.isalnum() and not char.isspace():
-        return "\\" + char
+def _escape_end(pattern: str, i: int) -> int | None:
+    """After the escape at pattern[i] (a backslash), if it is escaped punctuation."""
+    if i + 1 < len(pattern):
+        char = pattern[i + 1]
+        if char.isascii() and not char.isalnum() and not char.isspace():
+            return i + 2
     return None  # \d \w \s \b \A \z \pL \x41 \Q ...: outside the subset
 
 
-def _class(pattern: str, i: int) -> tuple[str, int] | None:
-    """The class starting at pattern[i] ("[") as Python source, and the index after it."""
-    out = ["["]
+def _class_char(pattern: str, i: int) -> tuple[str, int] | None:
+    """A class member at pattern[i]: (the character it stands for, the index after it)."""
+    char = pattern[i]
+    if char == "\\":
+        end = _escape_end(pattern, i)
+        return None if end is None else (pattern[i + 1], end)
+    if char in _CLASS_SPECIAL:
+        return None  # `[` nesting, set operations, a bare `-` or `^`
+    return char, i + 1
+
+
+def _class_end(pattern: str, i: int) -> int | None:
+    """After the class starting at pattern[i] ("["), if it is in the subset."""
     i += 1
     if i < len(pattern) and pattern[i] == "^":
-        out.append("^")
         i += 1
     items = 0
     while i < len(pattern) and pattern[i] != "]":
-        if pattern[i] == "-" and (not items or pattern.startswith("-]", i)):
-            out.append("\\-")  # first or last: a literal hyphen in both
-            i += 1
-            items += 1
+        items += 1
+        if pattern[i] == "-" and (items == 1 or pattern.startswith("-]", i)):
+            i += 1  # first or last: a literal hyphen in both
             continue
-        low, i = _class_char(pattern, i)
+        low = _class_char(pattern, i)
         if low is None:
             return None
+        i = low[1]
         if i + 1 < len(pattern) and pattern[i] == "-" and pattern[i + 1] != "]":
-            high, i = _class_char(pattern, i + 1)
-            if high is None or _value(low) > _value(high):
+            high = _class_char(pattern, i + 1)
+            if high is None or low[0] > high[0]:
                 return None
-            out.append(f"{low}-{high}")
-        else:
-            out.append(low)
-        items += 1
+            i = high[1]
     if i >= len(pattern) or not items:
         return None  # unterminated, or `[]...`/`[^]...` (read differently by the two)
-    out.append("]")
-    return "".join(out), i + 1
+    return i + 1
 
 
-def _class_char(pattern: str, i: int) -> tuple[str | None, int]:
-    char = pattern[i]
-    if char == "\\":
-        escaped = _escaped(pattern, i)
-        return escaped, i + 2
-    if char in _CLASS_SPECIAL:
-        return None, i + 1  # `[` nesting, set operations, a bare `-` or `^`: not translated
-    return re.escape(char), i + 1
-
-
-def _value(item: str) -> int:
-    """The code point a class item (a possibly escaped single character) stands for."""
-    return ord(item[-1])
-
-
-def _quantifier(pattern: str, i: int) -> tuple[str, int] | None:
-    """The quantifier at pattern[i] (`*`, `+`, `?` or `{...}`, maybe lazy) and the index after."""
+def _quantifier_end(pattern: str, i: int) -> int | None:
+    """After the quantifier at pattern[i] (`*`, `+`, `?` or `{...}`, maybe lazy)."""
     if pattern[i] == "{":
         match = _REPEAT.match(pattern, i)
         if match is None:
@@ -86,74 +85,66 @@ def _quantifier(pattern: str, i: int) -> tuple[str, int] | None:
         high = match.group(3)
         if high is not None and int(high) < int(match.group(1)):
             return None
-        source, i = match.group(0), match.end()
+        i = match.end()
     else:
-        source, i = pattern[i], i + 1
-    if i < len(pattern) and pattern[i] == "?":
-        return source + "?", i + 1  # lazy: the same strings match, only where differs
-    return source, i
+        i += 1
+    return i + 1 if i < len(pattern) and pattern[i] == "?" else i
 
 
-# What a single character stands for: (Python source, whether a quantifier may follow it).
-_SINGLE = {
-    "|": ("|", False),
-    "^": (r"\A", False),
-    "$": (r"\Z", False),  # RE2's `$` without (?m); Python's `$` also matches before "\n"
-    ".": (".", True),
-}
-
-
-def _atom(pattern: str, i: int, depth: int) -> tuple[str, int, bool, int] | None:
-    """The piece at pattern[i] that is not a quantifier: (Python source, the index after it,
-    whether a quantifier may follow, the group depth after it)."""
+def _atom_end(pattern: str, i: int, depth: int) -> tuple[int, bool, int] | None:
+    """After the piece at pattern[i] that is not a quantifier: (the index after it, whether a
+    quantifier may follow, the group depth after it)."""
     char = pattern[i]
     if char == "\\":
-        escaped = _escaped(pattern, i)
-        return None if escaped is None else (escaped, i + 2, True, depth)
+        end = _escape_end(pattern, i)
+        return None if end is None else (end, True, depth)
     if char == "[":
-        found = _class(pattern, i)
-        return None if found is None else (found[0], found[1], True, depth)
+        end = _class_end(pattern, i)
+        return None if end is None else (end, True, depth)
     if char == "(":
         if pattern.startswith("(?:", i):
-            return "(?:", i + 3, False, depth + 1
+            return i + 3, False, depth + 1
         if pattern.startswith("(?", i):
             return None  # flags, named groups, lookarounds
-        return "(", i + 1, False, depth + 1
+        return i + 1, False, depth + 1
     if char == ")":
-        return None if depth == 0 else (")", i + 1, True, depth - 1)
-    if char in _SINGLE:
-        source, can_repeat = _SINGLE[char]
-        return source, i + 1, can_repeat, depth
+        if depth == 0 or pattern[i - 1] in "(|:":
+            return None  # unbalanced, or an empty group or branch (and `(?:)`)
+        return i + 1, True, depth - 1
+    if char in "|^$":
+        return i + 1, False, depth
     if char in "]}":
-        return None  # a literal in RE2, an error or a literal in Python: left alone
-    return re.escape(char), i + 1, True, depth
+        return None  # a literal in one engine, an error in the other
+    return i + 1, True, depth  # `.` or a literal
 
 
-def translate(pattern: str) -> re.Pattern[str] | None:
-    """`pattern` (RE2 syntax) compiled by Python's `re`, or None outside the common subset."""
-    out: list[str] = []
+def in_subset(pattern: str) -> bool:
+    """Whether `pattern` keeps to the RE2 syntax RE2 and Rust's regex crate read alike."""
     i, depth = 0, 0
     can_repeat = False  # whether a quantifier may follow what came last
     while i < len(pattern):
+        end: int | None
         if pattern[i] in "*+?{":
             if not can_repeat:
-                return None  # nothing to repeat, or a quantifier after a quantifier
-            quantified = _quantifier(pattern, i)
-            if quantified is None:
-                return None
-            out.append(quantified[0])
-            i, can_repeat = quantified[1], False
-            continue
-        atom = _atom(pattern, i, depth)
-        if atom is None:
-            return None
-        source, i, can_repeat, depth = atom
-        if source == ")" and out[-1] in ("(", "(?:", "|"):
-            return None  # an empty group or branch
-        out.append(source)
-    if depth:
+                return False  # nothing to repeat, or a quantifier after a quantifier
+            end, can_repeat = _quantifier_end(pattern, i), False
+        else:
+            atom = _atom_end(pattern, i, depth)
+            if atom is None:
+                return False
+            end, can_repeat, depth = atom
+        if end is None:
+            return False
+        i = end
+    return depth == 0
+
+
+def compile_pattern(pattern: str) -> Callable[[str], Any] | None:
+    """The pattern's `search`, compiled once by RE2, or None: outside the subset, or no RE2."""
+    if re2 is None or not in_subset(pattern):
         return None
     try:
-        return re.compile("".join(out))
-    except (re.error, RecursionError, OverflowError):
+        search: Callable[[str], Any] = re2.compile(pattern).search
+    except Exception:  # re2.error: a pattern RE2 refuses goes to the interpreter's error
         return None
+    return search

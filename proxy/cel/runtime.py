@@ -231,7 +231,10 @@ def contains(a: Any, b: Any) -> bool:
 def matches(a: Any, search: Callable[[str], Any]) -> bool:
     """`a.matches(PATTERN)` with the pattern compiled once (proxy.cel.regex): its `search`."""
     if type(a) is str:
-        return search(a) is not None
+        try:
+            return search(a) is not None
+        except Exception:  # a string RE2 cannot take (a lone surrogate): the interpreter's
+            raise Fallback from None
     raise Fallback
 
 
