@@ -5,6 +5,7 @@ measurement completed requests without errors."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,19 @@ def test_auth_benchmark_prints_each_mode():
     for mode in ("keys", "jwt (cached per token)", "jwt-first", "trusted_header"):
         line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(mode))
         assert float(line.split()[-2]) > 0
+
+
+def test_redis_clients_benchmark_measures_each_client():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_redis_clients", "--count", "100"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for client in ("redis-py", "slim"):
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(client))
+        figures = [float(f) for f in re.findall(r"([0-9.]+) µs", line)]
+        assert len(figures) == 2 and all(f > 0 for f in figures), line
