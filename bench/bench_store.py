@@ -5,7 +5,8 @@
 Without --redis-url it starts its own `redis-server` on a free loopback port (no persistence)
 and stops it afterwards. Prints, per variant: sequential latency per decision (mean/p50/p99),
 then with `--concurrency` decisions in flight: throughput, latency p50/p99 and this process's CPU
-per decision (Redis's own CPU is not counted: it is another process). Variants:
+per decision (Redis's own CPU is not counted: it is another process; sequentially, one round
+trip per decision, it is the client's CPU per round trip). Variants:
 
     memory        the in-process store
     redis 1/run   one script run (one EVALSHA round trip) per call: the store before pipelining
@@ -118,7 +119,9 @@ async def run(
     try:
         await store.start()
         await sequential(store, min(200, args.count), args.max_seconds)  # warm up
+        cpu0 = time.process_time()
         lat = await sequential(store, args.count, args.max_seconds)
+        seq_cpu = (time.process_time() - cpu0) / len(lat)
         rate, clat, cpu = await concurrent(
             store, args.count, args.concurrency, args.max_seconds, per_response
         )
@@ -131,6 +134,7 @@ async def run(
         "p50": pct(us, 0.50),
         "p99": pct(us, 0.99),
         "seq_rate": len(lat) / sum(lat),
+        "seq_cpu": seq_cpu * 1e6,
         "rate": rate,
         "c_p50": pct(cus, 0.50),
         "c_p99": pct(cus, 0.99),
@@ -138,7 +142,8 @@ async def run(
     }
     print(
         f"{name:<12} seq mean {result['mean']:7.1f} us p50 {result['p50']:7.1f} us"
-        f" p99 {result['p99']:7.1f} us | c={args.concurrency}: {result['rate']:7.0f}/s"
+        f" p99 {result['p99']:7.1f} us cpu {result['seq_cpu']:5.1f} us"
+        f" | c={args.concurrency}: {result['rate']:7.0f}/s"
         f" p50 {result['c_p50']:7.1f} us p99 {result['c_p99']:8.1f} us"
         f" cpu {result['cpu']:6.1f} us/decision"
     )
@@ -198,7 +203,8 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
     print(f"redis PING round trip through the slim client (the floor): mean {ping:.1f} us")
     print(
         f"slim client vs redis-py, CPU per decision: one run per call {py_one['cpu']:.1f} -> "
-        f"{one['cpu']:.1f} us, pipelined {py['cpu']:.1f} -> {red['cpu']:.1f} us; "
+        f"{one['cpu']:.1f} us, pipelined {py['cpu']:.1f} -> {red['cpu']:.1f} us, "
+        f"sequential (one round trip each) {py_one['seq_cpu']:.1f} -> {one['seq_cpu']:.1f} us; "
         f"sequential p50 {py_one['p50']:.1f} -> {one['p50']:.1f} us, "
         f"p99 {py_one['p99']:.1f} -> {one['p99']:.1f} us"
     )

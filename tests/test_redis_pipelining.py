@@ -97,18 +97,14 @@ async def test_concurrent_reservations_of_one_iteration_share_a_script_run(
         assert sum(r.outcomes[0].ok for r in results) == 20  # exactly the limit, 30
         # reserve_many keeps a response's calls in one run: 12 single calls open a batch, and
         # the 8 calls of a response that would overflow it go together into the next one.
-        runs: list[int] = []
-        script = store._reserve
-
-        async def counting(keys: list[str], args: list[Any]) -> Any:
-            runs.append(args[0])
-            return await script(keys=keys, args=args)
-
-        store._reserve = counting  # type: ignore[assignment]
         other = SlotRequest(f"rl:{uuid.uuid4().hex}", 100, 60.0, 0.0)
+        before = await evalsha_calls(raw)
         singles = [store.reserve([other]) for _ in range(12)]
-        await asyncio.gather(*singles, store.reserve_many([[other]] * 8))
-        assert runs == [12, 8]
+        *ones, many = await asyncio.gather(*singles, store.reserve_many([[other]] * 8))
+        # Two runs for 20 calls at 16 a run: 12 then 8 (16 then 4 would have split the response).
+        assert await evalsha_calls(raw) == before + 2
+        assert [r.outcomes[0].count for r in ones] == list(range(12))
+        assert [r.outcomes[0].count for r in many] == list(range(12, 20))  # type: ignore[union-attr]
     finally:
         await raw.aclose()
         await store.close()

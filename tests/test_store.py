@@ -624,7 +624,7 @@ async def test_redis_retry_of_a_reservation_whose_reply_was_lost_records_once(
     the retry carries the same reservation id and must not record the call a second time."""
     e = new_store("redis", None, shared_redis)
     try:
-        monkeypatch.setattr("proxy.store.redis.secrets.token_hex", lambda _n: "samerid")
+        monkeypatch.setattr("proxy.store.redis.reservation_id", lambda: "samerid")
         items = [slot(max_calls=5), charge(max_spend="1.00", cost="0.30")]
         first = await e.store.reserve(items)
         again = await e.store.reserve(items)  # what the retry sends: the very same arguments
@@ -636,7 +636,7 @@ async def test_redis_retry_of_a_reservation_whose_reply_was_lost_records_once(
             assert int(await raw.get(e.prefix + "sum:" + items[1].key)) == 300_000
         finally:
             await raw.aclose()
-        monkeypatch.setattr("proxy.store.redis.secrets.token_hex", lambda _n: "otherrid")
+        monkeypatch.setattr("proxy.store.redis.reservation_id", lambda: "otherrid")
         assert all(o.ok for o in (await e.store.reserve(items)).outcomes)  # a new call counts
         raw = await e.raw()
         try:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -62,6 +61,9 @@ from redis.exceptions import NoScriptError, RedisError
 
 from proxy.store import resp
 from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest, StoreError
+from proxy.store.redis_batch import ERRORS as _ERRORS
+from proxy.store.redis_batch import RESERVE_SHA as _RESERVE_SHA
+from proxy.store.redis_batch import Batches, reservation_id
 from proxy.store.redis_scripts import (
     FIND_APPROVAL_LUA,
     PUT_APPROVAL_LUA,
@@ -75,9 +77,6 @@ __all__ = ["LIMITS", "MAX_BATCH", "MAX_EXACT", "RELEASE_LUA", "RESERVE_LUA", "Re
 T = TypeVar("T")
 log = structlog.get_logger("callgate.store")
 
-# What a failed Redis call raises: redis-py's errors, the slim client's (proxy.store.resp) error
-# replies, and socket errors from either.
-_ERRORS = (RedisError, OSError, resp.ReplyError)
 # Largest integer a Lua number (a double) holds exactly.
 MAX_EXACT = 2**53 - 1
 LIMITS = ("", "max_calls", "cooldown", "max_spend")
@@ -86,22 +85,11 @@ LIMITS = ("", "max_calls", "cooldown", "max_spend")
 MAX_BATCH = 64
 
 
-_RESERVE_SHA = hashlib.sha1(RESERVE_LUA.encode()).hexdigest()
 _RELEASE_SHA = hashlib.sha1(RELEASE_LUA.encode()).hexdigest()
 
 
 def _micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
-
-
-# The calls of one batch: (keys, ARGV share, the caller's future), in the order they came.
-_Batch = list[tuple[list[str], list[Any], "asyncio.Future[Any]"]]
-
-
-def _fail(batch: _Batch, error: StoreError) -> None:
-    for _, _, future in batch:
-        if not future.done():
-            future.set_exception(error)
 
 
 def _reservation(items: Sequence[SlotRequest | ChargeRequest], raw: Any) -> Reservation:
@@ -140,10 +128,6 @@ class RedisStore:
         max_batch: int = MAX_BATCH,
     ) -> None:
         self._timeout = timeout
-        self._max_batch = max_batch
-        # The batch the next reservations join (see _enqueue), and the tasks sending batches.
-        self._open: _Batch | None = None
-        self._senders: set[asyncio.Task[None]] = set()
         self._pool_size = pool_size
         self._pool_timeout = pool_timeout
         self._prefix = prefix
@@ -153,7 +137,7 @@ class RedisStore:
         # (`pool_timeout`), and `timeout` starts only once a connection is ours. The blocking
         # pool never makes a caller wait (a slot guarantees a free connection); it is there so
         # an excess caller would wait rather than fail with "Too many connections".
-        self._slots = asyncio.Semaphore(pool_size)
+        self._slots = resp.Slots(pool_size)
         self._warm = False
         self._warming = asyncio.Lock()
         # One quick retry on a fresh connection: after a Redis restart every pooled connection
@@ -175,11 +159,20 @@ class RedisStore:
         )
         self._pool = pool
         self._redis = Redis.from_pool(pool)
-        self._reserve = self._run_reserve
         self._release = self._run_release
         self._put_approval = self._redis.register_script(PUT_APPROVAL_LUA)
         self._find_approval = self._redis.register_script(FIND_APPROVAL_LUA)
         self._update_approval = self._redis.register_script(UPDATE_APPROVAL_LUA)
+        self._batches = Batches(
+            self._wire,
+            self._slots,
+            self._run_reserve,
+            timeout=timeout,
+            pool_timeout=pool_timeout,
+            pool_size=pool_size,
+            max_batch=max_batch,
+        )
+        self._enqueue = self._batches.enqueue
 
     async def start(self) -> None:
         """Warm up before serving. Redis being down is not fatal here: /readyz reports it (and
@@ -216,7 +209,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._pool_timeout):
                 while held < self._pool_size:
-                    await self._slots.acquire()
+                    await self._slots.take()
                     held += 1
             async with asyncio.timeout(self._pool_timeout):
                 try:
@@ -240,17 +233,15 @@ class RedisStore:
             raise StoreError(f"redis warm-up: {detail}") from None
         finally:
             for _ in range(held):
-                self._slots.release()
+                self._slots.give()
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        try:
-            async with asyncio.timeout(self._pool_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise StoreError(
-                f"redis {what}: no free connection within {self._pool_timeout:g}s"
-                f" (pool_size {self._pool_size})"
-            ) from None
+        if not self._slots.try_take():
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await self._slots.take()
+            except TimeoutError:
+                raise self._batches.no_connection(what) from None
         try:
             async with asyncio.timeout(self._timeout):
                 return await op()
@@ -260,7 +251,7 @@ class RedisStore:
             detail = str(exc) or type(exc).__name__
             raise StoreError(f"redis {what}: {detail}") from None
         finally:
-            self._slots.release()
+            self._slots.give()
 
     async def _command(self, *args: Any) -> Any:
         """One command: through the slim client, or redis-py where the URL needs it."""
@@ -293,10 +284,12 @@ class RedisStore:
     ) -> tuple[list[str], list[Any]]:
         """One call's keys and its share of the script's ARGV."""
         keys: list[str] = []
+        prefix = self._prefix
         now = "" if self._clock is None else str(_micros(self._clock()))
-        args: list[Any] = [now, secrets.token_hex(8), len(items)]
+        args: list[Any] = [now, reservation_id(), len(items)]
         for item in items:
-            keys.extend(self._keys(item.key))
+            key = item.key
+            keys += (prefix + key, f"{prefix}sum:{key}")
             window = _micros(item.window)
             if isinstance(item, SlotRequest):
                 cooldown = _micros(item.cooldown)
@@ -341,80 +334,6 @@ class RedisStore:
             except StoreError as exc:
                 results[i] = exc
         return results  # type: ignore[return-value]
-
-    def _enqueue(self, calls: list[tuple[list[str], list[Any]]]) -> list[asyncio.Future[Any]]:
-        """Add calls to the batch that goes out next; the calls given together stay together
-        (one script run) unless they alone exceed `max_batch`."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Any]] = []
-        for start in range(0, len(calls), self._max_batch):
-            chunk = calls[start : start + self._max_batch]
-            batch = self._open
-            if batch is None or len(batch) + len(chunk) > self._max_batch:
-                # The first call of a loop iteration opens a batch; its sender first runs on
-                # the loop's next iteration, so every call issued before then joins it (and
-                # any issued while it waits for a free connection).
-                batch = self._open = []
-                task = loop.create_task(self._send(batch))
-                self._senders.add(task)
-                task.add_done_callback(self._senders.discard)
-            for keys, args in chunk:
-                future = loop.create_future()
-                batch.append((keys, args, future))
-                futures.append(future)
-        return futures
-
-    async def _send(self, batch: _Batch) -> None:
-        try:
-            await self._run(batch)
-        except BaseException:
-            # Cancelled (the store is closing) or a bug: no caller may wait forever.
-            _fail(batch, StoreError("redis reserve: the store is closing"))
-            raise
-
-    async def _run(self, batch: _Batch) -> None:
-        """Run one batch: wait for a connection (up to pool_timeout, from the batch's first
-        call), then one EVALSHA for every call in it, bounded by `timeout`. A failure is every
-        call's failure: each caller applies its own on_store_error."""
-        error: StoreError | None = None
-        try:
-            async with asyncio.timeout(self._pool_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            error = StoreError(
-                f"redis reserve: no free connection within {self._pool_timeout:g}s"
-                f" (pool_size {self._pool_size})"
-            )
-        finally:
-            if self._open is batch:
-                self._open = None  # closed: later calls open the next batch
-        if error is not None:
-            _fail(batch, error)
-            return
-        try:
-            # A caller cancelled before its call went out (its client left): not sent at all.
-            live = [call for call in batch if not call[2].done()]
-            if not live:
-                return
-            keys: list[str] = []
-            args: list[Any] = [len(live)]
-            for call_keys, call_args, _ in live:
-                keys += call_keys
-                args += call_args
-            async with asyncio.timeout(self._timeout):
-                raw = await self._reserve(keys=keys, args=args)
-        except TimeoutError:
-            error = StoreError(f"redis reserve: no answer within {self._timeout:g}s")
-        except _ERRORS as exc:
-            error = StoreError(f"redis reserve: {str(exc) or type(exc).__name__}")
-        finally:
-            self._slots.release()
-        if error is not None:
-            _fail(batch, error)
-            return
-        for i, (_, _, future) in enumerate(live):
-            if not future.done():
-                future.set_result((raw[2 * i], raw[2 * i + 1]))
 
     async def release(self, token: list[tuple[str, str]]) -> None:
         if not token:
@@ -510,9 +429,7 @@ class RedisStore:
         await self._call("ping", lambda: self._command("PING"))
 
     async def close(self) -> None:
-        for task in list(self._senders):
-            task.cancel()
-        await asyncio.gather(*self._senders, return_exceptions=True)
+        await self._batches.close()
         if self._wire is not None:
             self._wire.close()
         try:

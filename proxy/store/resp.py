@@ -25,12 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 
-__all__ = ["Connection", "ReplyError", "Wire", "supports"]
+__all__ = ["Connection", "Done", "ReplyError", "Slots", "Wire", "supports"]
+
+# What a request's sender is called back with: (reply, None), or (None, the ConnectionError).
+Done = Callable[[Any, "Exception | None"], None]
 
 
 def pack(*args: str | int | float | bytes) -> bytes:
@@ -49,12 +55,14 @@ def supports(url: str) -> bool:
 
 
 class Connection(asyncio.Protocol):
-    """One connection with at most one request in flight."""
+    """One connection with at most one request in flight. `send` takes a callback, called with
+    (reply, None) or (None, ConnectionError) from the protocol's own callbacks: the store's hot
+    path needs no Task and no future per round trip. `call` is the awaitable form."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
-        self.waiter: asyncio.Future[Any] | None = None
+        self.done: Done | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -70,21 +78,21 @@ class Connection(asyncio.Protocol):
             return
         if reply is False:
             return  # not all of it yet
-        waiter, self.waiter = self.waiter, None
-        if waiter is None or reader.gets() is not False:
+        done, self.done = self.done, None
+        if done is None or reader.gets() is not False:
             # A reply nobody asked for: this connection is out of step. Never reuse it.
             self._fail(ConnectionError("redis sent a reply nobody asked for"))
-        if waiter is not None and not waiter.done():
-            waiter.set_result(reply)
+        if done is not None:
+            done(reply, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._wake(ConnectionError(f"redis closed the connection ({exc or 'EOF'})"))
 
     def _wake(self, error: Exception) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+        done, self.done = self.done, None
+        if done is not None:
+            done(None, error)
 
     def _fail(self, error: Exception) -> None:
         self._wake(error)
@@ -95,16 +103,34 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def call(self, payload: bytes) -> Any:
-        assert self.transport is not None and self.waiter is None
-        waiter = self.waiter = asyncio.get_running_loop().create_future()
+    def abandon(self) -> None:
+        """Give up on the request in flight (its deadline passed): its reply may still come,
+        and would answer the next request, so the connection is closed, its callback dropped."""
+        self.done = None
+        self.close()
+
+    def send(self, payload: bytes, done: Done) -> None:
+        assert self.transport is not None and self.done is None
+        self.done = done
         self.transport.write(payload)
+
+    async def call(self, payload: bytes) -> Any:
+        waiter = asyncio.get_running_loop().create_future()
+        self.send(payload, partial(_settle, waiter))
         try:
             return await waiter
         except BaseException:
             # Cancelled (a timeout) or failed mid-reply: its reply may still come.
-            self.close()
+            self.abandon()
             raise
+
+
+def _settle(waiter: asyncio.Future[Any], reply: Any, error: Exception | None) -> None:
+    if not waiter.done():
+        if error is None:
+            waiter.set_result(reply)
+        else:
+            waiter.set_exception(error)
 
 
 class Wire:
@@ -148,17 +174,27 @@ class Wire:
         return conn
 
     def keep(self, conn: Connection) -> None:
-        """An opened connection for the idle list (the store's warm-up)."""
+        """A connection for the idle list: opened by the warm-up, or done with its request."""
         if not conn.closed:
             self._idle.append(conn)
 
-    async def execute(self, payload: bytes) -> Any:
-        """A packed command's reply (`hiredis.pack_command`); an error reply raises ReplyError,
-        a connection that fails twice raises ConnectionError (an OSError)."""
+    def take(self) -> Connection | None:
+        """An idle connection still open, if there is one."""
         idle = self._idle
-        for attempt in (1, 2):
-            conn = idle.pop() if idle else None
-            if conn is None or conn.closed:
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def execute(self, payload: bytes, *, fresh: bool = False) -> Any:
+        """A packed command's reply (`hiredis.pack_command`); an error reply raises ReplyError,
+        a connection that fails twice raises ConnectionError (an OSError). `fresh`: the retry
+        itself (an idle connection just failed): once, on a new connection."""
+        idle = self._idle
+        for attempt in (2,) if fresh else (1, 2):
+            conn = None if fresh else self.take()
+            if conn is None:
                 conn = await self.connect()
             try:
                 reply = await conn.call(payload)
@@ -176,6 +212,57 @@ class Wire:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+class Slots:
+    """One slot per pooled connection, handed out first come first served to coroutines
+    (`take`) and to callbacks (`wait`); taking a free one costs no Task, future or timer."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiters: deque[asyncio.Future[None] | Callable[[], None]] = deque()
+
+    def try_take(self) -> bool:
+        if self.free and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed over just as the wait was given up: pass it on
+            else:
+                self.cancel_wait(waiter)
+            raise
+
+    def wait(self, callback: Callable[[], None]) -> None:
+        """`callback` is called (from `give`) once a slot is its own."""
+        self._waiters.append(callback)
+
+    def cancel_wait(self, waiter: asyncio.Future[None] | Callable[[], None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def give(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not isinstance(waiter, asyncio.Future):
+                waiter()
+                return
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
 
 
 def _check(reply: Any) -> None:
