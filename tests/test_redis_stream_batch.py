@@ -63,18 +63,12 @@ async def stream(proxy: Any) -> dict[str, Any]:
     return finals[0]["response"]
 
 
-def call_ids(final: dict[str, Any]) -> list[str]:
-    return [o["call_id"] for o in final["output"] if o["type"] == "function_call"]
-
-
-async def test_eight_streamed_calls_cost_one_round_trip_each_all_or_nothing(
-    make_proxy: Any, upstream: Any, redis_server: RedisServer
-):
-    # search: 6 calls per window, 0.30 each against 1.50: calls 1-5 pass; the budget stops
-    # 6-8, and (all-or-nothing) they take no rate-limit slot either.
-    cfg = {
+def budget_policy(url: str) -> dict[str, Any]:
+    """search: 6 calls per window, 0.30 each against 1.50: of 8 calls, 1-5 pass; the budget
+    stops 6-8, and (all-or-nothing) they take no rate-limit slot either."""
+    return {
         "on_block": "strip",
-        "store": {"backend": "redis", "url": redis_server.url},
+        "store": {"backend": "redis", "url": url},
         "budgets": {"b": {"max_spend": "1.50", "window": 3600, "scope": "global"}},
         "tools": {
             "search": {
@@ -84,6 +78,16 @@ async def test_eight_streamed_calls_cost_one_round_trip_each_all_or_nothing(
         },
         "audit": {"log": True},
     }
+
+
+def call_ids(final: dict[str, Any]) -> list[str]:
+    return [o["call_id"] for o in final["output"] if o["type"] == "function_call"]
+
+
+async def test_eight_streamed_calls_cost_one_round_trip_each_all_or_nothing(
+    make_proxy: Any, upstream: Any, redis_server: RedisServer
+):
+    cfg = budget_policy(redis_server.url)
     store = RedisStore(redis_server.url)
     proxy = await make_proxy(cfg, store=store)
     raw = aioredis.Redis.from_url(redis_server.url)
@@ -162,18 +166,7 @@ async def test_a_chat_stream_with_eight_calls_costs_one_round_trip(
     """Chat: calls complete one after another as the stream goes (each when the next starts);
     those a read completes are decided together, so a response read at once costs one EVALSHA
     for its 8 calls, with the same all-or-nothing outcome, seen through the openai SDK."""
-    cfg = {
-        "on_block": "strip",
-        "store": {"backend": "redis", "url": redis_server.url},
-        "budgets": {"b": {"max_spend": "1.50", "window": 3600, "scope": "global"}},
-        "tools": {
-            "search": {
-                "rate_limit": {"max_calls": 6, "window": 60, "scope": "global"},
-                "budget": {"ledger": "b", "cost": "0.30"},
-            }
-        },
-        "audit": {"log": True},
-    }
+    cfg = budget_policy(redis_server.url)
     store = RedisStore(redis_server.url)
     proxy = await make_proxy(cfg, store=store)
     raw = aioredis.Redis.from_url(redis_server.url)
@@ -210,18 +203,7 @@ async def test_a_responses_stream_with_eight_announced_calls_costs_one_round_tri
 ):
     """Responses: each call's `output_item.done` completes it; those a read completes are
     decided together, so a response read at once costs one EVALSHA for its 8 calls."""
-    cfg = {
-        "on_block": "strip",
-        "store": {"backend": "redis", "url": redis_server.url},
-        "budgets": {"b": {"max_spend": "1.50", "window": 3600, "scope": "global"}},
-        "tools": {
-            "search": {
-                "rate_limit": {"max_calls": 6, "window": 60, "scope": "global"},
-                "budget": {"ledger": "b", "cost": "0.30"},
-            }
-        },
-        "audit": {"log": True},
-    }
+    cfg = budget_policy(redis_server.url)
     store = RedisStore(redis_server.url)
     proxy = await make_proxy(cfg, store=store)
     raw = aioredis.Redis.from_url(redis_server.url)
