@@ -322,6 +322,41 @@ async def test_streaming_call_held_and_approved(make_proxy: Any, upstream: Any) 
     assert names == ["transfer"]
 
 
+async def test_streamed_calls_of_one_read_wait_together_for_an_approval(
+    make_proxy: Any, upstream: Any
+) -> None:
+    """Two calls complete in one read: decided together, the one that needs approval held for
+    the approver; both then reach the client, in the order the model sent them."""
+    proxy = await make_proxy(config(wait=5))
+    admin = Admin(proxy.root)
+    events = chat_stream(("lookup", {"q": "acct-9"}), ("transfer", {"to": "acct-9", "amount": 500}))
+    whole = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    upstream.push(SSE([whole]))  # one write: callgate reads both calls at once
+
+    async def approver() -> None:
+        for _ in range(250):
+            found = await admin.pending()
+            if found:
+                assert [f["tool"] for f in found] == ["transfer"]
+                assert (await admin.approve(found[0]["id"]))[0] == 200
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("no pending approval appeared")
+
+    approving = asyncio.create_task(approver())
+    stream = await proxy.client().chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "pay"}], stream=True
+    )
+    names = []
+    async for chunk in stream:
+        for choice in chunk.choices:
+            for tc in choice.delta.tool_calls or []:
+                if tc.function and tc.function.name:
+                    names.append(tc.function.name)
+    await approving
+    assert names == ["lookup", "transfer"]
+
+
 async def test_admin_auth(make_proxy: Any, upstream: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = await make_proxy(config())
     for headers in (
