@@ -127,8 +127,8 @@ def test_fast_path_defers_what_it_cannot_vouch_for(source: str) -> None:
     "source",
     [
         "args.path.matches(args.query)",  # a pattern known only when it runs
-        "args.path.matches('\\\\d+')",  # \d: Unicode digits, read differently at the edges
-        "args.path.matches('(?i)etc')",
+        "args.path.matches('(?i)été')",  # case folding beyond ASCII differs
+        "args.path.matches('[\\\\d]')",  # a Perl class inside brackets
         "args.path.matches('[[:alpha:]]')",
         "args.path.matches('[a-z&&[^aeiou]]')",
         "args.path.matches('(a)\\\\1')",  # a backreference: the interpreter's error
@@ -407,47 +407,60 @@ PATTERN_PIECES = [
     "\\-",
 ]
 # Pieces outside the subset: each pattern holding one must be left to the interpreter.
-OUTSIDE = ["\\d", "\\w", "\\s", "\\b", "(?i)", "[[:alpha:]]", "[a&&b]", "(?=a)", "\\x41", "[]a]"]
+OUTSIDE = ["(?s)", "[[:alpha:]]", "[a&&b]", "(?=a)", "\\x41", "[]a]", "[\\d]", "\\pL", "\\A"]
+# Perl classes: compiled, answering for ASCII strings only.
+PERL = ["\\d", "\\w", "\\s", "\\b", "\\D", "\\W", "\\S", "\\B"]
 QUANTIFIERS = ["*", "+", "?", "{2}", "{1,2}", "{0,}", "*?", "+?", "??", "{1,3}?"]
-HAYSTACK = "ab$(.\n é\\-xü"
+# ASCII and not: accented letters, an Arabic-Indic digit, the vertical tab RE2's \s lacks.
+HAYSTACK = "ab$(.\n é\\-xüA1_\t\x0b\u0663K\u212a"
 
 
-def random_pattern(rng: random.Random, depth: int = 0) -> tuple[str, bool]:
-    """A pattern, and whether it holds a piece outside the subset."""
-    parts, outside = [], False
+def random_pattern(rng: random.Random, depth: int = 0) -> tuple[str, bool, bool]:
+    """A pattern, whether it holds a piece outside the subset, and whether a Perl class."""
+    parts, outside, perl = [], False, False
     for _ in range(rng.randint(0, 4)):
         roll = rng.random()
         if roll < 0.12 and depth < 2:
             branches = [random_pattern(rng, depth + 1) for _ in range(rng.randint(1, 3))]
             piece = rng.choice(["(", "(?:"]) + "|".join(b[0] for b in branches) + ")"
             outside = outside or any(b[1] for b in branches)
+            perl = perl or any(b[2] for b in branches)
         elif roll < 0.16:
             piece, outside = rng.choice(OUTSIDE), True
+        elif roll < 0.26:
+            piece, perl = rng.choice(PERL), True
         else:
             piece = rng.choice(PATTERN_PIECES)
         if rng.random() < 0.3:
             piece += rng.choice(QUANTIFIERS)
         parts.append(piece)
-    return "".join(parts), outside
+    pattern = "".join(parts)
+    if depth == 0 and rng.random() < 0.15:
+        pattern = "(?i)" + pattern  # compiled only when the pattern is ASCII
+    return pattern, outside, perl
 
 
 def test_matches_fast_path_agrees_with_the_interpreter() -> None:
     """Generated patterns (some outside the subset) against generated strings: whenever
     proxy.cel.regex compiles a pattern the interpreter accepts, the two engines agree on every
-    string; a pattern holding a piece outside the subset is never compiled."""
+    string it answers for; a pattern holding a piece outside the subset is never compiled, and
+    one that needs ASCII text (Perl classes, `(?i)`) leaves every other string to the
+    interpreter."""
     from proxy.cel.regex import compile_pattern
-    from proxy.cel.runtime import matches
+    from proxy.cel.runtime import matches, matches_ascii
 
     rng = random.Random(SEED)
     program = cel.compile("s.matches(p)")
-    compiled_count = checks = hits = 0
-    for _ in range(1500):
-        pattern, outside = random_pattern(rng)
-        search = compile_pattern(pattern)
-        if outside:
-            assert search is None, pattern
-        if search is None:
+    compiled_count = checks = hits = deferred = 0
+    for _ in range(2500):
+        pattern, outside, perl = random_pattern(rng)
+        compiled = compile_pattern(pattern)
+        if outside or (pattern.startswith("(?i)") and not pattern.isascii()):
+            assert compiled is None, pattern
+        if compiled is None:
             continue
+        search, ascii_only = compiled
+        assert ascii_only == (pattern.startswith("(?i)") or perl), pattern
         try:
             program.execute({"s": "", "p": pattern})
         except Exception:
@@ -456,11 +469,16 @@ def test_matches_fast_path_agrees_with_the_interpreter() -> None:
         for _ in range(8):
             s = "".join(rng.choice(HAYSTACK) for _ in range(rng.randint(0, 7)))
             expected = program.execute({"s": s, "p": pattern})
-            got = matches(s, search)
+            try:
+                got = (matches_ascii if ascii_only else matches)(s, search)
+            except Fallback:
+                assert ascii_only and not s.isascii(), (pattern, s)
+                deferred += 1
+                continue
             assert got == expected, f"{pattern!r} on {s!r}: fast {got}, interpreter {expected}"
             checks += 1
             hits += got
-    assert compiled_count > 600 and checks > 5000, (compiled_count, checks)
+    assert compiled_count > 900 and checks > 5000 and deferred > 500, (compiled_count, deferred)
     assert 0.1 < hits / checks < 0.9, hits
 
 
@@ -490,6 +508,9 @@ def test_matches_takes_linear_time_on_hostile_arguments() -> None:
         ("args.query.matches('abc$')", "abc\n", False),  # RE2's $: the end, not before "\n"
         ("args.query.matches('[a-z]+@[a-z]+\\\\.com')", "mail bob@example.com now", True),
         ("!args.query.matches('(ssn|passport)[ _-]?[0-9]{3}')", "ssn 123", False),
+        ("args.query.matches('\\\\d{3}-\\\\d{2}-\\\\d{4}')", "ssn 123-45-6789", True),
+        ("args.query.matches('(?i)^drop\\\\s+table\\\\b')", "DROP \t TABLE users", True),
+        ("args.query.matches('(?i)^drop\\\\s+table\\\\b')", "DROP TABLEs", False),
     ],
 )
 def test_matches_compiles_once_and_answers(source: str, query: str, expected: bool) -> None:
@@ -500,3 +521,16 @@ def test_matches_compiles_once_and_answers(source: str, query: str, expected: bo
     assert interpret(source, env) is expected
     with pytest.raises(Fallback):  # not a string: the interpreter words the error
         native({"args": {"query": 7}})
+
+
+def test_a_perl_class_leaves_text_beyond_ascii_to_the_interpreter() -> None:
+    """`\\d` is ASCII in RE2 and Unicode in the interpreter: Arabic-Indic digits are the
+    interpreter's to answer (it says they match)."""
+    source = "args.query.matches('\\\\d{3}')"
+    native = compile_native(source)
+    assert native is not None
+    assert native({"args": {"query": "no 123"}}) is True
+    env = {"args": {"query": "\u0663\u0663\u0663"}}
+    with pytest.raises(Fallback):
+        native(env)
+    assert interpret(source, env) is True

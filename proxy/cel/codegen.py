@@ -50,8 +50,8 @@ _HELPERS = {
     name: getattr(runtime, name)
     for name in (
         "eq ne lt le gt ge add sub mul div mod neg not_ truth in_ member index has size "
-        "contains starts_with ends_with matches lower_ascii upper_ascii exists all_ exists_one "
-        "map_ filter_ result"
+        "contains starts_with ends_with matches matches_ascii lower_ascii upper_ascii exists all_ "
+        "exists_one map_ filter_ result"
     ).split()
 }
 
@@ -107,15 +107,16 @@ class _Generator:
             return self.macro(node, bound)
         raise Unsupported(kind)
 
-    def pattern(self, node: Node) -> str:
-        """A constant pattern, compiled now: the name its `search` has in the function."""
+    def pattern(self, node: Node) -> tuple[str, bool]:
+        """A constant pattern, compiled now: the name its `search` has in the function, and
+        whether it answers for ASCII strings only."""
         if node[0] != "lit" or type(node[1]) is not str:
             raise Unsupported("a pattern that is not a constant string")
-        search = compile_pattern(node[1])
-        if search is None or not _interpreter_accepts(node[1]):
+        compiled = compile_pattern(node[1])
+        if compiled is None or not _interpreter_accepts(node[1]):
             raise Unsupported("a pattern outside the common subset")
-        self.patterns.append(search)
-        return f"pattern_{len(self.patterns) - 1}"
+        self.patterns.append(compiled[0])
+        return f"pattern_{len(self.patterns) - 1}", compiled[1]
 
     def macro(self, node: Node, bound: dict[str, str]) -> str:
         name, target, var, body = node[1:]
@@ -131,7 +132,9 @@ class _Generator:
                 return f"size({self.gen(args[0], bound)})"
             raise Unsupported(f"function {name}")
         if name == "matches" and len(args) == 1:
-            return f"matches({self.gen(target, bound)}, {self.pattern(args[0])})"
+            search, ascii_only = self.pattern(args[0])
+            helper = "matches_ascii" if ascii_only else "matches"
+            return f"{helper}({self.gen(target, bound)}, {search})"
         if name not in _METHODS or _METHODS[name][1] != len(args):
             raise Unsupported(f"method {name}")
         parts = [self.gen(target, bound), *(self.gen(a, bound) for a in args)]

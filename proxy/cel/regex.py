@@ -9,11 +9,15 @@ linear time, as it does in the interpreter. `re` backtracks: `x.*y` over 20,000 
 and it grows with the square of the length (nested quantifiers: exponentially).
 
 RE2 and Rust's regex crate share their syntax but not every meaning: `\\d`, `\\w`, `\\s`, `\\b` are
-ASCII in RE2 and Unicode in Rust, case folding differs at the edges, and Rust's classes know set
-operations (`&&`, `--`, `~~`). `in_subset` accepts only literals, escaped punctuation, `.`,
-`^` and `$`, classes of literals and ranges, groups (plain and `(?:`), alternation and the
-quantifiers `* + ? {n} {n,} {n,m}` (greedy or lazy); a pattern with anything else stays with the
-interpreter. tests/test_cel_native.py holds the two engines to agreement on generated patterns.
+ASCII in RE2 and Unicode in Rust, case folding differs beyond ASCII, and Rust's classes know set
+operations (`&&`, `--`, `~~`). `read` accepts literals, escaped punctuation, `.`, `^` and `$`,
+classes of literals and ranges, groups (plain and `(?:`), alternation and the quantifiers
+`* + ? {n} {n,} {n,m}` (greedy or lazy); a pattern with anything else stays with the
+interpreter. The Perl classes (`\\d \\w \\s \\b` and their negations) and a leading `(?i)` on an
+ASCII pattern mean the same in both engines over ASCII text only (RE2's `\\s` lacks the vertical
+tab: written out here): such a pattern answers only for an ASCII string, and leaves any other
+to the interpreter. tests/test_cel_native.py holds the two engines to agreement on generated
+patterns and strings.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ except ImportError:  # pragma: no cover - the package is a dependency
 
 _REPEAT = re.compile(r"\{(\d{1,3})(,(\d{1,3})?)?\}")
 _CLASS_SPECIAL = frozenset("[]\\-&~^")
+
+
+# Perl classes outside brackets: the same in both engines over ASCII text. RE2's \s is
+# [\t\n\f\r ], Rust's also has the vertical tab: written out for RE2.
+_PERL = {"d": r"\d", "w": r"\w", "b": r"\b", "s": r"[\t\n\x0B\f\r ]"}
+_PERL.update({k.upper(): v.replace("[", "[^") if k == "s" else v.upper() for k, v in _PERL.items()})
 
 
 def _escape_end(pattern: str, i: int) -> int | None:
@@ -118,33 +128,47 @@ def _atom_end(pattern: str, i: int, depth: int) -> tuple[int, bool, int] | None:
     return i + 1, True, depth  # `.` or a literal
 
 
-def in_subset(pattern: str) -> bool:
-    """Whether `pattern` keeps to the RE2 syntax RE2 and Rust's regex crate read alike."""
-    i, depth = 0, 0
+def read(pattern: str) -> tuple[str, bool] | None:
+    """`pattern` as RE2 should read it, and whether it means the same in both engines over
+    ASCII strings only; None when it leaves the syntax both read alike."""
+    out: list[str] = []
+    ascii_only = pattern.startswith("(?i)")
+    if ascii_only and not pattern.isascii():
+        return None  # case folding beyond ASCII differs
+    i, depth = (4, 0) if ascii_only else (0, 0)
+    out.append(pattern[:i])
     can_repeat = False  # whether a quantifier may follow what came last
     while i < len(pattern):
         end: int | None
         if pattern[i] in "*+?{":
             if not can_repeat:
-                return False  # nothing to repeat, or a quantifier after a quantifier
+                return None  # nothing to repeat, or a quantifier after a quantifier
             end, can_repeat = _quantifier_end(pattern, i), False
+        elif pattern[i] == "\\" and pattern[i + 1 : i + 2] in _PERL:
+            ascii_only = True
+            out.append(_PERL[pattern[i + 1]])
+            i, can_repeat = i + 2, pattern[i + 1] not in "bB"
+            continue
         else:
             atom = _atom_end(pattern, i, depth)
             if atom is None:
-                return False
+                return None
             end, can_repeat, depth = atom
         if end is None:
-            return False
+            return None
+        out.append(pattern[i:end])
         i = end
-    return depth == 0
+    return ("".join(out), ascii_only) if depth == 0 else None
 
 
-def compile_pattern(pattern: str) -> Callable[[str], Any] | None:
-    """The pattern's `search`, compiled once by RE2, or None: outside the subset, or no RE2."""
-    if re2 is None or not in_subset(pattern):
+def compile_pattern(pattern: str) -> tuple[Callable[[str], Any], bool] | None:
+    """The pattern's `search`, compiled once by RE2, and whether it may answer for ASCII strings
+    only; None: outside the subset, or no RE2."""
+    found = read(pattern)
+    if re2 is None or found is None:
         return None
     try:
-        search: Callable[[str], Any] = re2.compile(pattern).search
+        search: Callable[[str], Any] = re2.compile(found[0]).search
     except Exception:  # re2.error: a pattern RE2 refuses goes to the interpreter's error
         return None
-    return search
+    return search, found[1]

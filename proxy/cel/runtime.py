@@ -238,6 +238,13 @@ def matches(a: Any, search: Callable[[str], Any]) -> bool:
     raise Fallback
 
 
+def matches_ascii(a: Any, search: Callable[[str], Any]) -> bool:
+    """`matches` with a pattern that means the same in both engines over ASCII text only."""
+    if type(a) is str and a.isascii():
+        return search(a) is not None
+    raise Fallback
+
+
 def starts_with(a: Any, b: Any) -> bool:
     if _str_pair(a, b):
         return bool(a.startswith(b))
