@@ -83,9 +83,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     for finding in findings:
         print(finding.format(args.config), file=sys.stderr)
     errors = sum(f.severity == "error" for f in findings)
-    warnings = len(findings) - errors
+    warnings = sum(f.severity == "warning" for f in findings)
+    notes = len(findings) - errors - warnings
     if findings:
-        print(f"{args.config}: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
+        counts = f"{errors} error(s), {warnings} warning(s)"
+        counts += f", {notes} note(s)" if notes else ""
+        print(f"{args.config}: {counts}", file=sys.stderr)
     # 0: valid, no lint errors (warnings allowed unless --strict); 1: invalid, or lint errors.
     return 1 if errors or (warnings and args.strict) else 0
 

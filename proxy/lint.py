@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from proxy.cel import not_compiled_because
 from proxy.config import line_of, overlay_sections
 from proxy.lint_expr import check_expression
 from proxy.policy import Expr, Policy
@@ -38,7 +39,7 @@ _SEPARATORS = re.compile(r"[\s_.\-/:]+")
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    severity: str  # "error" | "warning"
+    severity: str  # "error" | "warning" | "note" (never fails a check)
     code: str
     where: str  # dotted path in the policy
     line: int | None
@@ -107,6 +108,18 @@ def _lint_rule(
     const, value = constant_value(program, None if name == "*" else name)
     if const:
         _lint_constant_rule(add, rule_cfg, rloc, field, deny, label, value)
+    elif program.native is None:
+        why = not_compiled_because(source or "")
+        cost = "about 5 µs a call against under 1 µs compiled"
+        if "matches(" in (source or ""):
+            cost = "tens of µs a call under load: the interpreter compiles the pattern each time"
+        add(
+            "note",
+            "interpreted-rule",
+            rloc,
+            f"rule {rule_cfg.name!r} runs in the CEL interpreter ({why}): {cost}",
+            "fine for a rarely called tool; README (Design choices) lists what is compiled",
+        )
 
 
 def _lint_constant_rule(

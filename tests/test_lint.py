@@ -167,3 +167,31 @@ def test_invalid_config_still_exits_1_without_lint(tmp_path):
     )
     assert done.returncode == 1
     assert "invalid CEL expression" in done.stderr and "[" not in done.stdout
+
+
+def test_a_rule_left_to_the_interpreter_is_noted_and_never_fails_the_check(tmp_path, capsys):
+    """What the compiled CEL form does not translate runs in the interpreter on every call: a
+    note says so and why (a `matches` pattern outside the subset costs the most), and a note
+    fails neither the check nor --strict."""
+    path = write(
+        tmp_path,
+        """
+        tools:
+          search:
+            rules:
+              - name: compiled
+                deny_if: 'args.query.matches("^\\\\$\\\\(") || args.query.matches("\\\\d{3}")'
+              - name: letters
+                deny_if: 'args.query.matches("\\\\pL{40}")'
+              - name: unsigned
+                deny_if: 'size(args.query) > 10u'
+        """,
+    )
+    assert main(["check", "--strict", path]) == 0
+    err = capsys.readouterr().err
+    assert ":5:" not in err  # the compiled rule: nothing to say
+    assert f"{path}:7: note: rule 'letters' runs in the CEL interpreter (the pattern" in err
+    assert "the interpreter compiles the pattern each time [interpreted-rule]" in err
+    assert f"{path}:9: note: rule 'unsigned' runs in the CEL interpreter (uint or hex" in err
+    assert "about 5 µs a call" in err
+    assert err.rstrip().endswith(f"{path}: 0 error(s), 0 warning(s), 2 note(s)")

@@ -18,7 +18,14 @@ operations in runtime.py; regex.py compiles a constant `matches` pattern once, w
 (The interpreter is the third-party package `cel`, imported as such.)
 """
 
-from proxy.cel.codegen import compile_native, engine_agrees
+from proxy.cel.codegen import compile_native, engine_agrees, not_compiled_because
 from proxy.cel.runtime import Fallback, ascii_lower, ascii_upper
 
-__all__ = ["Fallback", "ascii_lower", "ascii_upper", "compile_native", "engine_agrees"]
+__all__ = [
+    "Fallback",
+    "ascii_lower",
+    "ascii_upper",
+    "compile_native",
+    "engine_agrees",
+    "not_compiled_because",
+]

@@ -111,10 +111,12 @@ class _Generator:
         """A constant pattern, compiled now: the name its `search` has in the function, and
         whether it answers for ASCII strings only."""
         if node[0] != "lit" or type(node[1]) is not str:
-            raise Unsupported("a pattern that is not a constant string")
+            raise Unsupported("a `matches` pattern that is not a constant string")
         compiled = compile_pattern(node[1])
         if compiled is None or not _interpreter_accepts(node[1]):
-            raise Unsupported("a pattern outside the common subset")
+            raise Unsupported(
+                f"the pattern {node[1]!r} uses syntax the compiled form does not translate"
+            )
         self.patterns.append(compiled[0])
         return f"pattern_{len(self.patterns) - 1}", compiled[1]
 
@@ -196,6 +198,20 @@ def compile_native(source: str) -> Callable[[dict[str, Any]], Any] | None:
     if not engine_agrees():
         return None
     return _compile(source)
+
+
+def not_compiled_because(source: str) -> str | None:
+    """Why `compile_native` leaves the expression to the interpreter, or None if it does not
+    (for `callgate check`)."""
+    if not engine_agrees():
+        return "the installed cel package answers differently from the compiled form"
+    try:
+        _Generator().gen(Parser(tokenize(source)).parse(), {})
+    except Unsupported as exc:
+        return str(exc)
+    except RecursionError:
+        return "nested too deeply"
+    return None
 
 
 def _compile(source: str) -> Callable[[dict[str, Any]], Any] | None:
