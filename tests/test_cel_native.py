@@ -129,6 +129,7 @@ def test_fast_path_defers_what_it_cannot_vouch_for(source: str) -> None:
         "args.path.matches(args.query)",  # a pattern known only when it runs
         "args.path.matches('(?i)été')",  # case folding beyond ASCII differs
         "args.path.matches('[\\\\d]')",  # a Perl class inside brackets
+        "args.path.matches('\\\\<rm\\\\>')",  # word boundaries in Rust, literals in RE2
         "args.path.matches('[[:alpha:]]')",
         "args.path.matches('[a-z&&[^aeiou]]')",
         "args.path.matches('(a)\\\\1')",  # a backreference: the interpreter's error
@@ -407,7 +408,19 @@ PATTERN_PIECES = [
     "\\-",
 ]
 # Pieces outside the subset: each pattern holding one must be left to the interpreter.
-OUTSIDE = ["(?s)", "[[:alpha:]]", "[a&&b]", "(?=a)", "\\x41", "[]a]", "[\\d]", "\\pL", "\\A"]
+OUTSIDE = [
+    "\\<",
+    "\\>",
+    "(?s)",
+    "[[:alpha:]]",
+    "[a&&b]",
+    "(?=a)",
+    "\\x41",
+    "[]a]",
+    "[\\d]",
+    "\\pL",
+    "\\A",
+]
 # Perl classes: compiled, answering for ASCII strings only.
 PERL = ["\\d", "\\w", "\\s", "\\b", "\\D", "\\W", "\\S", "\\B"]
 QUANTIFIERS = ["*", "+", "?", "{2}", "{1,2}", "{0,}", "*?", "+?", "??", "{1,3}?"]
@@ -534,3 +547,26 @@ def test_a_perl_class_leaves_text_beyond_ascii_to_the_interpreter() -> None:
     with pytest.raises(Fallback):
         native(env)
     assert interpret(source, env) is True
+
+
+def test_every_escaped_punctuation_means_what_the_interpreter_means() -> None:
+    """Each escaped ASCII punctuation character, alone and in a class, against strings that
+    hold it or not: where the fast path compiles it, it answers as the interpreter does (Rust
+    reads `\\<` and `\\>` as word boundaries, RE2 as literals: those stay interpreted)."""
+    import string
+
+    from proxy.cel.regex import compile_pattern
+    from proxy.cel.runtime import matches
+
+    program = cel.compile("s.matches(p)")
+    compiled = 0
+    for char in string.punctuation:
+        for pattern in ("\\" + char, "[\\" + char + "]", "a\\" + char + "b"):
+            found = compile_pattern(pattern)
+            if found is None:
+                continue
+            compiled += 1
+            for s in ("", "a", char, "a" + char + "b", "<a>", "x y"):
+                expected = program.execute({"s": s, "p": pattern})
+                assert matches(s, found[0]) == expected, (pattern, s)
+    assert compiled > 80

@@ -41,12 +41,18 @@ _PERL = {"d": r"\d", "w": r"\w", "b": r"\b", "s": r"[\t\n\x0B\f\r ]"}
 _PERL.update({k.upper(): v.replace("[", "[^") if k == "s" else v.upper() for k, v in _PERL.items()})
 
 
+# Escapes of punctuation that are assertions in Rust's regex crate and literals in RE2: `\<`
+# and `\>` (start and end of a word).
+_ASSERTIONS = frozenset("<>")
+
+
 def _escape_end(pattern: str, i: int) -> int | None:
-    """After the escape at pattern[i] (a backslash), if it is escaped punctuation."""
+    """After the escape at pattern[i] (a backslash), if it is escaped punctuation both engines
+    read as the literal character."""
     if i + 1 < len(pattern):
         char = pattern[i + 1]
         if char.isascii() and not char.isalnum() and not char.isspace():
-            return i + 2
+            return None if char in _ASSERTIONS else i + 2
     return None  # \d \w \s \b \A \z \pL \x41 \Q ...: outside the subset
 
 
