@@ -19,6 +19,15 @@ from proxy.stream_effects import Stash
 from proxy.toolcalls import CallContext
 
 
+def chunk(template: dict[str, Any], choice: dict[str, Any], keep_usage: bool = False) -> bytes:
+    """One choice's chunk, encoded, on the envelope of `template` (a chunk of the round)."""
+    obj = {k: v for k, v in template.items() if k != "choices"}
+    if "usage" in obj and not keep_usage:
+        obj["usage"] = None  # split-off chunks must not repeat the usage
+    obj["choices"] = [choice]
+    return sse.encode(obj)
+
+
 def stash_order(policy: Policy, ctx: CallContext, st: ChoiceState, p: Plan) -> Stash | None:
     """The blocked calls a choice lost, stashed under its surviving calls (None: nothing to
     stash, as no call survived or none was removed)."""

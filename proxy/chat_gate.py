@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from proxy import chat, reprompt, sse
-from proxy.chat_finish import finish_reason, reprompt_body, round_content, stash_order
+from proxy.chat_finish import chunk, finish_reason, reprompt_body, round_content, stash_order
 from proxy.chat_held import ChoiceState, HeldCall, Reprompted, incomplete, meaningful
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, event_object
@@ -80,7 +80,9 @@ class ChatGate(GateSteps):
         # store round trip for all of them), and what the client gets after the first of them,
         # held in order with each call in its place until then.
         self.undecided: list[tuple[HeldCall, dict[str, Any], int, ChoiceState]] = []
-        self.held: list[bytes | HeldCall] = []
+        self.deciding: list[tuple[HeldCall, dict[str, Any], int, ChoiceState]] = []  # asked
+        # (A comment held is a one-tuple: sent past write(), as it answers no reprompt.)
+        self.held: list[bytes | HeldCall | tuple[bytes]] = []
 
     @property
     def holding(self) -> bool:
@@ -145,23 +147,16 @@ class ChatGate(GateSteps):
         else:
             super().write(data)
 
-    def chunk(
-        self, template: dict[str, Any], choice: dict[str, Any], keep_usage: bool = False
-    ) -> bytes:
-        obj = {k: v for k, v in template.items() if k != "choices"}
-        if "usage" in obj and not keep_usage:
-            obj["usage"] = None  # split-off chunks must not repeat the usage
-        obj["choices"] = [choice]
-        return sse.encode(obj)
-
     def settle_unfinished(self, message: str, code: str, action: str = "fail_closed") -> None:
         """The stream ends early: record every decided call once, drop held ones (closed), and
         give back the reservations of allowed calls the client never received."""
         self.reprompt_answered()
-        for call, _, _, _ in self.undecided:  # complete, never decided: nothing was reserved
+        # Complete, never decided (or the decision cut off): never sent.
+        for call, _, _, _ in [*self.deciding, *self.undecided]:
             d = Decision(call.tool_call(), self.policy.for_tool(call.name).name, "error")
             d.block = Block("stream", code, message)
             self.emit(Record(d, "blocked", action))
+        self.deciding = []
         self.undecided.clear()
         self.held.clear()
         unsent: list[Decision] = []
@@ -199,7 +194,15 @@ class ChatGate(GateSteps):
     # -- the events -----------------------------------------------------------------------
 
     def events(self, first: Steps, events: list[bytes], at: int) -> Steps:
-        """The rest of a read, from its first event on the slow path."""
+        """The rest of a read, from its first event on the slow path. A failure in it comes
+        after the calls the read completed before it, as it would in a read of its own."""
+        try:
+            yield from self.read_events(first, events, at)
+        except StreamFailed:
+            yield from self.decide_held()
+            raise
+
+    def read_events(self, first: Steps, events: list[bytes], at: int) -> Steps:
         yield from first
         for event in events[at:]:
             if self.ended:
@@ -247,7 +250,7 @@ class ChatGate(GateSteps):
                 # Comments, keep-alives, other fields: queued past write(), as they answer
                 # nothing (a failing reprompt round may still end the stream as strip would).
                 if self.undecided:
-                    self.held.append(event)
+                    self.held.append((event,))
                 else:
                     self.send(event)
             return False
@@ -377,7 +380,7 @@ class ChatGate(GateSteps):
         finish = choice.get("finish_reason")
         rest = {k: v for k, v in choice.items() if k not in ("delta", "finish_reason")}
         if meaningful(delta) or (rest.get("logprobs") not in (None, {})):
-            out.append(self.chunk(obj, {**rest, "delta": delta, "finish_reason": None}))
+            out.append(chunk(obj, {**rest, "delta": delta, "finish_reason": None}))
 
         if isinstance(call_deltas, list) and call_deltas:
             st.saw_tool_calls = True
@@ -441,7 +444,9 @@ class ChatGate(GateSteps):
         if not self.undecided:
             return
         undecided, self.undecided = self.undecided, []
+        self.deciding = undecided
         decisions: list[Decision] = yield Decide([u[0].tool_call() for u in undecided])
+        self.deciding = []
         chunks: dict[int, bytes] = {}
         for (call, obj, ci, st), decision in zip(undecided, decisions, strict=True):
             st.calls.append(call)
@@ -457,6 +462,8 @@ class ChatGate(GateSteps):
             if isinstance(item, HeldCall):
                 if id(item) in chunks:
                     self.write(chunks[id(item)])
+            elif isinstance(item, tuple):
+                self.send(item[0])
             else:
                 self.write(item)
 
@@ -469,9 +476,7 @@ class ChatGate(GateSteps):
             entry = {"index": st.emitted, **call.wire()}
             delta = {"tool_calls": [entry]}
             st.emitted += 1
-        return self.chunk(
-            obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None}
-        )
+        return chunk(obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None})
 
     def finish(
         self,
@@ -488,7 +493,7 @@ class ChatGate(GateSteps):
         st.finished = True
         if not st.decisions:
             out.append(
-                self.chunk(obj, {**choice, "delta": {}, "finish_reason": finish}, keep_usage=True)
+                chunk(obj, {**choice, "delta": {}, "finish_reason": finish}, keep_usage=True)
             )
             return
         can_reprompt = self.single_choice and self.round < self.policy.config.max_reprompts
@@ -535,16 +540,14 @@ class ChatGate(GateSteps):
             sep = "\n\n" if round_content(self.text) else ""
             delta = {"content": sep + text}
             out.append(
-                self.chunk(
-                    obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None}
-                )
+                chunk(obj, {"index": ci, "delta": delta, "logprobs": None, "finish_reason": None})
             )
         order = stash_order(self.policy, self.ctx, st, p)
         if order is not None:
             self.emit(order)
         new_finish = finish_reason(st, p, finish)
         out.append(
-            self.chunk(obj, {**choice, "delta": {}, "finish_reason": new_finish}, keep_usage=True)
+            chunk(obj, {**choice, "delta": {}, "finish_reason": new_finish}, keep_usage=True)
         )
 
     # -- reprompt -------------------------------------------------------------------------
@@ -578,7 +581,7 @@ class ChatGate(GateSteps):
             {"index": ci, "delta": {"content": text}, "logprobs": None, "finish_reason": None},
             {"index": ci, "delta": {}, "logprobs": None, "finish_reason": "stop"},
         ):
-            self.write(self.chunk(template, choice))
+            self.write(chunk(template, choice))
         options = self.body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") and self.usage:
             head = {k: v for k, v in template.items() if k != "choices"}

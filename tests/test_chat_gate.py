@@ -384,3 +384,78 @@ async def test_a_client_that_leaves_gets_its_decided_calls_recorded() -> None:
         ("c_ok", "blocked", "client_disconnected"),
         ("c_bad", "blocked", "client_disconnected"),
     ]
+
+
+# -- found in review: the calls a read completes, and what else happens in that read ------------
+
+
+async def run_to_end(driver: Driver, reads: list[bytes], gate: ChatGate | None = None) -> Run:
+    """Like Driver.run, with a failure the gate raises handled as the serve loop does."""
+    from proxy.forward import StreamFailed
+
+    gate = gate or driver.gate()
+    run = Run()
+    try:
+        for data in reads:
+            await driver.apply(gate, gate.feed(data), run)
+            if run.ending is not None:
+                return run
+        await driver.apply(gate, gate.end(), run)
+    except StreamFailed as exc:
+        await driver.apply(gate, gate.failed(str(exc), exc.code), run)
+    return run
+
+
+@pytest.mark.parametrize("ending", [b"data: {not json\n\n", b"data: [DONE]\n\n"])
+async def test_a_failure_in_the_read_that_completed_a_call_comes_after_it(ending: bytes) -> None:
+    """c0 completes (c1 starts), then the read fails (a malformed event; [DONE] with c1 open):
+    c0 is decided and delivered first, as from a read of its own, at every split."""
+    driver = Driver({"on_block": "strip"})
+    driver.watch = ["c0"]
+    events = chat_stream(("ok", {"a": 1}), ("ok", {"b": 2}), text="Hi", ids=["c0", "c1"])
+    at = next(i for i, e in enumerate(events) if "c1" in str(e))
+    data = sse_bytes(events[: at + 1], done=False) + ending
+    whole = await run_to_end(driver, [data])
+    for chunks in split_every(data)[::3]:
+        run = await run_to_end(driver, chunks)
+        assert run.out == whole.out and run.records == whole.records
+    assert b'"c0"' in whole.out and b'"c1"' not in whole.out
+    assert isinstance(whole.ending, Fail)
+    assert whole.records[0] == ("c0", "allowed", None)
+    assert whole.records[-1] == ("c1", "blocked", "fail_closed")
+
+
+async def test_a_keep_alive_held_behind_a_call_answers_no_reprompt() -> None:
+    """In a reprompt round, a comment after a held call goes out past write(), as ever: the
+    round's failure still ends the stream as strip would, wherever the read was cut."""
+    driver = Driver(REPROMPT)
+    outcomes = []
+    for split in (False, True):
+        gate = driver.gate()
+        await driver.run([sse_bytes(chat_stream(("bad", {}), ids=["c_bad"]))], gate)
+        assert isinstance(gate.next_round()[-1], Reprompt)
+        again = {**BASE, "id": "chatcmpl-2"}
+        events = [
+            {**e, **again}
+            for e in chat_stream(("bad", {"x": 1}), ("ok", {"y": 2}), ids=["c2_bad", "c2_ok"])
+        ]
+        at = next(i for i, e in enumerate(events) if "c2_ok" in str(e))
+        head = sse_bytes(events[1 : at + 1], done=False)
+        reads = [head, b": keep-alive\n\n"] if split else [head + b": keep-alive\n\n"]
+        run = await run_to_end(driver, reads, gate)
+        outcomes.append((run.out, [type(o).__name__ for o in run.orders]))
+        assert "RepromptFailed" in outcomes[-1][1] and "Answered" not in outcomes[-1][1]
+        assert b"[DONE]" in run.out  # strip's ending, not an error event
+    assert outcomes[0] == outcomes[1]
+
+
+async def test_a_client_leaving_while_calls_are_decided_leaves_them_on_record() -> None:
+    driver = Driver({"on_block": "strip"})
+    gate = driver.gate()
+    events = chat_stream(("ok", {"a": 1}), ("ok", {"b": 2}), ids=["c0", "c1"])
+    at = next(i for i, e in enumerate(events) if "c1" in str(e))
+    fx = gate.feed(sse_bytes(events[: at + 1], done=False))
+    assert isinstance(fx[-1], Decide) and [c.id for c in fx[-1].calls] == ["c0"]
+    left = gate.disconnected()  # the question is never answered
+    recorded = [(r.decision.call.id, r.outcome) for r in left if isinstance(r, Record)]
+    assert recorded == [("c0", "blocked"), ("c1", "blocked")]
