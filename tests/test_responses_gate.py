@@ -301,3 +301,40 @@ async def test_reprompt_continues_one_client_stream_numbered_without_gaps() -> N
     assert whole.records == []
     [answered] = [o for o in whole.orders if isinstance(o, Answered)]
     assert [d.call.id for d in answered.blocked] == ["c_bad"]
+
+
+async def run_failing(driver: Driver, reads: list[bytes]) -> Run:
+    """Driver.run for one round, with a failure the gate raises handled as the serve loop does."""
+    from proxy.forward import StreamFailed
+
+    driver.state = SimpleNamespace(store=MemoryStore(), auditor=Auditor())
+    gate = ResponsesGate(driver.policy, driver.body, driver.ctx)
+    run = Run()
+    try:
+        for data in reads:
+            await driver.apply(gate, gate.feed(data), run)
+            if run.ending is not None:
+                break
+        else:
+            await driver.apply(gate, gate.end(), run)
+    except StreamFailed as exc:
+        await driver.apply(gate, gate.failed(str(exc), exc.code), run)
+    run.records = driver.state.auditor.records
+    return run
+
+
+async def test_a_failure_in_the_read_that_completed_a_call_comes_after_it() -> None:
+    """c0 is done, c1 has begun, then a malformed event in the same read: c0 is decided and
+    delivered first, as from a read of its own, at every split (found in review)."""
+    driver = Driver(STRIP)
+    events = stream_events(response(fc("ok", {"a": 1}, "c0"), fc("ok", {"b": 2}, "c1")), piece=3)
+    second = next(i for i, e in enumerate(events) if b'"output_index": 1' in e)
+    data = b"".join(events[: second + 2]) + b"data: {not json\n\n"
+    whole = await run_failing(driver, [data])
+    for cut in split_points(data, most=120):
+        run = await run_failing(driver, [data[:cut], data[cut:]])
+        assert run.out == whole.out, f"split at {cut}"
+        assert run.records == whole.records
+    assert b'"c0"' in whole.out and b'"c1"' not in whole.out
+    assert isinstance(whole.ending, Fail) and whole.ending.code == "upstream_malformed"
+    assert whole.records == [("c0", "allowed", None), ("c1", "blocked", "fail_closed")]
