@@ -193,15 +193,6 @@ class ChatGate(GateSteps):
 
     # -- the events -----------------------------------------------------------------------
 
-    def events(self, first: Steps, events: list[bytes], at: int) -> Steps:
-        """The rest of a read, from its first event on the slow path. A failure in it comes
-        after the calls the read completed before it, as it would in a read of its own."""
-        try:
-            yield from self.read_events(first, events, at)
-        except StreamFailed:
-            yield from self.decide_held()
-            raise
-
     def read_events(self, first: Steps, events: list[bytes], at: int) -> Steps:
         yield from first
         for event in events[at:]:

@@ -146,15 +146,6 @@ class ResponsesGate(ResponsesRounds):
 
     # -- the events -----------------------------------------------------------------------
 
-    def events(self, first: Handled, events: list[bytes], at: int) -> Steps:
-        """The rest of a read, from its first event on the slow path. A failure in it comes
-        after the calls the read completed before it, as it would in a read of its own."""
-        try:
-            yield from self.read_events(first, events, at)
-        except StreamFailed:
-            yield from self.decide_held()
-            raise
-
     def read_events(self, first: Handled, events: list[bytes], at: int) -> Steps:
         over = yield from first
         if not over and not self.ended:

@@ -239,6 +239,23 @@ class GateSteps:
         self.on_failed(message, code)
         return self.take()
 
+    def events(self, first: Generator[Ask, Any, Any], events: list[bytes], at: int) -> Steps:
+        """The rest of a read, from its first event on the slow path. A failure in it comes
+        after the calls the read completed before it, as it would in a read of its own."""
+        try:
+            yield from self.read_events(first, events, at)
+        except StreamFailed:
+            yield from self.decide_held()
+            raise
+
+    def read_events(self, first: Generator[Ask, Any, Any], events: list[bytes], at: int) -> Steps:
+        """The events of a read from `first` (the slow path of the one before) on."""
+        raise NotImplementedError
+
+    def decide_held(self) -> Steps:
+        """Decide the calls completed since the last time, together, and send what waited."""
+        raise NotImplementedError
+
     def upstream_ended(self) -> Steps:
         raise NotImplementedError
 
