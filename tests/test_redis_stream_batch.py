@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
 from proxy.store.redis import RedisStore
@@ -80,34 +82,40 @@ def budget_policy(url: str) -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+async def budgeted(make_proxy: Any, redis_server: RedisServer) -> AsyncIterator[Any]:
+    """callgate with budget_policy on a started Redis store: (proxy, a raw Redis client, the
+    audit records as they come)."""
+    store = RedisStore(redis_server.url)
+    proxy = await make_proxy(budget_policy(redis_server.url), store=store)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await store.start()
+        yield proxy, raw, records(proxy)
+    finally:
+        await raw.aclose()
+
+
 def call_ids(final: dict[str, Any]) -> list[str]:
     return [o["call_id"] for o in final["output"] if o["type"] == "function_call"]
 
 
 async def test_eight_streamed_calls_cost_one_round_trip_each_all_or_nothing(
-    make_proxy: Any, upstream: Any, redis_server: RedisServer
+    upstream: Any, budgeted: Any
 ):
-    cfg = budget_policy(redis_server.url)
-    store = RedisStore(redis_server.url)
-    proxy = await make_proxy(cfg, store=store)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
-        await store.start()
-        recs = records(proxy)
-        calls = [fc("search", {"q": i}, f"c{i}") for i in range(8)]
-        upstream.push(unannounced(*calls))
-        before = await evalsha_calls(raw)
-        final = await stream(proxy)
-        assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
-        assert call_ids(final) == [f"c{i}" for i in range(5)]
-        assert len(recs) == 8  # on record before delivery
-        blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
-        assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
-        [log_key] = await raw.keys("callgate:rl:*")
-        assert await raw.zcard(log_key) == 5  # the refused calls took no slot
-        assert int(await raw.get("callgate:sum:budget:b@*")) == 1_500_000
-    finally:
-        await raw.aclose()
+    proxy, raw, recs = budgeted
+    calls = [fc("search", {"q": i}, f"c{i}") for i in range(8)]
+    upstream.push(unannounced(*calls))
+    before = await evalsha_calls(raw)
+    final = await stream(proxy)
+    assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
+    assert call_ids(final) == [f"c{i}" for i in range(5)]
+    assert len(recs) == 8  # on record before delivery
+    blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
+    assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
+    [log_key] = await raw.keys("callgate:rl:*")
+    assert await raw.zcard(log_key) == 5  # the refused calls took no slot
+    assert int(await raw.get("callgate:sum:budget:b@*")) == 1_500_000
 
 
 async def test_a_stalled_batch_applies_each_calls_on_store_error(
@@ -160,63 +168,45 @@ async def test_a_stalled_batch_applies_each_calls_on_store_error(
             ), rec
 
 
-async def test_a_chat_stream_with_eight_calls_costs_one_round_trip(
-    make_proxy: Any, upstream: Any, redis_server: RedisServer
-):
+async def test_a_chat_stream_with_eight_calls_costs_one_round_trip(upstream: Any, budgeted: Any):
     """Chat: calls complete one after another as the stream goes (each when the next starts);
     those a read completes are decided together, so a response read at once costs one EVALSHA
     for its 8 calls, with the same all-or-nothing outcome, seen through the openai SDK."""
-    cfg = budget_policy(redis_server.url)
-    store = RedisStore(redis_server.url)
-    proxy = await make_proxy(cfg, store=store)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
-        await store.start()
-        recs = records(proxy)
-        ids = [f"c{i}" for i in range(8)]
-        events = chat_stream(*[("search", {"q": i}) for i in range(8)], ids=ids)
-        whole = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
-        upstream.push(SSE([whole]))  # one write: callgate reads it at once
-        before = await evalsha_calls(raw)
-        stream = await proxy.client().chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        got: list[str] = []
-        finish = None
-        async for ch in stream:
-            for tc in ch.choices[0].delta.tool_calls or []:
-                if tc.id:
-                    got.append(tc.id)
-            finish = ch.choices[0].finish_reason or finish
-        assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
-        assert got == ids[:5] and finish == "tool_calls"
-        blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
-        assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
-        [log_key] = await raw.keys("callgate:rl:*")
-        assert await raw.zcard(log_key) == 5  # the refused calls took no slot
-    finally:
-        await raw.aclose()
+    proxy, raw, recs = budgeted
+    ids = [f"c{i}" for i in range(8)]
+    events = chat_stream(*[("search", {"q": i}) for i in range(8)], ids=ids)
+    whole = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    upstream.push(SSE([whole]))  # one write: callgate reads it at once
+    before = await evalsha_calls(raw)
+    stream = await proxy.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    got: list[str] = []
+    finish = None
+    async for ch in stream:
+        for tc in ch.choices[0].delta.tool_calls or []:
+            if tc.id:
+                got.append(tc.id)
+        finish = ch.choices[0].finish_reason or finish
+    assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
+    assert got == ids[:5] and finish == "tool_calls"
+    blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
+    assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
+    [log_key] = await raw.keys("callgate:rl:*")
+    assert await raw.zcard(log_key) == 5  # the refused calls took no slot
 
 
 async def test_a_responses_stream_with_eight_announced_calls_costs_one_round_trip(
-    make_proxy: Any, upstream: Any, redis_server: RedisServer
+    upstream: Any, budgeted: Any
 ):
     """Responses: each call's `output_item.done` completes it; those a read completes are
     decided together, so a response read at once costs one EVALSHA for its 8 calls."""
-    cfg = budget_policy(redis_server.url)
-    store = RedisStore(redis_server.url)
-    proxy = await make_proxy(cfg, store=store)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
-        await store.start()
-        recs = records(proxy)
-        body = response(*[fc("search", {"q": i}, f"c{i}") for i in range(8)])
-        upstream.push(SSE([b"".join(stream_events(body))], done=False))  # one write
-        before = await evalsha_calls(raw)
-        final = await stream(proxy)
-        assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
-        assert call_ids(final) == [f"c{i}" for i in range(5)]
-        blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
-        assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
-    finally:
-        await raw.aclose()
+    proxy, raw, recs = budgeted
+    body = response(*[fc("search", {"q": i}, f"c{i}") for i in range(8)])
+    upstream.push(SSE([b"".join(stream_events(body))], done=False))  # one write
+    before = await evalsha_calls(raw)
+    final = await stream(proxy)
+    assert await evalsha_calls(raw) == before + 1  # 8 calls, one script run
+    assert call_ids(final) == [f"c{i}" for i in range(5)]
+    blocked = {r["call_id"]: r["gate"] for r in recs if r["decision"] == "blocked"}
+    assert blocked == {f"c{i}": "budget" for i in (5, 6, 7)}
