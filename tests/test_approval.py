@@ -299,14 +299,22 @@ async def test_streaming_call_held_and_approved(make_proxy: Any, upstream: Any) 
     proxy = await make_proxy(config(wait=5))
     admin = Admin(proxy.root)
     upstream.push(SSE(chat_stream(("transfer", {"to": "acct-9", "amount": 500}))))
+    names, _ = await stream_while_approving(proxy, admin)
+    assert names == ["transfer"]
 
-    async def approver() -> None:
+
+async def stream_while_approving(proxy: Any, admin: Admin) -> tuple[list[str], list[str]]:
+    """A streamed request while an approver approves the first pending request it sees: the
+    names of the calls the client got, and the tools that were pending then."""
+
+    async def approver() -> list[str]:
         for _ in range(250):
             found = await admin.pending()
             if found:
                 assert (await admin.approve(found[0]["id"]))[0] == 200
-                return
+                return [f["tool"] for f in found]
             await asyncio.sleep(0.02)
+        return []
 
     approving = asyncio.create_task(approver())
     stream = await proxy.client().chat.completions.create(
@@ -318,8 +326,7 @@ async def test_streaming_call_held_and_approved(make_proxy: Any, upstream: Any) 
             for tc in choice.delta.tool_calls or []:
                 if tc.function and tc.function.name:
                     names.append(tc.function.name)
-    await approving
-    assert names == ["transfer"]
+    return names, await approving
 
 
 async def test_streamed_calls_of_one_read_wait_together_for_an_approval(
@@ -332,28 +339,8 @@ async def test_streamed_calls_of_one_read_wait_together_for_an_approval(
     events = chat_stream(("lookup", {"q": "acct-9"}), ("transfer", {"to": "acct-9", "amount": 500}))
     whole = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
     upstream.push(SSE([whole]))  # one write: callgate reads both calls at once
-
-    async def approver() -> None:
-        for _ in range(250):
-            found = await admin.pending()
-            if found:
-                assert [f["tool"] for f in found] == ["transfer"]
-                assert (await admin.approve(found[0]["id"]))[0] == 200
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("no pending approval appeared")
-
-    approving = asyncio.create_task(approver())
-    stream = await proxy.client().chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "pay"}], stream=True
-    )
-    names = []
-    async for chunk in stream:
-        for choice in chunk.choices:
-            for tc in choice.delta.tool_calls or []:
-                if tc.function and tc.function.name:
-                    names.append(tc.function.name)
-    await approving
+    names, pending = await stream_while_approving(proxy, admin)
+    assert pending == ["transfer"]
     assert names == ["lookup", "transfer"]
 
 
