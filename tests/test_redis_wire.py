@@ -47,8 +47,9 @@ async def test_user_password_and_database_from_the_url(redis_server: RedisServer
         assert await admin.keys("*") == []  # and nothing to database 0
         wrong = RedisStore(f"redis://gate:nope@127.0.0.1:{port}/5", pool_size=1, timeout=1)
         try:
-            with pytest.raises(StoreError, match=r"WRONGPASS|invalid"):
+            with pytest.raises(StoreError, match=r"WRONGPASS|invalid") as refused:
                 await wrong.reserve([SlotRequest("rl:a", 5, 60, 0)])
+            assert "nope" not in str(refused.value)  # the error names no credential
         finally:
             await wrong.close()
     finally:
