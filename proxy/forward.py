@@ -19,6 +19,7 @@ from proxy.config import UpstreamConfig
 from proxy.errors import bad_gateway, error_body, error_response
 from proxy.metrics import add_upstream_time
 from proxy.state import AppState
+from proxy.stream_response import EventStream
 from proxy.telemetry import request_trace
 from proxy.toolcalls import CallContext
 from proxy.transport import relay, upstream_path
@@ -188,13 +189,12 @@ async def serve_stream(
             "instead of text/event-stream.",
             "upstream_malformed",
         )
-    out = web.StreamResponse(status=200)
+    out = EventStream(status=200)
     out.headers.extend(response_headers(resp.headers, decoded=True))
     out.headers["x-callgate-request-id"] = ctx.request_id
     try:
         await out.prepare(request)
-        await make_gate(out).run(resp)
-        await out.write_eof()
+        await make_gate(out).run(resp)  # which ends the response
     except ConnectionError:
         log.info("client_disconnected", stream=True)  # the gate closed the upstream response
     except Exception:

@@ -201,6 +201,11 @@ class Response:
             self._conn.resume()
         return data
 
+    @property
+    def at_end(self) -> bool:
+        """Nothing more will come: the whole body has arrived and been read."""
+        return self._done and not self._chunks and self._error is None
+
     async def iter_any(self) -> AsyncIterator[bytes]:
         while True:
             data = await self.next_chunk()

@@ -5,8 +5,9 @@ logic and does no I/O. This loop does all of it, for any gate: reading the upstr
 (`forward.next_chunk`: its timeouts, deadline and size bounds turn into `StreamFailed`), the
 decisions (proxy.gates.decide), the settler (proxy.rounds), the stash, the records, the audit
 barrier (nothing that carries a call is written before its record is: proxy.delivery), one
-client write per upstream read, the reprompt rounds (`forward.open_round`), and a client that
-leaves (its decided calls recorded, unsent reservations given back).
+client write per upstream read (the last one's together with the end of the response, the
+headers with the first: proxy.stream_response), the reprompt rounds (`forward.open_round`),
+and a client that leaves (its decided calls recorded, unsent reservations given back).
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class StreamLoop:
         self.gate = gate
         self.queued: list[bytes] = []
         self.next: Reprompt | None = None
+        # The upstream's last read: what it sends waits here to go out with the end of the
+        # response, in one write (None: writes go out as they come).
+        self.tail: list[bytes] | None = None
 
     async def run(self, resp: http1.Response) -> None:
         self.state.streams += 1
@@ -101,6 +105,8 @@ class StreamLoop:
                 await self.apply(fx)
             except Exception:
                 log.exception("stream_gate_error_unrecorded")
+        tail, self.tail = self.tail, None
+        await self.out.write_eof(b"".join(tail) if tail else b"")
 
     async def rounds(self, resp: http1.Response) -> None:
         gate = self.gate
@@ -119,6 +125,7 @@ class StreamLoop:
             ask = self.next
             if ask is None:
                 return
+            await self.untail()  # the client has this round's end before the next one starts
             if ask.counted:
                 asked_again(self.state, gate.route, ask.round, ask.blocked, stream=True)
             next_resp, message, code, status = await open_round(
@@ -135,6 +142,12 @@ class StreamLoop:
         feed, write = self.gate.feed, self.out.write
         unwritten, ctx = self.state.auditor.unwritten, self.ctx
         while (data := await next_chunk(resp)) is not None:
+            if resp.at_end:
+                # The upstream's last bytes: what they and the round's end send goes out with
+                # the end of the response, in one write (`untail` if another round follows).
+                self.tail = []
+                over = await self.apply(fx) if (fx := feed(data)) else GO_ON
+                return over or await self.apply(self.gate.end())
             fx = feed(data)
             if not fx:
                 continue  # held: the next piece of a call's arguments
@@ -222,13 +235,24 @@ class StreamLoop:
                     raise
             data = b"".join(queued) if len(queued) > 1 else queued[0]
             queued.clear()
+            await self.send(data)
+
+    async def send(self, data: bytes) -> None:
+        if self.tail is not None:
+            self.tail.append(data)
+        else:
             await self.out.write(data)
+
+    async def untail(self) -> None:
+        tail, self.tail = self.tail, None
+        if tail:
+            await self.out.write(b"".join(tail))
 
     async def fail(self, effect: Fail) -> None:
         log.warning("stream_failed", code=effect.code, error=effect.message)
         try:
             with contextlib.suppress(StreamFailed):  # what was queued goes only if on record
                 await self.flush()
-            await self.out.write(effect.data)  # carries no call: no wait
+            await self.send(effect.data)  # carries no call: no wait
         except (ConnectionResetError, RuntimeError):
             pass

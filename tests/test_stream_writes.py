@@ -1,0 +1,136 @@
+"""How a gated stream reaches the client's socket: a stream the upstream sends at once goes out
+in one write (headers, events and the end of the body), and a stream whose first bytes are held
+still shows the client its headers promptly (proxy.stream_response)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from asyncio import selector_events
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy import stream_response
+from tests.conftest import SSE, records
+from tests.responses_streams import fc, msg, response, stream_events
+from tests.streams import chat_stream
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def client_writes(monkeypatch: Any, port: int) -> list[bytes]:
+    """Every write the proxy makes on the connections its clients opened (its side of them
+    is bound to `port`), one entry per transport write."""
+    seen: list[bytes] = []
+    transport = selector_events._SelectorSocketTransport
+    write = transport.write
+
+    def counted(self: Any, data: Any) -> None:
+        if self.get_extra_info("sockname")[1] == port:
+            seen.append(bytes(data))
+        write(self, data)
+
+    def counted_lines(self: Any, lines: Any) -> None:
+        counted(self, b"".join(lines))
+
+    monkeypatch.setattr(transport, "write", counted)
+    monkeypatch.setattr(transport, "writelines", counted_lines)
+    return seen
+
+
+def all_at_once(events: list[Any]) -> Any:
+    """The upstream sends the whole stream with its headers: the proxy reads it at once."""
+    body = b"".join(
+        e if isinstance(e, bytes) else b"data: " + json.dumps(e).encode() + b"\n\n"
+        for e in events
+    )
+    return lambda _rec: web.Response(body=body, content_type="text/event-stream")
+
+
+async def test_chat_stream_sent_at_once_is_one_write(make_proxy, upstream, monkeypatch):
+    proxy = await make_proxy({"tools": {"bad": {"allow": False}}})
+    seen = records(proxy)
+    writes = client_writes(monkeypatch, proxy.server.port)
+    upstream.push(
+        all_at_once([*chat_stream(("ok", {"a": 1}), text="Let me check"), b"data: [DONE]\n\n"])
+    )
+    stream = await proxy.client().chat.completions.create(model="m", messages=MSGS, stream=True)
+    text, args = "", ""
+    async for ch in stream:
+        for choice in ch.choices:
+            text += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                args += tc.function.arguments or ""
+    assert (text, json.loads(args)) == ("Let me check ", {"a": 1})
+    assert [(r["tool"], r["decision"]) for r in seen] == [("ok", "allowed")]
+    assert len(writes) == 1, [w[:40] for w in writes]
+    assert writes[0].startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" in writes[0] and writes[0].endswith(b"\r\n0\r\n\r\n")
+
+
+async def test_responses_stream_sent_at_once_is_one_write(make_proxy, upstream, monkeypatch):
+    proxy = await make_proxy({"tools": {"bad": {"allow": False}}})
+    writes = client_writes(monkeypatch, proxy.server.port)
+    upstream.push(all_at_once(stream_events(response(msg("checking"), fc("ok", {"a": 1})))))
+    stream = await proxy.client().responses.create(model="m", input="hi", stream=True)
+    events = [e async for e in stream]
+    assert events[-1].type == "response.completed"
+    assert [i.type for i in events[-1].response.output] == ["message", "function_call"]
+    assert len(writes) == 1, [w[:40] for w in writes]
+    assert writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"\r\n0\r\n\r\n")
+
+
+async def test_blocked_call_in_one_read_reprompts_then_ends_once(make_proxy, upstream, monkeypatch):
+    """A reprompt round follows a read sent at once: the client has the first round's bytes
+    before the next round starts, and the whole answer is what it would be otherwise."""
+    proxy = await make_proxy({"tools": {"bad": {"allow": False}}})
+    writes = client_writes(monkeypatch, proxy.server.port)
+    release = asyncio.Event()
+
+    async def second_round(_rec: Any) -> web.StreamResponse:
+        await release.wait()
+        return all_at_once([*chat_stream(text="Sorry"), b"data: [DONE]\n\n"])(_rec)
+
+    upstream.push(
+        all_at_once([*chat_stream(("bad", {}), text="Trying"), b"data: [DONE]\n\n"]),
+        second_round,
+    )
+    stream = await proxy.client().chat.completions.create(model="m", messages=MSGS, stream=True)
+    text = ""
+    async for ch in stream:
+        for choice in ch.choices:
+            text += choice.delta.content or ""
+            assert not choice.delta.tool_calls
+        if text == "Trying ":
+            release.set()  # the first round reached the client while the second was held
+    assert text == "Trying Sorry "
+    assert release.is_set()
+    assert writes[-1].endswith(b"\r\n0\r\n\r\n") and len(writes) == 2
+
+
+async def test_headers_go_out_while_the_first_call_is_held(make_proxy, upstream):
+    """The first event is a call whose arguments are still streaming in: nothing can be sent
+    yet, but the client learns within HEADERS_AFTER that its stream started."""
+    proxy = await make_proxy({})
+    events = chat_stream(("ok", {"a": 1}), arg_piece=100)  # role, call start, arguments, finish
+    upstream.push(SSE(events[1:], delay=1.0))
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        async with session.post(
+            proxy.url + "/chat/completions",
+            json={"model": "m", "messages": MSGS, "stream": True},
+            headers={"Authorization": "Bearer sk-test-key"},
+        ) as resp:
+            headers_after = time.monotonic() - started
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            body = await resp.read()
+            body_after = time.monotonic() - started
+    # The call is complete (and can be sent) only at its finish, two upstream delays in.
+    assert body_after >= 2.0
+    # Held, the headers would have waited as long; the second upstream event is 1 s in.
+    assert headers_after < 1.0, (headers_after, stream_response.HEADERS_AFTER)
+    assert b"call_ok_0" in body and body.endswith(b"data: [DONE]\n\n")
