@@ -99,6 +99,10 @@ class StreamLoop:
         except Exception as exc:
             fx = gate.crashed(exc)
             if fx is None:
+                # What was taken as sent (its calls on record) still precedes serve_stream's
+                # error event, as it would have had it not waited to go with the end.
+                with contextlib.suppress(ConnectionError):
+                    await self.untail()
                 raise
             log.exception("stream_gate_error")
             try:

@@ -134,3 +134,62 @@ async def test_headers_go_out_while_the_first_call_is_held(make_proxy, upstream)
     # Held, the headers would have waited as long; the second upstream event is 1 s in.
     assert headers_after < 1.0, (headers_after, stream_response.HEADERS_AFTER)
     assert b"call_ok_0" in body and body.endswith(b"data: [DONE]\n\n")
+
+
+def dechunk(raw: bytes) -> bytes:
+    """A chunked body, decoded strictly: every chunk framed, the terminator last, nothing after."""
+    out, pos = [], 0
+    while True:
+        end = raw.index(b"\r\n", pos)
+        size = int(raw[pos:end], 16)
+        pos = end + 2
+        if size == 0:
+            assert raw[pos:] == b"\r\n", raw[pos - 8 :]
+            return b"".join(out)
+        out.append(raw[pos : pos + size])
+        pos += size
+        assert raw[pos : pos + 2] == b"\r\n", raw[pos - 8 : pos + 8]
+        pos += 2
+
+
+async def raw_stream(port: int, path: str, body: dict[str, Any]) -> tuple[bytes, bytes]:
+    """POST on a raw socket (HTTP/1.1, Connection: close): the head and the decoded body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test-key\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        "Connection: close\r\n\r\n".encode()
+        + data
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    return head, dechunk(rest)
+
+
+async def test_gate_crash_after_the_last_read_still_sends_what_was_sent(
+    make_proxy, upstream, monkeypatch
+):
+    """A gate that raises once the last read was handled (a bug: serve_stream ends the stream
+    with an internal error event): what that read sent, its allowed call on record, reaches
+    the client before the error, as it did when each read was written as it came."""
+    from proxy.chat_gate import ChatGate
+
+    def broken(self: Any) -> Any:
+        raise RuntimeError("gate bug")
+
+    monkeypatch.setattr(ChatGate, "next_round", broken)
+    proxy = await make_proxy({})
+    seen = records(proxy)
+    upstream.push(
+        all_at_once([*chat_stream(("ok", {"a": 1}), ids=["c_ok"]), b"data: [DONE]\n\n"])
+    )
+    chat = {"model": "m", "messages": MSGS, "stream": True}
+    head, body = await raw_stream(proxy.server.port, "/v1/chat/completions", chat)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert [(r["tool"], r["decision"]) for r in seen] == [("ok", "allowed")]
+    events = [e for e in body.split(b"\n\n") if e]
+    assert b'"c_ok"' in body and events[-2] == b"data: [DONE]", events[-3:]
+    assert json.loads(events[-1][6:])["error"]["code"] == "internal_error"
