@@ -11,12 +11,14 @@ from asyncio import selector_events
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy import stream_response
 from tests.conftest import SSE, records
 from tests.responses_streams import fc, msg, response, stream_events
 from tests.streams import chat_stream
+from tests.test_approval import TOKEN, Admin
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -193,3 +195,142 @@ async def test_gate_crash_after_the_last_read_still_sends_what_was_sent(
     events = [e for e in body.split(b"\n\n") if e]
     assert b'"c_ok"' in body and events[-2] == b"data: [DONE]", events[-3:]
     assert json.loads(events[-1][6:])["error"]["code"] == "internal_error"
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_call_read_at_once_is_on_file_before_the_client_has_it(
+    make_proxy, upstream, tmp_path, api
+):
+    """Audit before delivery holds for bytes that wait to go with the end of the body: the
+    record of the call they carry is in the file by the time the client reads it, in a stream
+    read at once and in a reprompt round that follows one."""
+    path = tmp_path / "audit.jsonl"
+    proxy = await make_proxy(
+        {
+            "on_block": "reprompt",
+            "audit": {"file": str(path), "log": False},
+            "tools": {"bad": {"allow": False}},
+        }
+    )
+    if api == "chat":
+        url, body = proxy.url + "/chat/completions", {"model": "m", "messages": MSGS}
+        upstream.push(
+            all_at_once([*chat_stream(("bad", {}), ids=["c_bad"]), b"data: [DONE]\n\n"]),
+            all_at_once([*chat_stream(("ok", {"a": 1}), ids=["c_ok"]), b"data: [DONE]\n\n"]),
+        )
+    else:
+        url, body = proxy.url + "/responses", {"model": "m", "input": "hi"}
+        upstream.push(
+            all_at_once(stream_events(response(msg("no"), fc("bad", {}, "c_bad")))),
+            all_at_once(stream_events(response(msg("yes"), fc("ok", {"a": 1}, "c_ok")))),
+        )
+    async with aiohttp.ClientSession() as s, s.post(url, json={**body, "stream": True}) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            if b"c_ok" in line:
+                on_file = [json.loads(x) for x in path.read_bytes().splitlines()]
+                assert "c_ok" in {r.get("call_id") for r in on_file}
+                break
+        else:
+            raise AssertionError("the allowed call was not delivered")
+    assert len(upstream.received) == 2  # the call came in the reprompt round
+
+
+APPROVAL = {
+    "on_block": "strip",
+    "server": {"admin_token": "${CG_TEST_ADMIN_TOKEN}"},
+    "tools": {
+        "transfer": {
+            "approval": {"when": "args.amount > 100", "ttl": 600, "wait": 3},
+            "rate_limit": {"max_calls": 100, "window": 60},
+        },
+        "lookup": {},
+    },
+}
+
+
+async def approving(proxy: Any, answer: bool) -> Any:
+    """An approver that answers the first pending request (the proxy's admin API over HTTP)."""
+    admin = Admin(proxy.root)
+
+    async def approver() -> str:
+        for _ in range(200):
+            found = await admin.pending()
+            if found:
+                await asyncio.sleep(stream_response.HEADERS_AFTER * 4)  # the timer fires first
+                act = admin.approve if answer else admin.deny
+                assert (await act(found[0]["id"]))[0] == 200
+                return str(found[0]["tool"])
+            await asyncio.sleep(0.02)
+        raise AssertionError("no pending approval appeared")
+
+    return approver
+
+
+def paying() -> Any:
+    events = chat_stream(
+        ("lookup", {"q": 1}), ("transfer", {"to": "a", "amount": 500}), text="Paying now"
+    )
+    return all_at_once([*events, b"data: [DONE]\n\n"])
+
+
+async def test_headers_by_the_timer_then_the_read_with_the_end(make_proxy, upstream, monkeypatch):
+    """A read held for an approver: the headers go alone (the timer), then the read and the
+    end of the body in one write, framed: one chunk, then the terminator."""
+    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", TOKEN)
+    proxy = await make_proxy(APPROVAL)
+    seen = records(proxy)
+    writes = client_writes(monkeypatch, proxy.server.port)
+    approver = asyncio.create_task((await approving(proxy, True))())
+    upstream.push(paying())
+    chat = {"model": "m", "messages": MSGS, "stream": True}
+    head, body = await raw_stream(proxy.server.port, "/v1/chat/completions", chat)
+    assert await approver == "transfer"
+    assert head.startswith(b"HTTP/1.1 200")
+    assert [(r["tool"], r["decision"]) for r in seen] == [
+        ("lookup", "allowed"),
+        ("transfer", "allowed"),
+    ]
+    assert b'"transfer"' in body and body.endswith(b"data: [DONE]\n\n")
+    mine = [w for w in writes if b"application/json" not in w]  # not the admin API's
+    assert mine[0].startswith(b"HTTP/1.1 200") and mine[0].endswith(b"\r\n\r\n"), mine[0][-40:]
+    assert len(mine) == 2 and mine[1].endswith(b"\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("answer", [True, False])
+@pytest.mark.parametrize("leave", ["after_headers", "at_once"])
+async def test_client_leaves_while_the_last_read_waits_for_an_approver(
+    make_proxy, upstream, monkeypatch, answer, leave
+):
+    """The client goes while its stream's only read waits on a decision (having seen the
+    headers, or before the timer could send them): the decisions are still recorded, the
+    serve loop ends, and the headers timer raises nothing in the event loop."""
+    monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", TOKEN)
+    loop_errors: list[Any] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, c: loop_errors.append(c))
+    proxy = await make_proxy(APPROVAL)
+    seen = records(proxy)
+    upstream.push(paying())
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    data = json.dumps({"model": "m", "messages": MSGS, "stream": True}).encode()
+    writer.write(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test-key\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    if leave == "after_headers":
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)  # by the timer
+        assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    await writer.wait_closed()
+    assert await (await approving(proxy, answer))() == "transfer"
+    for _ in range(200):
+        if proxy.state.streams == 0 and len(seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(stream_response.HEADERS_AFTER * 2)
+    assert proxy.state.streams == 0
+    assert [(r["tool"], r["decision"]) for r in seen] == [
+        ("lookup", "allowed"),
+        ("transfer", "allowed" if answer else "blocked"),
+    ]
+    assert loop_errors == []
