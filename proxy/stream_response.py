@@ -28,8 +28,14 @@ class EventStream(web.StreamResponse):
     _timer: asyncio.TimerHandle | None = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        first = self._payload_writer is None and not self._eof_sent
         writer = await super().prepare(request)
-        if writer is not None and self._timer is None:
+        if first and writer is not None:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # Where writing the headers at once would have failed: a client that left
+                # before the upstream answered gets no gate deciding (and reserving) for it.
+                raise ConnectionResetError("the client disconnected before its stream started")
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(HEADERS_AFTER, self._headers_now)
         return writer

@@ -249,15 +249,18 @@ APPROVAL = {
 }
 
 
-async def approving(proxy: Any, answer: bool) -> Any:
-    """An approver that answers the first pending request (the proxy's admin API over HTTP)."""
+async def approving(proxy: Any, answer: bool, first: Any = None) -> Any:
+    """An approver that answers the first pending request (the proxy's admin API over HTTP),
+    once the headers timer has fired (after calling `first`, if given)."""
     admin = Admin(proxy.root)
 
     async def approver() -> str:
         for _ in range(200):
             found = await admin.pending()
             if found:
-                await asyncio.sleep(stream_response.HEADERS_AFTER * 4)  # the timer fires first
+                if first is not None:
+                    first()
+                await asyncio.sleep(stream_response.HEADERS_AFTER * 2)  # the timer fires first
                 act = admin.approve if answer else admin.deny
                 assert (await act(found[0]["id"]))[0] == 200
                 return str(found[0]["tool"])
@@ -298,13 +301,15 @@ async def test_headers_by_the_timer_then_the_read_with_the_end(make_proxy, upstr
 
 
 @pytest.mark.parametrize("answer", [True, False])
-@pytest.mark.parametrize("leave", ["after_headers", "at_once"])
+@pytest.mark.parametrize("leave", ["after_headers", "before_headers"])
 async def test_client_leaves_while_the_last_read_waits_for_an_approver(
     make_proxy, upstream, monkeypatch, answer, leave
 ):
     """The client goes while its stream's only read waits on a decision (having seen the
-    headers, or before the timer could send them): the decisions are still recorded, the
-    serve loop ends, and the headers timer raises nothing in the event loop."""
+    headers, or before the timer sent them): the decisions are still recorded, the serve loop
+    ends, and the headers timer (firing on a closed connection) raises nothing."""
+    if leave == "before_headers":
+        monkeypatch.setattr(stream_response, "HEADERS_AFTER", 0.5)  # the client leaves first
     monkeypatch.setenv("CG_TEST_ADMIN_TOKEN", TOKEN)
     loop_errors: list[Any] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, c: loop_errors.append(c))
@@ -320,9 +325,10 @@ async def test_client_leaves_while_the_last_read_waits_for_an_approver(
     if leave == "after_headers":
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)  # by the timer
         assert head.startswith(b"HTTP/1.1 200")
-    writer.close()
-    await writer.wait_closed()
-    assert await (await approving(proxy, answer))() == "transfer"
+    if leave == "after_headers":
+        writer.close()
+    approver = await approving(proxy, answer, writer.close)
+    assert await approver() == "transfer"
     for _ in range(200):
         if proxy.state.streams == 0 and len(seen) == 2:
             break
@@ -334,3 +340,45 @@ async def test_client_leaves_while_the_last_read_waits_for_an_approver(
         ("transfer", "allowed" if answer else "blocked"),
     ]
     assert loop_errors == []
+
+
+async def test_client_gone_before_the_upstream_answers_is_not_served(make_proxy, upstream):
+    """A client that left while callgate waited for the upstream's answer: nothing is decided
+    for it (with headers written at prepare, that write failed and the gate never ran), so its
+    stream takes no rate-limit slot and makes no record, even with headers held."""
+    proxy = await make_proxy({"tools": {"ok": {"rate_limit": {"max_calls": 1, "window": 60}}}})
+    seen = records(proxy)
+    answered = asyncio.Event()
+
+    async def slow(rec: Any) -> web.StreamResponse:
+        await asyncio.sleep(0.3)  # the client leaves meanwhile
+        answered.set()
+        return all_at_once([*chat_stream(("ok", {"a": 1})), b"data: [DONE]\n\n"])(rec)
+
+    upstream.push(slow, all_at_once([*chat_stream(("ok", {"a": 2})), b"data: [DONE]\n\n"]))
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    data = json.dumps({"model": "m", "messages": MSGS, "stream": True}).encode()
+    writer.write(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test-key\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    await asyncio.sleep(0.1)
+    writer.close()
+    await asyncio.wait_for(answered.wait(), 5)
+    for _ in range(100):
+        if proxy.state.streams == 0:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert seen == []
+    # The one slot is still free: the next stream's call passes.
+    stream = await proxy.client().chat.completions.create(model="m", messages=MSGS, stream=True)
+    names = [
+        tc.function.name
+        async for ch in stream
+        for choice in ch.choices
+        for tc in choice.delta.tool_calls or []
+        if tc.function and tc.function.name
+    ]
+    assert names == ["ok"]
+    assert [(r["tool"], r["decision"]) for r in seen] == [("ok", "allowed")]
