@@ -88,8 +88,10 @@ async def timed_close(
 ) -> tuple[float, bytes]:
     """Connect, let `send` write, then how long until callgate closed, and what it sent."""
     loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # From before the connect: callgate's timer starts at its accept, which a busy loop may
+    # let come well before this coroutine resumes (200 connections open at once).
     began = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         sending = asyncio.ensure_future(send(writer))
         data = await read_until_closed(reader, 10)
