@@ -284,7 +284,7 @@ class Auditor:
         in the background; the caller must not deliver the calls it recorded).
 
         Concurrent callers share one write: the first caller of a loop iteration has the
-        records flushed at its end, and all wait on that batch's one future. `window`: the
+        records flushed at its end, and all wait for that batch's write. `window`: the
         caller may wait that long for others to join the write (streams reach their calls at
         different moments; without a window each would pay a write of its own).
         """
@@ -301,18 +301,13 @@ class Auditor:
             target = self._sealed
         if target <= self._written:
             return
-        if self._waiters and self._waiters[-1][0] == target:
-            future = self._waiters[-1][1]
-        elif self._closed and self._writer is None:
+        if self._closed and self._writer is None:
             raise AuditUnavailable("audit file closed with records unwritten")
-        else:
-            future = self._loop.create_future()
-            self._waiters.append((target, future))
-        try:
-            # Shielded: one waiter's cancellation must not cancel the batch's shared future.
-            await asyncio.shield(future)
-        except AuditUnavailable as exc:
-            raise AuditUnavailable(str(exc)) from None  # a fresh one per waiter
+        # A future per waiter (set in order as batches are written): one waiter's cancellation
+        # touches nothing of the others', without a shield's extra future and callbacks.
+        future = self._loop.create_future()
+        self._waiters.append((target, future))
+        await future
 
     def _flush(self) -> None:
         """Seal the records gathered so far (on the event loop: the chain is in record order)
