@@ -54,6 +54,24 @@ def finish_reason(st: ChoiceState, p: Plan, finish: str) -> str:
     return "function_call" if any(c.legacy for c in st.calls) else finish
 
 
+def error_passed(text: list[bytes | str]) -> Any:
+    """The upstream's error, when the last event passed on raw was its error event (one with
+    no call in play goes to the client as text, unparsed); else None."""
+    if not text or not isinstance(text[-1], bytes):
+        return None
+    last = text[-1].rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    payload = sse.data_of(last)
+    if not payload or payload == sse.DONE:
+        return None
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
+        return obj["error"]
+    return None
+
+
 def round_content(text: list[bytes | str]) -> str | None:
     """A round's text: the extracted strings, and the content of the raw events passed on."""
     parts: list[str] = []

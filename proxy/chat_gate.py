@@ -21,7 +21,14 @@ from typing import Any
 import structlog
 
 from proxy import chat, reprompt, sse
-from proxy.chat_finish import chunk, finish_reason, reprompt_body, round_content, stash_order
+from proxy.chat_finish import (
+    chunk,
+    error_passed,
+    finish_reason,
+    reprompt_body,
+    round_content,
+    stash_order,
+)
 from proxy.chat_held import ChoiceState, HeldCall, Reprompted, incomplete, meaningful
 from proxy.errors import error_body
 from proxy.forward import StreamFailed, event_object
@@ -227,6 +234,13 @@ class ChatGate(GateSteps):
                     "incomplete_tool_call",
                 )
             if not self.choices or not all(st.finished for st in self.choices.values()):
+                error = error_passed(self.text)
+                if error is not None:
+                    # The upstream's error event ended the stream, and the client has it: as
+                    # when a call is held (error_event), no error of callgate's follows it.
+                    log.warning("upstream_error_event", error=str(error)[:300])
+                    self.emit(DONE)
+                    return
                 raise StreamFailed(
                     "upstream stream ended before the response finished", "upstream_truncated"
                 )

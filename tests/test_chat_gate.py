@@ -33,7 +33,7 @@ from proxy.stream_effects import (
 )
 from proxy.toolcalls import CallContext
 from tests.conftest import policy_from
-from tests.streams import BASE, chat_stream
+from tests.streams import BASE, chat_stream, chunk
 
 MSGS = [{"role": "user", "content": "hi"}]
 UPSTREAM = "http://127.0.0.1:9/v1"  # never connected to: the gate does no I/O
@@ -369,6 +369,22 @@ async def test_an_upstream_error_event_passes_and_ends_the_stream() -> None:
         assert isinstance(run.ending, Done)
         assert run.events[-1] == err and b"c_ok" not in run.out
         assert run.records == [("c_ok", "blocked", "fail_closed")]
+
+
+async def test_an_upstream_error_event_after_text_ends_the_stream_once() -> None:
+    """With no call in play the error event goes on as text, unparsed; the stream the
+    upstream then ends is over, with no error of callgate's after the upstream's."""
+    driver = Driver(STRIP)
+    err = {"error": {"message": "overloaded", "type": "server_error"}}
+    data = sse_bytes([*chat_stream(text="Let me")[:3], err], done=False)
+    for chunks in [[data], *split_every(data)[::7]]:
+        run = await driver.run(chunks)
+        assert isinstance(run.ending, Done), run.ending
+        assert run.events[-1] == err
+        assert [e for e in run.events if isinstance(e, dict) and "error" in e] == [err]
+    # Events after the error: the stream did not end with it, so it is cut short as before.
+    run = await driver.run([sse_bytes([*chat_stream(text="Let me")[:3], err, chunk({})], False)])
+    assert isinstance(run.ending, Fail) and run.ending.code == "upstream_truncated"
 
 
 async def test_a_client_that_leaves_gets_its_decided_calls_recorded() -> None:
