@@ -72,13 +72,12 @@ class _Batch:
     """Calls that go to Redis in one script run, in the order they came; once sent (slim
     client), the connection it waits on and the deadline of its reply."""
 
-    __slots__ = ("calls", "conn", "deadline", "on_slot", "payload", "timer")
+    __slots__ = ("calls", "conn", "deadline", "on_slot", "timer")
 
     def __init__(self) -> None:
         self.calls: list[_Call] = []
         self.conn: resp.Connection | None = None
         self.deadline = 0.0
-        self.payload = b""
         self.timer: asyncio.TimerHandle | None = None
         self.on_slot: Callable[[], None] | None = None
 
@@ -95,14 +94,22 @@ def _settle(calls: list[_Call], raw: Any) -> None:
             future.set_result((raw[2 * i], raw[2 * i + 1]))
 
 
-def _keys_args(calls: list[_Call]) -> tuple[list[str], list[Any]]:
-    """A batch's KEYS and ARGV: every call's keys, then the call count and every call's share."""
+def _keys_args(calls: list[_Call], resend: bool) -> tuple[list[str], list[Any]]:
+    """A batch's KEYS and ARGV: every call's keys, then the call count, whether the script
+    must look for a first run of it (`resend`: a reply may have been lost), and every call's
+    share."""
     keys: list[str] = []
-    args: list[Any] = [len(calls)]
+    args: list[Any] = [len(calls), "1" if resend else "0"]
     for call_keys, call_args, _ in calls:
         keys += call_keys
         args += call_args
     return keys, args
+
+
+def _payload(calls: list[_Call], resend: bool) -> bytes:
+    keys, args = _keys_args(calls, resend)
+    payload: bytes = hiredis.pack_command(("EVALSHA", RESERVE_SHA, len(keys), *keys, *args))
+    return payload
 
 
 class Batches:
@@ -200,7 +207,7 @@ class Batches:
             live = [call for call in batch.calls if not call[2].done()]
             if not live:
                 return
-            keys, args = _keys_args(live)
+            keys, args = _keys_args(live, True)  # redis-py resends on a failed connection
             async with asyncio.timeout(self._timeout):
                 raw = await self._reserve(keys, args)
         except TimeoutError:
@@ -260,8 +267,6 @@ class Batches:
         if not live:
             self._slots.give()
             return
-        keys, args = _keys_args(live)
-        batch.payload = hiredis.pack_command(("EVALSHA", RESERVE_SHA, len(keys), *keys, *args))
         loop = asyncio.get_running_loop()
         batch.deadline = loop.time() + self._timeout
         conn = self._wire.take()  # type: ignore[union-attr]
@@ -269,7 +274,7 @@ class Batches:
             self._spawn(self._retry(batch, None))
             return
         batch.conn = conn
-        conn.send(batch.payload, partial(self._reply, batch))
+        conn.send(_payload(live, False), partial(self._reply, batch))
         self._flying.append(batch)
         if self._watch is None:
             self._watch = loop.call_at(batch.deadline, self._watchdog)
@@ -342,7 +347,8 @@ class Batches:
         error: StoreError | None = None
         try:
             async with asyncio.timeout_at(batch.deadline):
-                raw = await self._resend(batch.payload, first)
+                # Every send from here on may follow a run whose reply was lost.
+                raw = await self._resend(_payload(batch.calls, True), first)
         except TimeoutError:
             error = StoreError(f"redis reserve: no answer within {self._timeout:g}s")
         except ERRORS as exc:

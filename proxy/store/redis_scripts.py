@@ -8,8 +8,9 @@ rely on (micro-units, `%d`, never `tostring`) are described in `proxy.store.redi
 # later call of the batch sees what an earlier one recorded, exactly as separate runs would).
 # KEYS: two per item, the calls' items one after another: the item's log (ZSET) and its ledger
 #   total (STRING, budgets only).
-# ARGV: call count, then per call: now_us ("" = use the server's TIME), reservation id, item
-#   count, then six per item:
+# ARGV: call count, replay check ("1": a resend, whose first run's reply may have been lost;
+#   "0": a first send, whose fresh reservation ids cannot be recorded yet), then per call: now_us
+#   ("" = use the server's TIME), reservation id, item count, then six per item:
 #   kind ("s" slot | "c" charge), enforce ("1" | "0"), window_us, horizon_us,
 #   slot: max_calls (-1 = none), cooldown_us    charge: max_micros, cost_micros
 # Returns two tables per call, {outcomes, members, outcomes, members, ...}: outcomes is six
@@ -31,15 +32,18 @@ local function clock(arg)
 end
 
 -- One call: its arguments start at ARGV[a + 1], its keys after KEYS[k].
+local check_replay = ARGV[2] == '1'
+
 local function reserve(now, rid, n, a, k)
   local outcomes, members, passed = {}, {}, {}
   local blocked = false
 
   -- A retry of a reservation that already ran (its reply was lost): the script is atomic, so
   -- either every passing item of it was recorded or none. Found recorded: answer "granted" for
-  -- what it recorded and record nothing again.
+  -- what it recorded and record nothing again. (A first send skips the look: two commands a
+  -- call, of the dozen or so the rest takes.)
   local replay = false
-  for i = 1, n do
+  for i = 1, check_replay and n or 0 do
     local b = a + (i - 1) * 6
     local amount = 0
     if ARGV[b + 1] == 'c' then amount = tonumber(ARGV[b + 6]) end
@@ -171,7 +175,7 @@ local function reserve(now, rid, n, a, k)
 end
 
 local result = {}
-local a, k = 1, 0
+local a, k = 2, 0
 for _ = 1, tonumber(ARGV[1]) do
   local now, rid, n = clock(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
   local outcomes, members = reserve(now, rid, n, a + 3, k)
