@@ -105,3 +105,41 @@ def test_reservation_ids_are_unique_and_a_forked_worker_draws_its_own_prefix():
     mine = reservation_id()
     assert child and child not in ids and child != mine
     assert child[:16] != mine[:16]  # another prefix, not just another count
+
+
+def test_a_batch_payload_is_what_hiredis_packs_for_its_keys_and_args():
+    """The slim client's EVALSHA is built from each call's shape encoded once (_payload);
+    redis-py's path sends the same KEYS and ARGV as values (_keys_args). Held to hiredis's
+    packing of those values over generated batches: keys in any script, amounts at the
+    bounds, no clock and a test clock, first sends and resends."""
+    import random
+
+    import hiredis
+
+    from proxy.store import ChargeRequest
+    from proxy.store.redis import MAX_EXACT
+    from proxy.store.redis_batch import RESERVE_SHA, _keys_args, _payload
+
+    rng = random.Random(1606)
+    names = ["k", "rl:search_web:alice", "budget:ümlaut:Ωmega", "x" * 300, "a b\r\nc", ""]
+    store = RedisStore("redis://127.0.0.1:1/0", prefix=rng.choice(["", "cg:", "ß:"]))
+    for _ in range(400):
+        calls = []
+        for _ in range(rng.randint(1, 6)):
+            items: list[SlotRequest | ChargeRequest] = []
+            for _ in range(rng.randint(1, 3)):
+                key = rng.choice(names) + str(rng.randint(0, 9))
+                if rng.random() < 0.5:
+                    limit = rng.choice([None, 0, 1, 10**9])
+                    window, cooldown = rng.choice([0.0, 0.5, 60.0, 86400.0]), rng.random() * 5
+                    items.append(SlotRequest(key, limit, window, cooldown, rng.random() < 0.8))
+                else:
+                    top = rng.choice([0, 1, 10**6, MAX_EXACT])
+                    items.append(ChargeRequest(key, top, 3600.0, rng.randint(0, top), True))
+            store._clock = rng.choice([None, lambda: 1_700_000_000.123456])
+            shape, head = store._call_args(items)
+            calls.append((shape, head, None))
+        for resend in (False, True):
+            keys, args = _keys_args(calls, resend)  # type: ignore[arg-type]
+            packed = hiredis.pack_command(("EVALSHA", RESERVE_SHA, len(keys), *keys, *args))
+            assert _payload(calls, resend) == packed  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from proxy.store import ChargeRequest, Reservation, SlotRequest, Store, StoreErr
 from proxy.store import memory as memory_store
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
-from proxy.store.redis_batch import RESERVE_SHA
+from proxy.store.redis_batch import RESERVE_SHA, _keys_args
 from tests.conftest import FakeClock
 from tests.redis_server import RedisServer, redis_server_fixture, start_redis  # noqa: F401
 
@@ -631,10 +631,11 @@ async def test_redis_retry_of_a_reservation_whose_reply_was_lost_records_once(
         first = await e.store.reserve(items)
         assert all(o.ok for o in first.outcomes)
         assert isinstance(e.store, RedisStore)
-        keys, args = e.store._call_args(items)  # what a resend carries: the same ids
+        shape, head = e.store._call_args(items)
+        keys, args = _keys_args([(shape, head, None)], True)  # a resend: the same ids
         raw = await e.raw()
         try:
-            flat, members = await raw.evalsha(RESERVE_SHA, len(keys), *keys, 1, "1", *args)
+            flat, members = await raw.evalsha(RESERVE_SHA, len(keys), *keys, *args)
             assert flat[::6] == [1, 1]  # granted, as the first run
             assert [m.decode() for m in members] == [member for _, member in first.token]
             assert await raw.zcard(e.prefix + "rl:k") == 1

@@ -63,7 +63,7 @@ from proxy.store import resp
 from proxy.store.base import ChargeRequest, Outcome, Reservation, SlotRequest, StoreError
 from proxy.store.redis_batch import ERRORS as _ERRORS
 from proxy.store.redis_batch import RESERVE_SHA as _RESERVE_SHA
-from proxy.store.redis_batch import Batches, reservation_id
+from proxy.store.redis_batch import Batches, Shape, reservation_id
 from proxy.store.redis_scripts import (
     FIND_APPROVAL_LUA,
     PUT_APPROVAL_LUA,
@@ -83,6 +83,7 @@ LIMITS = ("", "max_calls", "cooldown", "max_spend")
 # Calls per script run: Redis runs one script at a time, so this bounds how long one batch holds
 # it up (~44 us of Redis time per call: ~3 ms at 64), and a batch is one reply to parse.
 MAX_BATCH = 64
+MAX_SHAPES = 16_384  # calls' shapes kept, one per distinct items (about 10 MiB at most)
 
 
 _RELEASE_SHA = hashlib.sha1(RELEASE_LUA.encode()).hexdigest()
@@ -163,6 +164,7 @@ class RedisStore:
         self._put_approval = self._redis.register_script(PUT_APPROVAL_LUA)
         self._find_approval = self._redis.register_script(FIND_APPROVAL_LUA)
         self._update_approval = self._redis.register_script(UPDATE_APPROVAL_LUA)
+        self._shapes: dict[int, tuple[Sequence[SlotRequest | ChargeRequest], Shape]] = {}
         self._batches = Batches(
             self._wire,
             self._slots,
@@ -281,12 +283,16 @@ class RedisStore:
 
     def _call_args(
         self, items: Sequence[SlotRequest | ChargeRequest]
-    ) -> tuple[list[str], list[Any]]:
-        """One call's keys and its share of the script's ARGV."""
-        keys: list[str] = []
-        prefix = self._prefix
+    ) -> tuple[Shape, tuple[str, str]]:
+        """One call's shape (kept per items: the gates build a call's items once per tool and
+        principal) and its clock and reservation id."""
         now = "" if self._clock is None else str(_micros(self._clock()))
-        args: list[Any] = [now, reservation_id(), len(items)]
+        kept = self._shapes.get(id(items))
+        if kept is not None and kept[0] is items:
+            return kept[1], (now, reservation_id())
+        keys: list[str] = []
+        tail: list[Any] = []
+        prefix = self._prefix
         for item in items:
             key = item.key
             keys += (prefix + key, f"{prefix}sum:{key}")
@@ -294,18 +300,21 @@ class RedisStore:
             if isinstance(item, SlotRequest):
                 cooldown = _micros(item.cooldown)
                 max_calls = -1 if item.max_calls is None else item.max_calls
-                args += ["s", int(item.enforce), window, max(window, cooldown), max_calls, cooldown]
+                tail += ["s", int(item.enforce), window, max(window, cooldown), max_calls, cooldown]
             else:
                 if max(item.max_micros, item.cost_micros) > MAX_EXACT:
                     raise StoreError(f"redis reserve: amount too large for {item.key}")
-                args += ["c", int(item.enforce), window, window, item.max_micros, item.cost_micros]
-        return keys, args
+                tail += ["c", int(item.enforce), window, window, item.max_micros, item.cost_micros]
+        shape = Shape(keys, tail, len(items))
+        if len(self._shapes) >= MAX_SHAPES:
+            self._shapes.clear()  # principals x tools outgrew it: start over
+        self._shapes[id(items)] = (items, shape)  # the items kept alive: their id stays theirs
+        return shape, (now, reservation_id())
 
     async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
         if not items:
             return Reservation([])
-        keys, args = self._call_args(items)
-        future = self._enqueue([(keys, args)])[0]
+        future = self._enqueue([self._call_args(items)])[0]
         return _reservation(items, await future)
 
     async def reserve_many(
@@ -315,7 +324,7 @@ class RedisStore:
         each all-or-nothing on its own. A call the store could not answer gets the StoreError
         in its place, so each call applies its own on_store_error."""
         results: list[Reservation | StoreError | None] = [None] * len(calls)
-        batch: list[tuple[list[str], list[Any]]] = []
+        batch: list[tuple[Shape, tuple[str, str]]] = []
         sent: list[int] = []
         for i, items in enumerate(calls):
             if not items:

@@ -36,7 +36,7 @@ from proxy.store import resp
 from proxy.store.base import StoreError
 from proxy.store.redis_scripts import RESERVE_LUA
 
-__all__ = ["ERRORS", "RESERVE_SHA", "Batches", "reservation_id"]
+__all__ = ["ERRORS", "RESERVE_SHA", "Batches", "Shape", "reservation_id"]
 
 # What a failed Redis call raises: redis-py's errors, the slim client's (proxy.store.resp) error
 # replies, and socket errors from either.
@@ -64,8 +64,28 @@ def reservation_id() -> str:
     return f"{_rid_prefix}{next(_rid_count):x}"
 
 
-# One call of a batch: (keys, ARGV share, the caller's future).
-_Call = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+def _bulk(value: Any) -> bytes:
+    data = str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+class Shape:
+    """What a call's items make of a batch, built once per items (proxy.store.redis keeps it):
+    its KEYS and the items' part of its ARGV share, as values and as RESP. Only the clock and
+    the reservation id differ from one call to the next."""
+
+    __slots__ = ("count", "keys", "keys_wire", "tail", "tail_wire")
+
+    def __init__(self, keys: list[str], tail: list[Any], count: int) -> None:
+        self.keys = keys
+        self.tail = tail
+        self.count = count  # items
+        self.keys_wire = b"".join(_bulk(key) for key in keys)
+        self.tail_wire = _bulk(count) + b"".join(_bulk(value) for value in tail)
+
+
+# One call of a batch: its shape, (now, reservation id), the caller's future.
+_Call = tuple[Shape, tuple[str, str], "asyncio.Future[Any]"]
 
 
 class _Batch:
@@ -100,16 +120,28 @@ def _keys_args(calls: list[_Call], resend: bool) -> tuple[list[str], list[Any]]:
     share."""
     keys: list[str] = []
     args: list[Any] = [len(calls), "1" if resend else "0"]
-    for call_keys, call_args, _ in calls:
-        keys += call_keys
-        args += call_args
+    for shape, (now, rid), _ in calls:
+        keys += shape.keys
+        args += (now, rid, shape.count, *shape.tail)
     return keys, args
 
 
+_EVALSHA = b"$7\r\nEVALSHA\r\n" + _bulk(RESERVE_SHA)
+
+
 def _payload(calls: list[_Call], resend: bool) -> bytes:
-    keys, args = _keys_args(calls, resend)
-    payload: bytes = hiredis.pack_command(("EVALSHA", RESERVE_SHA, len(keys), *keys, *args))
-    return payload
+    """The batch's EVALSHA as RESP (what `_keys_args` would pack): each call's shape
+    encoded once, only its clock and reservation id here."""
+    nkeys = nargs = 0
+    keys: list[bytes] = []
+    args: list[bytes] = [_bulk(len(calls)), b"$1\r\n1\r\n" if resend else b"$1\r\n0\r\n"]
+    for shape, (now, rid), _ in calls:
+        nkeys += len(shape.keys)
+        nargs += 3 + len(shape.tail)
+        keys.append(shape.keys_wire)
+        args += (_bulk(now), _bulk(rid), shape.tail_wire)
+    head = b"*%d\r\n" % (3 + nkeys + 2 + nargs) + _EVALSHA + _bulk(nkeys)
+    return b"".join((head, *keys, *args))
 
 
 class Batches:
@@ -149,7 +181,7 @@ class Batches:
             f" (pool_size {self._pool_size})"
         )
 
-    def enqueue(self, calls: list[tuple[list[str], list[Any]]]) -> list[asyncio.Future[Any]]:
+    def enqueue(self, calls: list[tuple[Shape, tuple[str, str]]]) -> list[asyncio.Future[Any]]:
         """Add calls to the batch that goes out next; the calls given together stay together
         (one script run) unless they alone exceed `max_batch`."""
         loop = asyncio.get_running_loop()
@@ -167,9 +199,9 @@ class Batches:
                 else:
                     self._spawn(self._send(batch))
             queue = batch.calls
-            for keys, args in chunk:
+            for shape, head in chunk:
                 future = loop.create_future()
-                queue.append((keys, args, future))
+                queue.append((shape, head, future))
                 futures.append(future)
         return futures
 
