@@ -285,9 +285,12 @@ class RedisStore:
         self, items: Sequence[SlotRequest | ChargeRequest]
     ) -> tuple[Shape, tuple[str, str]]:
         """One call's shape (kept per items: the gates build a call's items once per tool and
-        principal) and its clock and reservation id."""
+        principal, as a tuple) and its clock and reservation id."""
         now = "" if self._clock is None else str(_micros(self._clock()))
-        kept = self._shapes.get(id(items))
+        # Only a tuple's shape is kept: a list (any other sequence) may be given again with
+        # other content, and would be answered with the old keys and limits.
+        keep = type(items) is tuple
+        kept = self._shapes.get(id(items)) if keep else None
         if kept is not None and kept[0] is items:
             return kept[1], (now, reservation_id())
         keys: list[str] = []
@@ -306,9 +309,10 @@ class RedisStore:
                     raise StoreError(f"redis reserve: amount too large for {item.key}")
                 tail += ["c", int(item.enforce), window, window, item.max_micros, item.cost_micros]
         shape = Shape(keys, tail, len(items))
-        if len(self._shapes) >= MAX_SHAPES:
-            self._shapes.clear()  # principals x tools outgrew it: start over
-        self._shapes[id(items)] = (items, shape)  # the items kept alive: their id stays theirs
+        if keep:
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()  # principals x tools outgrew it: start over
+            self._shapes[id(items)] = (items, shape)  # kept alive: their id stays theirs
         return shape, (now, reservation_id())
 
     async def reserve(self, items: Sequence[SlotRequest | ChargeRequest]) -> Reservation:
