@@ -312,3 +312,21 @@ async def test_odd_keys_reach_redis_as_they_are(redis_server: RedisServer):
     finally:
         await raw.aclose()
         await store.close()
+
+
+def test_shapes_are_kept_per_tuple_and_bounded_when_items_are_fresh_per_call(monkeypatch):
+    """The gates' items (a tuple per tool and principal) keep their shape; items built per call
+    (a cost expression) fill the cache up to MAX_SHAPES, never past it."""
+    from proxy.store import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "MAX_SHAPES", 50)
+    store = RedisStore("redis://127.0.0.1:1/0")
+    kept = (SlotRequest("rl:t@alice", 3, 60.0, 0.0),)
+    shape, (_, rid) = store._call_args(kept)
+    again, (_, other) = store._call_args(kept)
+    assert again is shape and other != rid  # the same shape, a fresh reservation id
+    for cost in range(500):
+        store._call_args((ChargeRequest("budget:l@alice", 10**6, 60.0, cost),))
+        assert len(store._shapes) <= 50
+    listed = [SlotRequest("rl:t@bob", 3, 60.0, 0.0)]
+    assert store._call_args(listed)[0] is not store._call_args(listed)[0]  # a list: never kept
