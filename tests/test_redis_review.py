@@ -266,6 +266,9 @@ async def test_one_principal_in_two_groups_gets_each_overlay_s_limit(redis_serve
         assert await allowed(plain, "priced", '{"n": 3}')  # 0.75
         assert not await allowed(plain, "priced", '{"n": 2}')  # 0.75 + 0.50 > 1.00
         assert await allowed(plain, "priced", '{"n": 1}')  # 1.00
+        # Items built per call come as a list: never kept, so they push no shape out.
+        assert all(type(kept) is tuple for kept, _ in store._shapes.values())
+        assert len(store._shapes) == 2  # t for alice in the policy and in her overlay
     finally:
         await store.close()
 

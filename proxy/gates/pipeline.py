@@ -11,6 +11,7 @@ withheld for another call's sake is recorded as such.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import structlog
 
@@ -71,7 +72,7 @@ async def _checks(decision: Decision, checks: tuple[Check, ...], ctx: CallContex
     return False
 
 
-Items = tuple[tuple[StoreItem, ...], tuple[Reservation, ...]]
+Items = tuple[Sequence[StoreItem], tuple[Reservation, ...]]
 
 
 async def decide_many(
@@ -138,7 +139,7 @@ async def _reserve(
 
 def _apply(
     decision: Decision,
-    requests: tuple[StoreItem, ...],
+    requests: Sequence[StoreItem],
     gates: tuple[Reservation, ...],
     result: StoreAnswer | BaseException,
 ) -> None:
@@ -165,7 +166,7 @@ def _items(
 ) -> Items | None:
     """The store items of the call's reservations (None when a Block stopped it). Items that
     depend only on the tool and the principal are built once per pair and kept with the
-    policy; the store never mutates them."""
+    policy (as tuples); the store never mutates them."""
     reservations = tool.reservations
     constant = all(gate.constant for gate in reservations)
     key = (tool.name, decision.call.name, ctx.principal)
@@ -184,7 +185,9 @@ def _items(
             continue
         requests.append(item)
         gates.append(gate)
-    items = (tuple(requests), tuple(gates))
+    # A tuple when kept (the Redis store then keeps what it makes of it, per tuple); a call's
+    # own items (priced by its arguments) stay a list, so nothing keeps them.
+    items = (tuple(requests) if constant else requests, tuple(gates))
     if constant:
         if len(derived) >= MAX_DERIVED:
             derived.clear()
