@@ -182,6 +182,7 @@ class LoseOneReply:
                 if replies and self.armed:
                     self.armed = False
                     self.lost += 1
+                    await self.reply_lost()
                     break  # closes `dst`: the reply is lost
                 dst.write(chunk)
                 await dst.drain()
@@ -189,6 +190,9 @@ class LoseOneReply:
             pass
         finally:
             dst.close()
+
+    async def reply_lost(self) -> None:
+        """What else happens the moment a reply is lost (a subclass's hook)."""
 
     async def close(self) -> None:
         assert self.server is not None
