@@ -45,6 +45,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
+from proxy import http_answer
 from proxy.errors import error_body, error_response
 from proxy.logs import safe_message
 
@@ -296,6 +297,26 @@ class GuardedRequestHandler(RequestHandler):
             )
         resp.force_close()
         return resp
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, but a whole body in memory goes out in one write (proxy.http_answer)."""
+        if self._upgraded or not http_answer.plain(request, resp):
+            return await super().finish_response(request, resp, start_time)
+        request._finish()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return resp, True  # as aiohttp: the client left, nothing to write to
+        transport.write(http_answer.encode(request, cast(web.Response, resp)))
+        if self.writing_paused:
+            # As aiohttp's writer: a slow reader's backlog is drained before the next request.
+            try:
+                await self._drain_helper()
+            except ConnectionError:
+                return resp, True
+        self.log_access(request, resp, start_time)
+        return resp, False
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp's "Unhandled exception" and the like: the exception's text can quote the

@@ -1,0 +1,208 @@
+"""proxy.http_answer: a whole response in one write, byte for byte what aiohttp would send.
+
+The reference is aiohttp's own path: the same app, served by the same protocol with the fast
+path switched off, answers the same raw requests; the two byte streams must be equal (Date
+aside). Then what the fast path must keep: keep-alive and pipelining, `Connection: close`,
+a header with CR/LF refused, and the cases it leaves to aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from proxy import http_answer
+from proxy.config import ServerConfig
+from proxy.server import make_runner
+
+_DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+
+
+async def _json(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=b'{"ok":true}', content_type="application/json")
+
+
+async def _upstream_like(request: web.Request) -> web.StreamResponse:
+    # As forward.raw_reply: the upstream's headers, repeated ones included, and its status.
+    headers = {"x-request-id": "req_1", "openai-processing-ms": "12"}
+    resp = web.Response(status=201, headers=headers, body=b"x" * 70000)
+    resp.headers.add("Set-Thing", "a")
+    resp.headers.add("Set-Thing", "b")
+    return resp
+
+
+async def _error_close(request: web.Request) -> web.StreamResponse:
+    resp = web.Response(status=400, reason="Bad Request", text='{"error":{}}')
+    resp.force_close()
+    return resp
+
+
+async def _empty(request: web.Request) -> web.StreamResponse:
+    return web.Response()
+
+
+async def _no_type(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=b"raw bytes")
+
+
+async def _no_content(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=204)
+
+
+async def _text(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="héllo", headers={"Server": "someone-else"})
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=await request.read())
+
+
+async def _bad_header(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=b"{}", headers={"x-evil": "a\r\nInjected: yes"})
+
+
+def _app() -> web.Application:
+    app = web.Application()
+    for path, handler in (
+        ("/json", _json),
+        ("/upstream", _upstream_like),
+        ("/error", _error_close),
+        ("/empty", _empty),
+        ("/no-type", _no_type),
+        ("/no-content", _no_content),
+        ("/text", _text),
+        ("/bad-header", _bad_header),
+    ):
+        app.router.add_get(path, handler)
+    app.router.add_post("/echo", _echo)
+    return app
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[int]:
+    runner = make_runner(_app(), ServerConfig())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield port
+    await runner.cleanup()
+
+
+async def _exchange(port: int, data: bytes, until_close: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    out = b""
+    try:
+        if until_close:
+            out = await asyncio.wait_for(reader.read(-1), 5)
+        else:
+            # Read until every answer asked for has its whole body.
+            while True:
+                chunk = await asyncio.wait_for(reader.read(1 << 16), 5)
+                if not chunk:
+                    break
+                out += chunk
+                if _complete(out, data.count(b"HTTP/1.1\r\n")):
+                    break
+    finally:
+        writer.close()
+    return out
+
+
+def _complete(data: bytes, answers: int) -> bool:
+    at = 0
+    for _ in range(answers):
+        end = data.find(b"\r\n\r\n", at)
+        if end < 0:
+            return False
+        length = re.search(rb"Content-Length: (\d+)", data[at:end])
+        at = end + 4 + (int(length.group(1)) if length else 0)
+        if at > len(data):
+            return False
+    return True
+
+
+def _get(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: x", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+CASES = [
+    _get("/json"),
+    _get("/upstream"),
+    _get("/empty"),
+    _get("/no-type"),
+    _get("/no-content"),
+    _get("/text"),
+    _get("/json", "Connection: close"),
+    b"GET /json HTTP/1.0\r\nHost: x\r\n\r\n",
+    b"HEAD /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    _get("/missing"),
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    # Pipelined: three answers on one connection, in order.
+    _get("/json") + _get("/upstream") + _get("/empty"),
+]
+
+
+@pytest.mark.parametrize("raw", CASES, ids=lambda raw: raw.split(b"\r\n")[0].decode()[:40])
+async def test_same_bytes_as_aiohttp(
+    server: int, raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closes = b"Connection: close" in raw or b"HTTP/1.0" in raw
+    fast = await _exchange(server, raw, until_close=closes)
+    with monkeypatch.context() as m:
+        m.setattr(http_answer, "plain", lambda request, resp: False)
+        reference = await _exchange(server, raw, until_close=closes)
+    assert fast.startswith(b"HTTP/1.")
+    assert _DATE.sub(b"\r\n", fast) == _DATE.sub(b"\r\n", reference)
+    assert fast.count(b"\r\nDate: ") == reference.count(b"\r\nDate: ")
+
+
+async def test_fast_path_is_taken_for_a_plain_answer(
+    server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[int] = []
+    encode = http_answer.encode
+
+    def counting(request: web.BaseRequest, resp: web.Response) -> bytes:
+        taken.append(resp.status)
+        return encode(request, resp)
+
+    monkeypatch.setattr(http_answer, "encode", counting)
+    await _exchange(server, _get("/json") + _get("/no-content") + _get("/error"), until_close=True)
+    assert taken == [200, 400]  # 204 takes aiohttp's path
+
+
+async def test_connection_close_ends_the_connection(server: int) -> None:
+    # The error answer forces a close: what was pipelined after it is never answered.
+    out = await _exchange(server, _get("/error") + _get("/json"), until_close=True)
+    assert out.count(b"HTTP/1.1 ") == 1
+    assert b"\r\nConnection: close\r\n" in out
+    assert out.endswith(b'{"error":{}}')
+
+
+async def test_header_with_crlf_is_never_sent(server: int) -> None:
+    out = await _exchange(server, _get("/bad-header"), until_close=True)
+    assert b"Injected" not in out
+    assert b"x-evil" not in out
+
+
+async def test_keep_alive_serves_many_on_one_connection(server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    try:
+        for i in range(50):
+            body = f"body-{i}".encode()
+            head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+            writer.write(head + body)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"Connection" not in head
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            assert await reader.readexactly(length) == body
+    finally:
+        writer.close()
