@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from proxy import http_answer
+from proxy import http_answer, stream_response
 from proxy.config import ServerConfig
 from proxy.server import make_runner
+from proxy.stream_response import EventStream
 
 _DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 
@@ -65,6 +66,30 @@ async def _bad_header(request: web.Request) -> web.StreamResponse:
     return web.Response(body=b"{}", headers={"x-evil": "a\r\nInjected: yes"})
 
 
+async def _stream(request: web.Request) -> web.StreamResponse:
+    # As forward.serve_stream: the upstream's headers, then reads of events, the last one
+    # with the end; `?slow` waits past HEADERS_AFTER first, so the headers go out alone.
+    out = EventStream(status=200, headers={"Content-Type": "text/event-stream"})
+    out.headers["x-callgate-request-id"] = "cg-1"
+    await out.prepare(request)
+    if "slow" in request.query:
+        await asyncio.sleep(stream_response.HEADERS_AFTER * 3)
+    await out.write(b"data: one\n\n")
+    await out.write(b"")
+    await out.write(b"data: two\n\n" * 3)
+    await out.write_eof(b"data: [DONE]\n\n" if "tail" in request.query else b"")
+    await out.write_eof(b"ignored")  # a second end is a no-op, as aiohttp's
+    return out
+
+
+async def _stream_left_open(request: web.Request) -> web.StreamResponse:
+    # A handler that never ends its stream: aiohttp's finish_response ends it.
+    out = EventStream(status=200, headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    await out.write(b"data: x\n\n")
+    return out
+
+
 def _app() -> web.Application:
     app = web.Application()
     for path, handler in (
@@ -79,6 +104,8 @@ def _app() -> web.Application:
     ):
         app.router.add_get(path, handler)
     app.router.add_post("/echo", _echo)
+    app.router.add_get("/stream", _stream)
+    app.router.add_get("/stream-open", _stream_left_open)
     return app
 
 
@@ -146,6 +173,12 @@ CASES = [
     b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
     # Pipelined: three answers on one connection, in order.
     _get("/json") + _get("/upstream") + _get("/empty"),
+    _get("/stream", "Connection: close"),
+    _get("/stream?tail", "Connection: close"),
+    _get("/stream?slow&tail", "Connection: close"),
+    _get("/stream-open", "Connection: close"),
+    b"GET /stream?tail HTTP/1.0\r\nHost: x\r\n\r\n",
+    _get("/stream?tail") + _get("/json", "Connection: close"),
 ]
 
 
@@ -157,6 +190,7 @@ async def test_same_bytes_as_aiohttp(
     fast = await _exchange(server, raw, until_close=closes)
     with monkeypatch.context() as m:
         m.setattr(http_answer, "plain", lambda request, resp: False)
+        m.setattr(http_answer, "stream_head", lambda request, resp: None)
         reference = await _exchange(server, raw, until_close=closes)
     assert fast.startswith(b"HTTP/1.")
     assert _DATE.sub(b"\r\n", fast) == _DATE.sub(b"\r\n", reference)
@@ -206,3 +240,25 @@ async def test_keep_alive_serves_many_on_one_connection(server: int) -> None:
             assert await reader.readexactly(length) == body
     finally:
         writer.close()
+
+
+async def test_stream_takes_the_fast_path(
+    server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heads: list[bytes | None] = []
+    stream_head = http_answer.stream_head
+
+    def recording(request: web.BaseRequest, resp: web.StreamResponse) -> bytes | None:
+        heads.append(stream_head(request, resp))
+        return heads[-1]
+
+    monkeypatch.setattr(http_answer, "stream_head", recording)
+    out = await _exchange(server, _get("/stream?tail", "Connection: close"), until_close=True)
+    assert len(heads) == 1 and heads[0] is not None
+    assert out.startswith(heads[0])
+    assert out.endswith(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    # HTTP/1.0 has no chunked encoding: aiohttp's path, which closes the connection.
+    heads.clear()
+    out = await _exchange(server, b"GET /stream HTTP/1.0\r\nHost: x\r\n\r\n", until_close=True)
+    assert heads == [None]
+    assert b"Transfer-Encoding" not in out and out.endswith(b"data: two\n\n")
