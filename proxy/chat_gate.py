@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from proxy import chat, reprompt, sse
+from proxy import chat, chat_pieces, reprompt, sse
 from proxy.chat_finish import (
     chunk,
     error_passed,
@@ -90,6 +90,10 @@ class ChatGate(GateSteps):
         self.deciding: list[tuple[HeldCall, dict[str, Any], int, ChoiceState]] = []  # asked
         # (A comment held is a one-tuple: sent past write(), as it answers no reprompt.)
         self.held: list[bytes | HeldCall | tuple[bytes]] = []
+        # The fast path for a held call's next argument pieces (proxy.chat_pieces), and how
+        # many more failed tries at learning one this stream may make.
+        self.template: chat_pieces.Template | None = None
+        self.lessons = 4
 
     @property
     def holding(self) -> bool:
@@ -249,6 +253,9 @@ class ChatGate(GateSteps):
     def event(self, event: bytes) -> bool | Steps:
         """Handle one complete event: True when the stream is over (or this round is), False
         when it was handled in place, or the slow path to run."""
+        template = self.template
+        if template is not None and not self.draining and template.take(event):
+            return False  # the next piece of a held call's arguments (proxy.chat_pieces)
         payload = sse.data_of(event)
         if payload is None:
             if not self.draining:
@@ -271,14 +278,21 @@ class ChatGate(GateSteps):
             self.text.append(event)
             self.write(event)
             return False
-        obj = event_object(payload)
+        return self.decoded(event, event_object(payload), template is None)
+
+    def decoded(self, event: bytes, obj: dict[str, Any], learn: bool) -> bool | Steps:
+        """`event` (decoded as `obj`) that may carry a call, a finish or an error."""
         if "error" in obj and "choices" not in obj:
             if self.undecided:
                 return self.error_after_held(obj, event)
             self.error_event(obj, event)
             return True
         if self.argument_piece(obj):
+            if learn and self.lessons:
+                self.template = chat_pieces.learn(event, obj, self.choices)
+                self.lessons -= self.template is None
             return False
+        self.template = None  # the calls' state may change from here on
         if not self.round and not self.draining and self.untouched(obj):
             # A finish with no tool call in play (a plain text answer): nothing to rewrite.
             for choice in obj.get("choices") or []:
@@ -328,7 +342,7 @@ class ChatGate(GateSteps):
         return (
             st is not None
             and bool(st.open)
-            and self.next_arguments(st, choice, choice.get("delta"))
+            and chat_pieces.next_arguments(st, choice, choice.get("delta"))
         )
 
     def untouched(self, obj: dict[str, Any]) -> bool:
@@ -373,7 +387,7 @@ class ChatGate(GateSteps):
         ci = choice.get("index", 0)
         st = self.choices.setdefault(ci, ChoiceState())
         raw_delta = choice.get("delta")
-        if st.open and self.next_arguments(st, choice, raw_delta):
+        if st.open and chat_pieces.next_arguments(st, choice, raw_delta):
             return
         delta = dict(raw_delta) if isinstance(raw_delta, dict) else {}
         call_deltas = delta.pop("tool_calls", None)
@@ -408,28 +422,6 @@ class ChatGate(GateSteps):
 
         if finish:
             yield from self.finish(obj, ci, st, choice, str(finish), out)
-
-    @staticmethod
-    def next_arguments(st: ChoiceState, choice: dict[str, Any], delta: Any) -> bool:
-        """The common event while a call streams in: nothing but the next piece of the open
-        call's arguments. Taken in place (True); anything else goes the general way."""
-        if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
-            return False
-        if not isinstance(delta, dict) or len(delta) != 1:
-            return False
-        calls = delta.get("tool_calls")
-        if not isinstance(calls, list) or len(calls) != 1 or not isinstance(calls[0], dict):
-            return False
-        entry = calls[0]
-        held = st.open.get(entry.get("index", 0))
-        fn = entry.get("function")
-        if held is None or held.type == "custom" or not isinstance(fn, dict):
-            return False
-        piece = fn.get("arguments")
-        if len(entry) > 2 or len(fn) != 1 or not isinstance(piece, str):
-            return False
-        held.args.append(piece)
-        return True
 
     def complete(
         self, obj: dict[str, Any], ci: int, st: ChoiceState, call: HeldCall, out: list[bytes]
