@@ -32,7 +32,6 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.helpers import ceil_timeout
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -44,9 +43,7 @@ from aiohttp.http_exceptions import (
     TransferEncodingError,
 )
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.http_writer import StreamWriter
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import _PAYLOAD_ACCESS_ERROR, ERROR, RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
 
 from proxy import http_answer
 from proxy.errors import error_body, error_response
@@ -199,105 +196,6 @@ class GuardedRequestHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
-
-    async def start(self) -> None:
-        """aiohttp's request loop, with one change: each request's handler runs in this
-        connection's task, not in a task of its own. On Python 3.11 (no eager tasks) that task
-        costs about 11 µs of CPU per request (A/B, heavy policy on Redis, non-streaming: 222
-        -> 211 µs). What aiohttp's task gave, a copy of the context variables per request,
-        callgate's middleware does itself (it clears structlog's context first, and sets and
-        resets its own variables with tokens); structlog's is cleared after each request too,
-        so the connection's own log lines never carry the previous request's id. Shutdown and
-        a lost connection cancel this task, which cancels the handler as they cancelled the
-        handler's task before."""
-        loop = self._loop
-        while not self._force_close:
-            if not self._messages:
-                try:
-                    self._waiter = loop.create_future()
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            request, request_handler = self._next_request()
-            try:
-                if not await self._serve(request, request_handler):
-                    break
-            except asyncio.CancelledError:
-                self.force_close()
-                raise
-            except Exception as exc:
-                self.log_exception("Unhandled exception", exc_info=exc)
-                self.force_close()
-            except BaseException:
-                self.force_close()
-                raise
-            finally:
-                request._task = None  # type: ignore[assignment]  # as aiohttp: no cycle
-                structlog.contextvars.clear_contextvars()
-            if not self._keepalive or self._close or self._force_close:
-                break
-            close_time = loop.time() + self._keepalive_timeout
-            self._next_keepalive_close_time = close_time
-            if self._keepalive_handle is None:
-                self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
-        if not self._force_close:
-            self._task_handler = None
-            if self.transport is not None:
-                self.transport.close()
-
-    def _next_request(self) -> tuple[web.BaseRequest, Callable[..., Any]]:
-        """The queued message as a request (as aiohttp makes it), with its handler."""
-        message, payload = self._messages.popleft()
-        if self._parser is not None:
-            self._parser.message_consumed()
-        if self._buffer_paused and len(self._messages) <= self._msg_queue_resume_size:
-            self._resume_reading_if_drained()
-        assert self._manager is not None and self._request_factory is not None
-        self._manager.requests_count += 1
-        handler = self._request_handler
-        assert handler is not None
-        if isinstance(message, _ErrInfo):
-            handler = self._make_error_handler(message)
-            message = ERROR
-        task = self._task_handler or asyncio.current_task(self._loop)
-        writer = StreamWriter(self, self._loop)
-        return self._request_factory(message, payload, self, writer, task), handler  # type: ignore[arg-type]
-
-    async def _serve(self, request: web.BaseRequest, handler: Callable[..., Any]) -> bool:
-        """One request, answered; False when the connection cannot serve another."""
-        started = self._loop.time() if self._logging_enabled else None
-        try:
-            resp, reset = await self._handle_request(request, started, handler)
-        except ConnectionError:
-            return False  # the client left
-        if reset:
-            return False
-        self._keepalive = bool(resp.keep_alive)
-        payload = request._payload
-        if not payload.is_eof():
-            await self._linger(payload)
-        payload.set_exception(_PAYLOAD_ACCESS_ERROR)
-        return True
-
-    async def _linger(self, payload: StreamReader) -> None:
-        """As aiohttp: a body the handler left unread is read and dropped for up to
-        `lingering_time`, so the connection can serve its next request; else it closes."""
-        lingering_time = self._lingering_time
-        if not self._force_close and lingering_time:
-            loop = self._loop
-            now = loop.time()
-            end = now + lingering_time
-            try:
-                while not payload.is_eof() and now < end:
-                    async with ceil_timeout(end - now):
-                        await payload.readany()
-                    now = loop.time()
-            except (TimeoutError, asyncio.CancelledError):
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-        if not payload.is_eof() and not self._force_close:
-            self.close()
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count
