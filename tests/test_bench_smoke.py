@@ -89,3 +89,19 @@ def test_redis_clients_benchmark_measures_each_client():
         line = next(x for x in proc.stdout.splitlines() if x.startswith(client))
         figures = [float(f) for f in re.findall(r"([0-9.]+) µs", line)]
         assert len(figures) == 2 and all(f > 0 for f in figures), line
+
+
+def test_stream_gate_benchmark_prints_both_paths():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_stream_gate", "--streams", "20", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["40", "400", "4000"]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[4]) > 0, row
