@@ -78,10 +78,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             log_request(log, rid, request.get(PRINCIPAL), fields)
 
 
-@web.middleware
-async def path_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+def path_refused(request: web.Request) -> web.Response | None:
     """Route only canonical request targets (proxy.paths): any other spelling of a path could
-    reach the upstream's gated endpoints through the verbatim pass-through."""
+    reach the upstream's gated endpoints through the verbatim pass-through. (Checked in
+    `_answer`, before any other middleware, rather than as a middleware of its own: one
+    coroutine less on every request and every resumption of it.)"""
     try:
         target = check_target(request.raw_path)
     except PathRefused as exc:
@@ -95,12 +96,13 @@ async def path_guard(request: web.Request, handler: Handler) -> web.StreamRespon
     if problem is not None:
         return error_response(400, problem, "invalid_request_error", "invalid_path")
     request[TARGET] = target
-    return await handler(request)
+    return None
 
 
 async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
     try:
-        response = await handler(request)
+        refused = path_refused(request)
+        response = refused if refused is not None else await handler(request)
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(
             413, f"Request body too large: {exc.text}", "invalid_request_error", "request_too_large"
@@ -136,7 +138,7 @@ def create_app(
         # Restart-only, like the store: the modes decide what the upstream may be sent.
         authenticator = Authenticator(config, config_path)
     tracing = start_tracing(config.telemetry)  # None (the default): nothing of OTel is loaded
-    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [request_context, path_guard]
+    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [request_context]
     if tracing is not None:
         middlewares.insert(0, tracing.middleware)  # outermost: its span covers the log line
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
