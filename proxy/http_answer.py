@@ -12,7 +12,10 @@ bytes are aiohttp's own: the same status line and headers (`Content-Length` or
 `Transfer-Encoding: chunked`, `Content-Type` for a body, `Date`, `Server`, `Connection: close`
 when the connection ends), the same refusal of a header holding a control character (aiohttp's
 serializer does that check), the same chunk framing. tests/test_http_answer.py compares them
-with aiohttp's path byte for byte.
+with aiohttp's path byte for byte. One difference, on purpose: a whole body is always sent with
+its own length as Content-Length, where aiohttp keeps a Content-Length a handler set even when
+the body's length differs (callgate's handlers never set one: `upstream.response_headers`
+drops the upstream's).
 
 Anything else (HEAD, a status without a body, compression, cookies, a Payload body, a stream
 with a Content-Length, HTTP/1.0, an app with `on_response_prepare` handlers) takes aiohttp's

@@ -34,10 +34,13 @@ class EventStream(web.StreamResponse):
     _send_headers_immediately = False
 
     _timer: asyncio.TimerHandle | None = None
-    # Our own path (see the module docstring): the connection's protocol, and the head while
-    # it waits for the first bytes.
+    # Our own path (see the module docstring): the connection's protocol, the head while it
+    # waits for the first bytes, and aiohttp's writer of the request, which is never written
+    # through but counts what was sent: aiohttp's error handling reads that count to know a
+    # response is under way (then it closes the connection rather than answer again).
     _protocol: RequestHandler | None = None
     _pending_head: bytes | None = None
+    _counter: AbstractStreamWriter | None = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent or self._payload_writer is not None:
@@ -55,15 +58,18 @@ class EventStream(web.StreamResponse):
             self._protocol = request.protocol
             self._pending_head = head
             # aiohttp reads `prepared` from this; nothing is ever written through it here.
-            writer = self._payload_writer = request._payload_writer
+            writer = self._payload_writer = self._counter = request._payload_writer
         self._timer = asyncio.get_running_loop().call_later(HEADERS_AFTER, self._headers_now)
         return writer
 
     def _headers_now(self) -> None:
         self._timer = None
         if self._protocol is not None:
+            if self._protocol._current_request is not self._req:
+                return  # the handler answered with another response: this one never starts
             head, self._pending_head = self._pending_head, None
             if head is not None:
+                self._count(len(head))
                 transport = self._protocol.transport
                 if transport is not None and not transport.is_closing():
                     transport.write(head)
@@ -86,7 +92,14 @@ class EventStream(web.StreamResponse):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("Cannot write to closing transport")  # as aiohttp
         head, self._pending_head = self._pending_head, None
-        transport.write(head + data if head is not None else data)
+        if head is not None:
+            data = head + data
+        self._count(len(data))
+        transport.write(data)
+
+    def _count(self, size: int) -> None:
+        if self._counter is not None:
+            self._counter.output_size += size
 
     async def _drain(self) -> None:
         protocol = self._protocol
@@ -120,4 +133,6 @@ class EventStream(web.StreamResponse):
         self._eof_sent = True
         self._req = None
         self._payload_writer = None
+        if self._counter is not None:
+            self._body_length = self._counter.output_size  # as aiohttp's write_eof
         await self._drain()

@@ -90,6 +90,19 @@ async def _stream_left_open(request: web.Request) -> web.StreamResponse:
     return out
 
 
+async def _stream_then_raise(request: web.Request) -> web.StreamResponse:
+    out = EventStream(status=200, headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    await out.write(b"data: one\n\n")
+    raise RuntimeError("escapes every middleware after the stream started")
+
+
+async def _stream_replaced(request: web.Request) -> web.StreamResponse:
+    out = EventStream(status=200, headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    return web.Response(status=503, body=b"err")  # another answer instead of the stream
+
+
 def _app() -> web.Application:
     app = web.Application()
     for path, handler in (
@@ -106,6 +119,8 @@ def _app() -> web.Application:
     app.router.add_post("/echo", _echo)
     app.router.add_get("/stream", _stream)
     app.router.add_get("/stream-open", _stream_left_open)
+    app.router.add_get("/stream-raise", _stream_then_raise)
+    app.router.add_get("/stream-replaced", _stream_replaced)
     return app
 
 
@@ -262,3 +277,25 @@ async def test_stream_takes_the_fast_path(
     out = await _exchange(server, b"GET /stream HTTP/1.0\r\nHost: x\r\n\r\n", until_close=True)
     assert heads == [None]
     assert b"Transfer-Encoding" not in out and out.endswith(b"data: two\n\n")
+
+
+async def test_an_error_after_a_stream_started_closes_the_connection(server: int) -> None:
+    # aiohttp answers a failed handler with a 500 unless a response is under way: the
+    # stream's bytes count, so the connection closes after them and nothing else is sent.
+    out = await _exchange(server, _get("/stream-raise") + _get("/json"), until_close=True)
+    assert out.count(b"HTTP/1.1 ") == 1
+    assert out.endswith(b"b\r\ndata: one\n\n\r\n")
+
+
+async def test_a_stream_replaced_by_another_answer_never_sends_its_head(server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    try:
+        writer.write(_get("/stream-replaced") + _get("/json"))
+        await asyncio.sleep(stream_response.HEADERS_AFTER * 3)  # past the stream's timer
+        writer.write(_get("/empty", "Connection: close"))
+        out = await asyncio.wait_for(reader.read(-1), 5)
+    finally:
+        writer.close()
+    statuses = re.findall(rb"HTTP/1.1 (\d+)", out)
+    assert statuses == [b"503", b"200", b"200"], out
+    assert b"text/event-stream" not in out
