@@ -91,9 +91,10 @@ class ChatGate(GateSteps):
         # (A comment held is a one-tuple: sent past write(), as it answers no reprompt.)
         self.held: list[bytes | HeldCall | tuple[bytes]] = []
         # The fast path for a held call's next argument pieces (proxy.chat_pieces), and how
-        # many more failed tries at learning one this stream may make.
+        # many more tries at learning one this stream may make (each call's first piece is
+        # one: too early to learn from).
         self.template: chat_pieces.Template | None = None
-        self.lessons = 4
+        self.lessons = 6
 
     @property
     def holding(self) -> bool:

@@ -106,9 +106,9 @@ async def test_a_streamed_call_takes_the_fast_path(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(chat_pieces.Template, "piece", recording)
     run = await driver.run([data])
-    # The first piece teaches the template; every later one is read by it, the finish is not.
+    # The second piece teaches the template; every later one is read by it, the finish is not.
     pieces = [arguments[i : i + 3] for i in range(0, len(arguments), 3)]
-    assert read == [*pieces[1:], None]
+    assert read == [*pieces[2:], None]
     sent = [
         tc["function"]["arguments"]
         for e in run.events
@@ -122,7 +122,7 @@ async def test_a_streamed_call_takes_the_fast_path(monkeypatch: pytest.MonkeyPat
 def _learnt(piece: str = "abc", encode: Any = orjson.dumps) -> tuple[chat_pieces.Template, bytes]:
     first = chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
     event = b"data: " + encode(first) + b"\n\n"
-    call = HeldCall(index=0, args=[piece])
+    call = HeldCall(index=0, args=["", "earlier", piece])
     choice = ChoiceState()
     choice.open[0] = call
     template = chat_pieces.learn(event, orjson.loads(event[6:]), {0: choice})
@@ -170,7 +170,7 @@ def test_template_refuses_a_body_that_would_end_the_string() -> None:
 def test_no_template_when_the_piece_is_written_another_way() -> None:
     # ensure_ascii writes é as \\u00e9: the piece's bytes are not found as orjson writes them.
     event = _event("é", encode=lambda e: json.dumps(e).encode())
-    call = HeldCall(index=0, args=["é"])
+    call = HeldCall(index=0, args=["", "earlier", "é"])
     choice = ChoiceState()
     choice.open[0] = call
     assert chat_pieces.learn(event, orjson.loads(event[6:]), {0: choice}) is None
@@ -182,7 +182,17 @@ def test_no_template_when_the_piece_is_also_elsewhere() -> None:
         {**BASE, "id": "abc", **{"choices": chunk({"tool_calls": [
             {"index": 0, "function": {"arguments": "abc"}}]})["choices"]}}
     ) + b"\n\n"
-    call = HeldCall(index=0, args=["abc"])
+    call = HeldCall(index=0, args=["", "earlier", "abc"])
     choice = ChoiceState()
     choice.open[0] = call
     assert chat_pieces.learn(event, orjson.loads(event[6:]), {0: choice}) is None
+
+
+def test_no_template_from_a_call_s_first_piece() -> None:
+    # A call of one or two pieces never pays for learning a template it could not use.
+    event = _event("first")
+    choice = ChoiceState()
+    choice.open[0] = HeldCall(index=0, args=["", "first"])
+    assert chat_pieces.learn(event, orjson.loads(event[6:]), {0: choice}) is None
+    choice.open[0].args.append("second")
+    assert chat_pieces.learn(_event("second"), orjson.loads(_event("second")[6:]), {0: choice})
