@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
 
 import orjson
 
-from bench.common import chat_request
+from bench.common import chat_request, stream_event
 from proxy.chat_gate import ChatGate
 from proxy.policy import load_policy_text
 from proxy.toolcalls import CallContext
@@ -32,33 +31,19 @@ tools:
       - {name: no_pii, deny_if: 'args.query.lowerAscii().contains("ssn")'}
     arguments_schema: {type: object, required: [query]}
 """
-BASE = {
-    "id": "chatcmpl-BENCH0123456789abcdefghijklmnopq",
-    "object": "chat.completion.chunk",
-    "created": 1700000000,
-    "model": "gpt-4o-mini-2024-07-18",
-    "system_fingerprint": "fp_0123456789",
-}
-
-
-def _event(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return b"data: " + orjson.dumps({**BASE, "choices": [choice]}) + b"\n\n"
-
-
 def stream(length: int, piece: int = 4) -> bytes:
     """Role, a few words of text, one call whose arguments are `length` characters long in
     pieces of `piece`, the finish and [DONE]."""
     arguments = json.dumps({"query": "x" * max(0, length - 13)})
-    events = [_event({"role": "assistant", "content": ""})]
-    events += [_event({"content": w}) for w in ("Let ", "me ", "look.")]
+    events = [stream_event({"role": "assistant", "content": ""})]
+    events += [stream_event({"content": w}) for w in ("Let ", "me ", "look.")]
     function = {"name": "search_web", "arguments": ""}
     start = {"index": 0, "id": "call_1", "type": "function", "function": function}
-    events.append(_event({"tool_calls": [start]}))
+    events.append(stream_event({"tool_calls": [start]}))
     for at in range(0, len(arguments), piece):
         part = arguments[at : at + piece]
-        events.append(_event({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
-    events.append(_event({}, "tool_calls"))
+        events.append(stream_event({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+    events.append(stream_event({}, "tool_calls"))
     return b"".join([*events, b"data: [DONE]\n\n"])
 
 

@@ -123,21 +123,25 @@ COMPLETION = _completion()
 STREAM_CHUNKS = 20
 
 
+_CHUNK_BASE = {
+    "id": "chatcmpl-BENCH0123456789abcdefghijklmnopq",
+    "object": "chat.completion.chunk",
+    "created": 1_700_000_000,
+    "model": "gpt-4o-mini-2024-07-18",
+    "system_fingerprint": "fp_0123456789",
+}
+
+
+def stream_event(delta: dict[str, object], finish: str | None = None) -> bytes:
+    """One `chat.completion.chunk` event of choice 0, as the mock upstream writes it."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return b"data: " + orjson.dumps({**_CHUNK_BASE, "choices": [choice]}) + b"\n\n"
+
+
 def _stream() -> list[bytes]:
     """20 `chat.completion.chunk` events: role, 12 text deltas, a tool call (its header and 5
     argument pieces), `finish_reason`; then `[DONE]` (a 21st event)."""
-    base = {
-        "id": "chatcmpl-BENCH0123456789abcdefghijklmnopq",
-        "object": "chat.completion.chunk",
-        "created": 1_700_000_000,
-        "model": "gpt-4o-mini-2024-07-18",
-        "system_fingerprint": "fp_0123456789",
-    }
-
-    def event(delta: dict[str, object], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n"
-
+    event = stream_event
     words = "Let me look that up for you: I will search the web for the latest results .".split()
     events = [event({"role": "assistant", "content": "", "refusal": None})]
     events += [event({"content": w + " "}) for w in words[:12]]

@@ -13,6 +13,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _bench(module: str, *args: str) -> str:
+    """A benchmark module's output, run as `python -m bench.<module>` (it must succeed)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_benchmark_quick_run_completes_every_mode(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -61,47 +75,23 @@ def test_benchmark_quick_run_completes_every_mode(tmp_path):
 
 
 def test_auth_benchmark_prints_each_mode():
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_auth", "--requests", "200"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    out = _bench("bench_auth", "--requests", "200")
     for mode in ("keys", "jwt (cached per token)", "jwt-first", "trusted_header"):
-        line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(mode))
+        line = next(x for x in out.splitlines() if x.strip().startswith(mode))
         assert float(line.split()[-2]) > 0
 
 
 def test_redis_clients_benchmark_measures_each_client():
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_redis_clients", "--count", "100"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    out = _bench("bench_redis_clients", "--count", "100")
     for client in ("redis-py", "slim"):
-        line = next(x for x in proc.stdout.splitlines() if x.startswith(client))
+        line = next(x for x in out.splitlines() if x.startswith(client))
         figures = [float(f) for f in re.findall(r"([0-9.]+) µs", line)]
         assert len(figures) == 2 and all(f > 0 for f in figures), line
 
 
 def test_stream_gate_benchmark_prints_both_paths():
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_stream_gate", "--streams", "20", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    out = _bench("bench_stream_gate", "--streams", "20", "--rounds", "1")
+    rows = [line.split() for line in out.splitlines()[1:]]
     assert [row[0] for row in rows] == ["40", "400", "4000"]
     for row in rows:
         assert float(row[2]) > 0 and float(row[4]) > 0, row
