@@ -103,6 +103,22 @@ async def _stream_replaced(request: web.Request) -> web.StreamResponse:
     return web.Response(status=503, body=b"err")  # another answer instead of the stream
 
 
+BIG = 4 << 20  # past every socket buffer: the writer must wait for a slow reader
+
+
+async def _big(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=b"z" * BIG)
+
+
+async def _big_stream(request: web.Request) -> web.StreamResponse:
+    out = EventStream(status=200, headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    for _ in range(BIG // 65536):
+        await out.write(b"z" * 65536)
+    await out.write_eof()
+    return out
+
+
 def _app() -> web.Application:
     app = web.Application()
     for path, handler in (
@@ -120,6 +136,8 @@ def _app() -> web.Application:
     app.router.add_get("/stream", _stream)
     app.router.add_get("/stream-open", _stream_left_open)
     app.router.add_get("/stream-raise", _stream_then_raise)
+    app.router.add_get("/big", _big)
+    app.router.add_get("/big-stream", _big_stream)
     app.router.add_get("/stream-replaced", _stream_replaced)
     return app
 
@@ -299,3 +317,24 @@ async def test_a_stream_replaced_by_another_answer_never_sends_its_head(server: 
     statuses = re.findall(rb"HTTP/1.1 (\d+)", out)
     assert statuses == [b"503", b"200", b"200"], out
     assert b"text/event-stream" not in out
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-stream"])
+async def test_a_slow_reader_gets_everything_then_the_next_answer(server: int, path: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server, limit=1 << 16)
+    try:
+        writer.write(_get(path) + _get("/json", "Connection: close"))
+        await asyncio.sleep(0.3)  # the server's socket buffer fills: its writes pause
+        data = b""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while loop.time() < end:
+            piece = await asyncio.wait_for(reader.read(1 << 16), 5)
+            if not piece:
+                break
+            data += piece
+    finally:
+        writer.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    assert data.count(b"z") == BIG
+    assert data.endswith(b'{"ok":true}')
