@@ -81,8 +81,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 def path_refused(request: web.Request) -> web.Response | None:
     """Route only canonical request targets (proxy.paths): any other spelling of a path could
     reach the upstream's gated endpoints through the verbatim pass-through. (Checked in
-    `_answer`, before any other middleware, rather than as a middleware of its own: one
-    coroutine less on every request and every resumption of it.)"""
+    `_answer`, before the auth middleware and the route, rather than as a middleware of its
+    own: one coroutine less on every request and every resumption of it.)"""
     try:
         target = check_target(request.raw_path)
     except PathRefused as exc:
