@@ -99,6 +99,12 @@ HEAVY_RULES = """\
 """
 
 
+# `--native`: the same callgates again, run from the compiled build (proxy/native.py, as the
+# container image ships it): "cg-native" beside "callgate", "cg-redis-native" beside
+# "cg-redis". The build goes to build/native (about 1.5 minutes).
+NATIVE_SUFFIX = "-native"
+NATIVE_DIR = ROOT / "build" / "native"
+
 REDIS_PY_VARIANT = "cg-redis-py"
 REDIS_PY_QUERY = "?health_check_interval=0"  # changes nothing but the client
 
@@ -113,6 +119,8 @@ def _redis_policy(policy: str, redis_url: str) -> str:
 
 
 def _variant_policy(policy: str, name: str, upstream: str = "") -> str:
+    if name == "cg" + NATIVE_SUFFIX:
+        return policy
     if name == OTEL_VARIANT:
         return f"{policy}telemetry: {{traces: true, endpoint: '{upstream}/v1/traces'}}\n"
     head, _, rest = policy.partition("audit:\n")
@@ -278,7 +286,13 @@ class Servers:
             args += ["--port", str(self.ports[name])]
             if name.startswith("cg-redis-w"):
                 args += ["--workers", name.removeprefix("cg-redis-w")]
-            self._start(name, [*cli, *args], self.workdir / f"{name}.log")
+            run = cli
+            if name.endswith(NATIVE_SUFFIX):
+                # `-c` and `-m` put the working directory (the source) first on sys.path.
+                hide = "sys.modules['uvloop'] = None; " if self.loop != "uvloop" else ""
+                code = f"import sys; sys.path.insert(0, {str(NATIVE_DIR)!r}); {hide}"
+                run = ["-c", code + "from proxy.cli import main; raise SystemExit(main())"]
+            self._start(name, [*run, *args], self.workdir / f"{name}.log")
         for name in ("direct", "bare", "callgate", *self.variants):
             self._wait_healthy(name)
         for name in ("callgate", *self.variants):
@@ -607,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure callgate with OpenTelemetry tracing on (every request, OTLP/HTTP)",
     )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="also measure callgate (and the --redis configuration) compiled with mypyc"
+        " (proxy/native.py; built into build/native first)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = parser.parse_args(argv)
     variants = tuple(AUDIT_VARIANTS) if args.audit_variants else ()
@@ -618,6 +638,17 @@ def main(argv: list[str] | None = None) -> int:
         variants += (f"cg-redis-w{args.workers}",)
     if args.otel:
         variants += (OTEL_VARIANT,)
+    if args.native:
+        variants += ("cg" + NATIVE_SUFFIX,)
+        if "cg-redis" in variants:
+            variants += ("cg-redis" + NATIVE_SUFFIX,)
+        print(f"compiling the hot path into {NATIVE_DIR} ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "proxy.native", "build", str(NATIVE_DIR)],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
     duration = args.duration if args.duration is not None else (1.0 if args.quick else 5.0)
     warmup = args.warmup if args.warmup is not None else (0.25 if args.quick else 1.0)

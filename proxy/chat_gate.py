@@ -59,7 +59,7 @@ ROUTE = "chat.completions"
 
 
 class ChatGate(GateSteps):
-    route = ROUTE
+    route: str = ROUTE
 
     def __init__(self, policy: Policy, body: dict[str, Any], ctx: CallContext) -> None:
         super().__init__()
@@ -78,7 +78,7 @@ class ChatGate(GateSteps):
         self.reprompt_plan: Plan | None = None
         self.reprompt_calls: list[HeldCall] = []
         self.reprompt_at: tuple[dict[str, Any], int] = ({}, 0)  # finishing chunk, choice index
-        self.pending: Reprompted | None = None  # asked again; the next round sent nothing yet
+        self.pending = None  # a Reprompted (typed in GateSteps): asked again, nothing sent yet
         self.any_text = False  # the client got text in an earlier round
         # With an error-mode tool in the policy, allowed calls wait for the response's fate:
         # a request that fails must not have sent any of its calls (their slots are refunded).

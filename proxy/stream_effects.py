@@ -22,6 +22,8 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from proxy.forward import StreamFailed
 from proxy.gates.decision import Decision
 from proxy.rounds import Plan
@@ -163,6 +165,7 @@ class Gate(Protocol):
     def crashed(self, exc: Exception) -> list[Effect] | None: ...  # None: the loop re-raises
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GateSteps:
     """Effects queued by a gate, and the slow path suspended on a question."""
 

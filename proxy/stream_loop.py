@@ -112,6 +112,12 @@ class StreamLoop:
         tail, self.tail = self.tail, None
         await self.out.write_eof(b"".join(tail) if tail else b"")
 
+    def asked(self) -> Reprompt | None:
+        # apply() sets self.next; read in rounds() right after `self.next = None`, mypy keeps
+        # the attribute narrowed to None across that call, and compiled code (proxy.native)
+        # would check the answer against None.
+        return self.next
+
     async def rounds(self, resp: http1.Response) -> None:
         gate = self.gate
         while True:
@@ -126,7 +132,7 @@ class StreamLoop:
                 return
             self.next = None
             await self.apply(gate.next_round())
-            ask = self.next
+            ask = self.asked()
             if ask is None:
                 return
             await self.untail()  # the client has this round's end before the next one starts

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# tests/run's second pass: the compiled build of the package (python -m proxy.native build DIR)
+# goes ahead of the working tree, which pytest put first. Nothing has imported proxy yet.
+if os.environ.get("CALLGATE_NATIVE"):
+    sys.path.insert(0, os.environ["CALLGATE_NATIVE"])
 
 import openai
 import pytest

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import SSE, completion
+from tests.native_pass import spies_on_internals
 from tests.responses_streams import FakeResponses, fc, msg, response
 from tests.streams import chat_stream
 
@@ -90,6 +91,7 @@ async def test_delivered_call_is_on_file_when_the_client_has_it(
             raise AssertionError("the allowed call was not delivered")
 
 
+@spies_on_internals
 async def test_only_concurrent_streams_wait_to_share_an_audit_write(
     make_proxy, upstream, tmp_path, monkeypatch
 ):

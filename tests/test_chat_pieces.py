@@ -18,6 +18,7 @@ import pytest
 
 from proxy import chat_pieces
 from proxy.chat_held import ChoiceState, HeldCall
+from tests.native_pass import spies_on_internals
 from tests.streams import BASE, chat_stream, chunk
 from tests.test_chat_gate import Driver, random_chunks
 
@@ -92,6 +93,7 @@ async def test_fast_path_matches_the_general_path(seed: int) -> None:
         assert type(got.ending) is type(expected.ending)
 
 
+@spies_on_internals
 async def test_a_streamed_call_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     driver = Driver(POLICY)
     arguments = json.dumps({"q": "latest results"})

@@ -19,6 +19,7 @@ from proxy import http_answer, stream_response
 from proxy.config import ServerConfig
 from proxy.server import make_runner
 from proxy.stream_response import EventStream
+from tests.native_pass import spies_on_internals
 
 _DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 
@@ -275,6 +276,7 @@ async def test_keep_alive_serves_many_on_one_connection(server: int) -> None:
         writer.close()
 
 
+@spies_on_internals
 async def test_stream_takes_the_fast_path(
     server: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ passes it to its Lua script in place of the server's TIME. A separate group runs
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 import uuid
@@ -20,7 +21,7 @@ import redis.asyncio as aioredis
 
 from proxy.gates.budget import block_for as budget_block
 from proxy.policy import to_micros
-from proxy.store import ChargeRequest, Reservation, SlotRequest, Store, StoreError
+from proxy.store import ChargeRequest, Reservation, SlotRequest, Store, StoreError, redis_batch
 from proxy.store import memory as memory_store
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -626,7 +627,9 @@ async def test_redis_retry_of_a_reservation_whose_reply_was_lost_records_once(
     second time and answers as the first run did."""
     e = new_store("redis", None, shared_redis)
     try:
-        monkeypatch.setattr("proxy.store.redis.reservation_id", lambda: "samerid")
+        # The id source's state, not its function: compiled, the store calls that directly.
+        monkeypatch.setattr(redis_batch, "_rid_prefix", "samerid")
+        monkeypatch.setattr(redis_batch, "_rid_count", itertools.repeat(0))
         items = [slot(max_calls=5), charge(max_spend="1.00", cost="0.30")]
         first = await e.store.reserve(items)
         assert all(o.ok for o in first.outcomes)
@@ -642,7 +645,7 @@ async def test_redis_retry_of_a_reservation_whose_reply_was_lost_records_once(
             assert int(await raw.get(e.prefix + "sum:" + items[1].key)) == 300_000
         finally:
             await raw.aclose()
-        monkeypatch.setattr("proxy.store.redis.reservation_id", lambda: "otherrid")
+        monkeypatch.setattr(redis_batch, "_rid_prefix", "otherrid")
         assert all(o.ok for o in (await e.store.reserve(items)).outcomes)  # a new call counts
         raw = await e.raw()
         try:
