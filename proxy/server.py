@@ -23,7 +23,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -225,12 +225,16 @@ async def run(
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    # The loop runs outside the `except`: inside it, every traceback of the whole run would
+    # carry the ImportError as its context.
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
         import uvloop
+
+        run = uvloop.run
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        pass
+    run(main)
 
 
 def resolve_workers(value: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 
 import pytest
@@ -18,3 +19,23 @@ def test_every_listed_module_has_its_source() -> None:
 @pytest.mark.skipif(not os.environ.get("CALLGATE_NATIVE"), reason="the interpreted pass")
 def test_the_compiled_pass_runs_every_listed_module_compiled() -> None:
     assert native.compiled() == list(native.MODULES)
+
+
+def test_no_compiled_module_awaits_in_a_finally_block() -> None:
+    """mypyc (2.4) miscompiles an await inside `finally:`: when the coroutine runs while its
+    caller handles an exception, the finally block re-raises that exception, even after a
+    clean exit. The compiled modules use `except BaseException: ...; raise` plus the same
+    code after the try instead."""
+    found = []
+    for module in native.MODULES:
+        tree = ast.parse(native.source(module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try | ast.TryStar):
+                awaits = [
+                    sub.lineno
+                    for statement in node.finalbody
+                    for sub in ast.walk(statement)
+                    if isinstance(sub, ast.Await | ast.AsyncWith | ast.AsyncFor)
+                ]
+                found += [f"{module}:{line}" for line in awaits]
+    assert found == []

@@ -654,3 +654,25 @@ async def test_redis_retry_of_a_reservation_whose_reply_was_lost_records_once(
             await raw.aclose()
     finally:
         await e.store.close()
+
+
+# --- awaited while an exception is being handled ----------------------------------------------
+
+
+async def test_redis_store_works_when_awaited_inside_an_exception_handler(
+    shared_redis: RedisServer,
+):
+    """Compiled by mypyc, a coroutine with an await in a `finally:` block re-raised the
+    exception its caller was handling, even on success: the Redis store's warm-up did so when
+    serve ran the loop inside `except ImportError` (no uvloop). No compiled module may keep such
+    a block (tests/test_native.py); this is the behaviour that rule protects."""
+    store = RedisStore(shared_redis.url, timeout=2.0, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    try:
+        raise LookupError("being handled")
+    except LookupError:
+        await store.start()
+        outcome = await one(store, slot(max_calls=1))
+        second = await one(store, slot(max_calls=1))
+        await store.close()
+    assert outcome.outcomes[0].ok
+    assert not second.outcomes[0].ok

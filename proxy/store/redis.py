@@ -214,13 +214,14 @@ class RedisStore:
                     await self._slots.take()
                     held += 1
             async with asyncio.timeout(self._pool_timeout):
+                # Not `finally:` - compiled (proxy.native), an await in a finally block
+                # re-raises whatever exception the caller is handling, even on success.
                 try:
                     await asyncio.gather(*(open_one() for _ in range(self._pool_size)))
-                finally:
-                    for conn in opened:
-                        await self._pool.release(conn)
-                    for wire_conn in wired:
-                        self._wire.keep(wire_conn)  # type: ignore[union-attr]
+                except BaseException:
+                    await self._keep_opened(opened, wired)
+                    raise
+                await self._keep_opened(opened, wired)
                 # EVALSHA then finds them: no NOSCRIPT round trip on the first calls. (After a
                 # Redis restart, _evalsha reloads on NOSCRIPT.)
                 for script in (RESERVE_LUA, RELEASE_LUA):
@@ -236,6 +237,14 @@ class RedisStore:
         finally:
             for _ in range(held):
                 self._slots.give()
+
+    async def _keep_opened(
+        self, opened: list[AbstractConnection], wired: list[resp.Connection]
+    ) -> None:
+        for conn in opened:
+            await self._pool.release(conn)
+        for wire_conn in wired:
+            self._wire.keep(wire_conn)  # type: ignore[union-attr]
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         if not self._slots.try_take():
