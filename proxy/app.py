@@ -35,47 +35,57 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _QUIET_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
 
 
-@web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per request: its id in every log line, errors in OpenAI's shape, one log line, metrics."""
-    rid = request_id(request)
-    structlog.contextvars.clear_contextvars()
-    trace = request_trace(request)  # None unless tracing is on
-    if trace is None:
-        structlog.contextvars.bind_contextvars(request_id=rid)
-    else:
-        structlog.contextvars.bind_contextvars(request_id=rid, trace_id=trace.trace_id)
-    waited = [0.0]
-    token = upstream_time.set(waited)
-    started = time.perf_counter()
-    response: web.StreamResponse | None = None
-    try:
-        response = await _answer(request, handler, rid)
-        return response
-    finally:
-        upstream_time.reset(token)
-        elapsed = time.perf_counter() - started
-        status = response.status if response is not None else 499  # cancelled: client left
-        request.app[STATE].metrics.observe_request(
-            route_label(request),
-            status,
-            elapsed,
-            waited[0],
-            streamed=not isinstance(response, web.Response),
-        )
-        fields = {
-            "method": request.method,
-            "path": request.path,
-            "status": status,
-            "ms": round(elapsed * 1000, 3),
-        }
-        if trace is not None:
-            fields["trace_id"] = trace.trace_id
-        if request.path in _QUIET_PATHS:
-            # Probes and scrapes arrive every few seconds: keep them out of the info log.
-            log.debug("request", **fields)
+class RequestContext:
+    """Per request: its id in every log line, errors in OpenAI's shape, one log line, metrics.
+
+    A middleware object rather than a function with @web.middleware: the decorator sets an
+    attribute on the function, which a compiled function (proxy.native) does not take.
+    """
+
+    __middleware_version__ = 1  # what @web.middleware marks: a new-style middleware
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request_id(request)
+        structlog.contextvars.clear_contextvars()
+        trace = request_trace(request)  # None unless tracing is on
+        if trace is None:
+            structlog.contextvars.bind_contextvars(request_id=rid)
         else:
-            log_request(log, rid, request.get(PRINCIPAL), fields)
+            structlog.contextvars.bind_contextvars(request_id=rid, trace_id=trace.trace_id)
+        waited = [0.0]
+        token = upstream_time.set(waited)
+        started = time.perf_counter()
+        response: web.StreamResponse | None = None
+        try:
+            response = await _answer(request, handler, rid)
+            return response
+        finally:
+            upstream_time.reset(token)
+            elapsed = time.perf_counter() - started
+            status = response.status if response is not None else 499  # cancelled: client left
+            request.app[STATE].metrics.observe_request(
+                route_label(request),
+                status,
+                elapsed,
+                waited[0],
+                streamed=not isinstance(response, web.Response),
+            )
+            fields = {
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "ms": round(elapsed * 1000, 3),
+            }
+            if trace is not None:
+                fields["trace_id"] = trace.trace_id
+            if request.path in _QUIET_PATHS:
+                # Probes and scrapes arrive every few seconds: keep them out of the info log.
+                log.debug("request", **fields)
+            else:
+                log_request(log, rid, request.get(PRINCIPAL), fields)
+
+
+request_context = RequestContext()
 
 
 def path_refused(request: web.Request) -> web.Response | None:

@@ -26,7 +26,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import aiohttp
 import httptools
@@ -37,6 +37,7 @@ from proxy.http1_base import (
     DEFAULT_LIMITS,
     RATIO_FLOOR,
     BoundExceeded,
+    Chunks,
     DeadlinePassed,
     Decoder,
     Limits,
@@ -206,12 +207,8 @@ class Response:
         """Nothing more will come: the whole body has arrived and been read."""
         return self._done and not self._chunks and self._error is None
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        while True:
-            data = await self.next_chunk()
-            if data is None:
-                return
-            yield data
+    def iter_any(self) -> Chunks:
+        return Chunks(self)
 
     async def read(self) -> bytes:
         parts: list[bytes] = []
@@ -228,7 +225,9 @@ class Response:
         if conn is not None:
             conn.done_with(self, reusable=self._done and self._error is None)
 
-    close = release  # aiohttp's close() also keeps a connection whose body is complete
+    def close(self) -> None:
+        """As aiohttp's close(): also keeps a connection whose body is complete."""
+        self.release()  # (not `close = release`, which mypyc miscompiles: tests/test_native.py)
 
 
 class Connection(asyncio.Protocol):

@@ -3,13 +3,14 @@
 Where requests go (`Origin`) and a request's bytes (`encode_request`); the bounds on an
 upstream answer (`upstream.max_*`, `Limits`) and the exceptions raised when one is passed
 (aiohttp's types, so the routes handle both clients the same way); and a gzip/deflate decoder
-that inflates at most what the bound still allows.
+that inflates at most what the bound still allows; and `Chunks`, what `iter_any()` returns.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import aiohttp
 
@@ -143,3 +144,24 @@ class Decoder:
         if self.started and not self.inner.eof:
             raise zlib.error("compressed body ends early")
         return tail
+
+
+class Body(Protocol):
+    def next_chunk(self) -> Awaitable[bytes | None]: ...
+
+
+class Chunks:
+    """`Response.iter_any()`: the body's chunks as they arrive (a class, not an async
+    generator, which mypyc does not compile: proxy.native)."""
+
+    def __init__(self, body: Body) -> None:
+        self._body = body
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._body.next_chunk()
+        if data is None:
+            raise StopAsyncIteration
+        return data

@@ -7,11 +7,11 @@ it received, without parsing them: only events that mention a tool call, a non-n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-DONE = b"[DONE]"
+DONE: Final[bytes] = b"[DONE]"  # declared: read across an import cycle (proxy.native)
 _FINISH = b'"finish_reason"'
 _NO_FINISH = b'"finish_reason":null'
 

@@ -39,3 +39,25 @@ def test_no_compiled_module_awaits_in_a_finally_block() -> None:
                 ]
                 found += [f"{module}:{line}" for line in awaits]
     assert found == []
+
+
+def test_no_compiled_class_aliases_a_method() -> None:
+    """mypyc (2.4) miscompiles `close = release` in a class body: every new instance left a
+    KeyError set, which the next C call then reported as a SystemError. A compiled class
+    defines the second name as a method that calls the first."""
+    found = []
+    for module in native.MODULES:
+        tree = ast.parse(native.source(module).read_text())
+        for cls in ast.walk(tree):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            methods = {
+                node.name
+                for node in cls.body
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            }
+            for node in cls.body:
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name):
+                    if node.value.id in methods:
+                        found.append(f"{module}:{node.lineno}")
+    assert found == []
