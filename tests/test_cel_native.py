@@ -570,3 +570,54 @@ def test_every_escaped_punctuation_means_what_the_interpreter_means() -> None:
                 expected = program.execute({"s": s, "p": pattern})
                 assert matches(s, found[0]) == expected, (pattern, s)
     assert compiled > 80
+
+
+# --- matches with a literal pattern: str's own tests (proxy.cel.regex.literal) -------------------
+
+LITERAL_PIECES = ["a", "b", "é", " ", "\n", "\\.", "\\$", "\\(", "\\\\", "\\-", "$", "K"]
+
+
+def test_a_literal_pattern_is_a_string_test_that_agrees_with_the_interpreter() -> None:
+    """Patterns of literals (escaped punctuation included), anchored or not, against strings
+    built from the same characters: the fast path, which answers them with startswith,
+    endswith, `in` or `==` rather than RE2, agrees with the interpreter on every one."""
+    from proxy.cel.regex import literal
+
+    rng = random.Random(SEED)
+    chosen = {True: 0, False: 0}
+    checks = hits = 0
+    for _ in range(600):
+        body = "".join(rng.choice(LITERAL_PIECES[:-2]) for _ in range(rng.randint(0, 3)))
+        pattern = rng.choice(["", "^"]) + body + rng.choice(["", "$"])
+        found = literal(pattern)
+        assert found is not None, pattern
+        chosen[found[1]] += 1
+        source = f"s.matches({pattern!r})"
+        native = compile_native(source)
+        assert native is not None and "matches(" not in _generated(source), pattern
+        for _ in range(6):
+            s = "".join(rng.choice("ab é\n.$(\\-K") for _ in range(rng.randint(0, 5)))
+            if rng.random() < 0.4:  # make a match likely: the text itself, maybe wrapped
+                s = rng.choice(["", "a", "\n"]) + found[0] + rng.choice(["", "b", "\n"])
+            expected = interpret(source, {"s": s})
+            assert native({"s": s}) is expected, f"{pattern!r} on {s!r}: {expected}"
+            checks += 1
+            hits += expected
+    assert checks == 3600 and 0.2 < hits / checks < 0.8 and min(chosen.values()) > 200
+
+
+@pytest.mark.parametrize(
+    "pattern", ["a.b", "(?i)ab", "a*", "[a]", "a|b", "\\d", "\\<", "a$b", "^^a", "a\\"]
+)
+def test_a_pattern_with_any_operator_is_not_a_literal(pattern: str) -> None:
+    from proxy.cel.regex import literal
+
+    assert literal(pattern) is None
+
+
+def _generated(source: str) -> str:
+    """The Python source compile_native builds for `source`."""
+    from proxy.cel.parser import Parser, tokenize
+
+    generator = codegen._Generator()
+    return generator.gen(Parser(tokenize(source)).parse(), {})

@@ -9,7 +9,7 @@ from typing import Any
 
 import proxy.cel.runtime as runtime
 from proxy.cel.parser import Node, Parser, Unsupported, tokenize
-from proxy.cel.regex import compile_pattern
+from proxy.cel.regex import compile_pattern, literal
 from proxy.cel.runtime import Fallback
 
 # --- code generation ----------------------------------------------------------------------------
@@ -39,6 +39,14 @@ _METHODS = {
     "lowerAscii": ("lower_ascii", 0),
     "upperAscii": ("upper_ascii", 0),
 }
+# `matches` with a literal pattern (proxy.cel.regex.literal), by (anchored at the start, at the
+# end): the string test it amounts to.
+_LITERAL_MATCHES = {
+    (True, True): "matches_exactly",
+    (True, False): "starts_with",
+    (False, True): "ends_with",
+    (False, False): "contains",
+}
 _MACRO_HELPERS = {
     "exists": "exists",
     "all": "all_",
@@ -50,8 +58,8 @@ _HELPERS = {
     name: getattr(runtime, name)
     for name in (
         "eq ne lt le gt ge add sub mul div mod neg not_ truth in_ member index has size "
-        "contains starts_with ends_with matches matches_ascii lower_ascii upper_ascii exists all_ "
-        "exists_one map_ filter_ result"
+        "contains starts_with ends_with matches matches_ascii matches_exactly lower_ascii "
+        "upper_ascii exists all_ exists_one map_ filter_ result"
     ).split()
 }
 
@@ -134,6 +142,10 @@ class _Generator:
                 return f"size({self.gen(args[0], bound)})"
             raise Unsupported(f"function {name}")
         if name == "matches" and len(args) == 1:
+            text = literal(args[0][1]) if args[0][0] == "lit" and type(args[0][1]) is str else None
+            if text is not None:
+                helper = _LITERAL_MATCHES[text[1], text[2]]
+                return f"{helper}({self.gen(target, bound)}, {text[0]!r})"
             search, ascii_only = self.pattern(args[0])
             helper = "matches_ascii" if ascii_only else "matches"
             return f"{helper}({self.gen(target, bound)}, {search})"

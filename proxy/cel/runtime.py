@@ -238,6 +238,13 @@ def matches(a: Any, search: Callable[[str], Any]) -> bool:
     raise Fallback
 
 
+def matches_exactly(a: Any, b: Any) -> bool:
+    """`a.matches("^TEXT$")` for a pattern of literals only (proxy.cel.regex.literal)."""
+    if _str_pair(a, b):
+        return bool(a == b)
+    raise Fallback
+
+
 def matches_ascii(a: Any, search: Callable[[str], Any]) -> bool:
     """`matches` with a pattern that means the same in both engines over ASCII text only."""
     if type(a) is str and a.isascii():
