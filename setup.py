@@ -12,12 +12,10 @@ from setuptools import setup
 
 ext_modules = []
 if os.environ.get("CALLGATE_COMPILE") == "1":
-    from mypyc.build import mypycify
-
     spec = importlib.util.spec_from_file_location("callgate_native", "proxy/native.py")
     assert spec is not None and spec.loader is not None
     native = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(native)
-    ext_modules = mypycify([str(native.source(m)) for m in native.MODULES], opt_level="3")
+    ext_modules = native.extensions()
 
 setup(ext_modules=ext_modules)

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 # The hot path's modules (profiles of the benchmark: the stream gate, the decision pipeline,
 # the store's batches, the forwarding). Left out, and why:
@@ -101,13 +102,22 @@ def build(target: Path) -> Path:
     for stale in target.glob("*__mypyc*"):
         stale.unlink()
     script = (
-        "import sys; from setuptools import setup; from mypyc.build import mypycify\n"
+        "from setuptools import setup; from proxy.native import extensions\n"
         "setup(name='callgate-native', script_args=['build_ext', '--inplace', '-q'],\n"
-        "      ext_modules=mypycify(sys.argv[1:], opt_level='3'))\n"
+        "      ext_modules=extensions())\n"
     )
-    files = [str(source(m, target).relative_to(target)) for m in MODULES]
-    subprocess.run([sys.executable, "-c", script, *files], cwd=target, check=True)
+    # `-c` puts the working directory first on sys.path: the copy's proxy.native is imported.
+    subprocess.run([sys.executable, "-c", script], cwd=target, check=True)
     return target
+
+
+def extensions() -> list[Any]:
+    """MODULES as setuptools extension modules, compiled by mypyc: what `setup.py` (with
+    CALLGATE_COMPILE=1) and `build` both build. The working directory is the one that holds
+    `proxy/`, and mypy (the [native] extra) must be installed."""
+    from mypyc.build import mypycify
+
+    return list(mypycify([str(source(m, Path())) for m in MODULES], opt_level="3"))
 
 
 def main(argv: list[str]) -> int:
