@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,18 @@ def test_no_compiled_class_aliases_a_method() -> None:
                     if node.value.id in methods:
                         found.append(f"{module}:{node.lineno}")
     assert found == []
+
+
+@pytest.mark.skipif(not os.environ.get("CALLGATE_NATIVE"), reason="the interpreted pass")
+def test_the_compiled_build_was_made_from_this_source() -> None:
+    """A build left over from an older checkout must not pass for this one: the compiled pass
+    fails unless each compiled module's source (copied beside it by `build`) is the working
+    tree's."""
+    tree = Path(__file__).resolve().parent.parent
+    assert native.ROOT != tree  # the pass imports the build, not the tree
+    stale = [
+        module
+        for module in native.MODULES
+        if native.source(module).read_bytes() != native.source(module, tree).read_bytes()
+    ]
+    assert stale == []

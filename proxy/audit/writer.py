@@ -174,8 +174,9 @@ class _Writer(_AuditFile):
         self._on_failure = on_failure
         self._queue: SimpleQueue[tuple[bytes, int, int] | None] = SimpleQueue()  # None: stop
         self._unwritten = 0
-        self._thread = threading.Thread(target=self._run, name="callgate-audit", daemon=True)
-        self._thread.start()
+        # Not `_thread`: mypyc names the field `__thread` in C, a keyword of gcc.
+        self._worker = threading.Thread(target=self._run, name="callgate-audit", daemon=True)
+        self._worker.start()
         self._dirty = threading.Event()  # fsync: batch; written since the last fdatasync began
         self._stopping = False
         self._syncer: threading.Thread | None = None
@@ -192,7 +193,7 @@ class _Writer(_AuditFile):
         """Write everything queued (one last try if writes fail), end the thread, and return
         how many records could not be written. Blocks: run it in a thread."""
         self._queue.put(None)
-        self._thread.join()
+        self._worker.join()
         if self._syncer is not None:
             self._stopping = True
             self._dirty.set()
