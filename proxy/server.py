@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from proxy import native
 from proxy.app import create_app
 from proxy.auth import open_relay
 from proxy.config import ServerConfig
@@ -185,6 +186,7 @@ async def run(
             config=config_path,
             upstream=policy.config.upstream.base_url,
             store=policy.config.store.backend,
+            compiled=len(native.compiled()),  # of proxy.native.MODULES: 0 for a source install
         )
 
     loop = asyncio.get_running_loop()

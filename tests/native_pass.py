@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -14,3 +15,14 @@ COMPILED = bool(os.environ.get("CALLGATE_NATIVE"))
 spies_on_internals = pytest.mark.skipif(
     COMPILED, reason="patches a compiled module's internals: runs in the interpreted pass"
 )
+
+
+def proxy_cli() -> list[str]:
+    """The command that runs callgate's CLI in a subprocess test, from the build this pass
+    tests. (`-m proxy` from the source tree would import the source in both passes: `-m` puts
+    the working directory before PYTHONPATH.)"""
+    native = os.environ.get("CALLGATE_NATIVE")
+    if not native:
+        return [sys.executable, "-m", "proxy"]
+    code = f"import sys; sys.path.insert(0, {native!r}); from proxy.cli import main; "
+    return [sys.executable, "-c", code + "raise SystemExit(main())"]

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -27,6 +26,7 @@ import yaml
 from aiohttp import web
 
 from tests.conftest import completion
+from tests.native_pass import proxy_cli
 from tests.redis_server import free_port
 from tests.responses_streams import fc, response, stream_events
 from tests.streams import chat_stream
@@ -107,7 +107,7 @@ def start(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "proxy", "serve", "--config", str(config)),
+                *proxy_cli(), "serve", "--config", str(config),
                 *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
             ],
             stdout=out,
@@ -220,7 +220,7 @@ async def test_sigkill_under_load_loses_no_delivered_call(tmp_path: Path):
     missing = received - on_record
     assert not missing, f"{len(missing)} delivered calls unrecorded, e.g. {sorted(missing)[:5]}"
     verify = subprocess.run(
-        [sys.executable, "-m", "proxy", "audit", "verify", str(audit)],
+        [*proxy_cli(), "audit", "verify", str(audit)],
         capture_output=True,
         text=True,
         cwd=ROOT,

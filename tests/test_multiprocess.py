@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -27,6 +26,7 @@ import yaml
 from aiohttp import web
 
 from tests.conftest import completion
+from tests.native_pass import proxy_cli
 from tests.redis_server import RedisServer, free_port, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             port = free_port()
             log = tmp / f"callgate-{i}.log"
             with open(log, "wb") as out:
-                cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+                cmd = [*proxy_cli(), "serve", "--config", str(config)]
                 proc = subprocess.Popen(
                     [*cmd, "--host", "127.0.0.1", "--port", str(port)],
                     stdout=out,

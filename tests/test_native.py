@@ -67,13 +67,14 @@ def test_no_compiled_class_aliases_a_method() -> None:
 @pytest.mark.skipif(not os.environ.get("CALLGATE_NATIVE"), reason="the interpreted pass")
 def test_the_compiled_build_was_made_from_this_source() -> None:
     """A build left over from an older checkout must not pass for this one: the compiled pass
-    fails unless each compiled module's source (copied beside it by `build`) is the working
-    tree's."""
+    fails unless every source file of the build's package copy (the compiled modules' and
+    the interpreted rest) is the working tree's."""
     tree = Path(__file__).resolve().parent.parent
     assert native.ROOT != tree  # the pass imports the build, not the tree
+    built = {p.relative_to(native.ROOT) for p in (native.ROOT / "proxy").rglob("*.py")}
+    source = {p.relative_to(tree) for p in (tree / "proxy").rglob("*.py")}
+    assert built == source
     stale = [
-        module
-        for module in native.MODULES
-        if native.source(module).read_bytes() != native.source(module, tree).read_bytes()
+        str(p) for p in sorted(source) if (native.ROOT / p).read_bytes() != (tree / p).read_bytes()
     ]
     assert stale == []

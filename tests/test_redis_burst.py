@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from proxy.policy import load_policy_text
 from proxy.store import SlotRequest
 from proxy.store.redis import RELEASE_LUA, RESERVE_LUA, RedisStore
 from proxy.toolcalls import CallContext, ToolCall
+from tests.native_pass import proxy_cli
 from tests.redis_server import RedisServer, free_port, redis_server_fixture  # noqa: F401
 from tests.test_multiprocess import ThreadedUpstream, _get
 
@@ -71,7 +71,7 @@ def start_processes(tmp: Path, upstream: str, redis_url: str) -> list[tuple[Any,
         port = free_port()
         log = tmp / f"callgate-{i}.log"
         with open(log, "wb") as out:
-            cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+            cmd = [*proxy_cli(), "serve", "--config", str(config)]
             proc = subprocess.Popen(
                 [*cmd, "--host", "127.0.0.1", "--port", str(port)],
                 stdout=out,

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,9 @@ import yaml
 from aiohttp import web
 
 from proxy.audit import verify_chain
+from proxy.native import MODULES
 from tests.conftest import completion
+from tests.native_pass import COMPILED, proxy_cli
 from tests.redis_server import RedisServer, free_port, redis_server_fixture  # noqa: F401
 from tests.test_multiprocess import ThreadedUpstream, _get
 from tests.test_redis_burst import burst
@@ -85,7 +86,7 @@ def serve(config: Path, port: int, log: Path, workers: str = "2") -> subprocess.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CALLGATE_UPSTREAM_URL", None)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--workers", workers]
+    cmd = [*proxy_cli(), "serve", "--config", str(config), "--workers", workers]
     with open(log, "wb") as out:
         return subprocess.Popen(
             [*cmd, "--host", "127.0.0.1", "--port", str(port)],
@@ -108,12 +109,16 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def wait_listening(proc: subprocess.Popen[bytes], log: Path, workers: int) -> None:
-    """Until every worker has logged `listening` (so the burst reaches both)."""
+    """Until every worker has logged `listening` (so the burst reaches both), each running
+    the build this pass tests (every module compiled in the compiled pass, none otherwise)."""
     deadline = time.monotonic() + 30
     while log.read_text().count('"listening"') < workers:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"callgate did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if '"listening"' in line]
+    compiled = {line["compiled"] for line in lines if line.get("event") == "listening"}
+    assert compiled == {len(MODULES) if COMPILED else 0}
 
 
 async def decisions_total(url: str) -> float:
