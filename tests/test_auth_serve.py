@@ -24,6 +24,7 @@ from proxy.auth import open_relay_refusal
 from proxy.cli import main
 from proxy.policy import load_policy_text
 from tests.conftest import completion
+from tests.native_pass import proxy_cli
 from tests.redis_server import free_port
 
 UPSTREAM_KEY = "sk-upstream-do-not-log-4f1c9a"
@@ -43,7 +44,7 @@ def test_refuses_to_listen_openly_with_an_upstream_key_and_no_auth(tmp_path: Pat
     path = write(tmp_path, {"upstream": {"api_key": UPSTREAM_KEY}})
     for host in ("0.0.0.0", "::"):
         done = subprocess.run(
-            [sys.executable, "-m", "proxy", "serve", "--config", path, "--host", host],
+            [*proxy_cli(), "serve", "--config", path, "--host", host],
             env=env(),
             capture_output=True,
             text=True,

@@ -8,14 +8,15 @@ import pty
 import select
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import orjson
 
+from tests.native_pass import proxy_cli
+
 ROOT = Path(__file__).resolve().parent.parent
-CALLGATE = [sys.executable, "-m", "proxy"]
+CALLGATE = proxy_cli()
 
 
 def _env() -> dict[str, str]:

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from proxy.app import create_app
 from proxy.logs import LibraryLogBridge
 from proxy.server import make_runner
 from tests.conftest import ScriptedUpstream, policy_from
+from tests.native_pass import proxy_cli
 from tests.test_operations import free_port, wait_http
 
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -340,7 +340,7 @@ async def test_callgate_serve_leaks_no_key(
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "proxy", "serve", "--config", str(path)),
+            *proxy_cli(), "serve", "--config", str(path),
             *("--port", str(port), "--log-level", "debug"),
             env=env,
             stdout=stdout,

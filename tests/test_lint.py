@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from proxy.cli import main
 from proxy.lint import check_expression, lint, normalize
 from proxy.policy import load_policy_text
+from tests.native_pass import proxy_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "callgate.yaml"
@@ -158,7 +158,7 @@ def test_a_wildcard_rule_reading_tool_is_not_constant(tmp_path, capsys):
 def test_invalid_config_still_exits_1_without_lint(tmp_path):
     path = write(tmp_path, "tools: {x: {rules: [{name: r, deny_if: '1 +'}]}}\n")
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", path],
+        [*proxy_cli(), "check", path],
         capture_output=True,
         text=True,
         timeout=60,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from xml.etree import ElementTree
@@ -12,6 +11,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.policytest import build_call
+from tests.native_pass import proxy_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "callgate.yaml"
@@ -226,7 +226,7 @@ def test_call_fields_reach_the_context():
 
 def test_command_line_entry_point(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "test", str(DEFAULT_CONFIG), str(DEFAULT_TESTS)],
+        [*proxy_cli(), "test", str(DEFAULT_CONFIG), str(DEFAULT_TESTS)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from proxy.policy import load_policy_text
 from proxy.replay import parse_time, replay
 from proxy.timestamps import utc_iso
 from tests.conftest import Received, completion
+from tests.native_pass import proxy_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PRINCIPALS = ("ann", "ben", "cat")
@@ -280,7 +280,7 @@ def test_missing_file_and_subprocess(tmp_path):
     assert main(["replay", "--policy", policy, str(tmp_path / "nope.jsonl")]) == 1
     audit = write_audit(tmp_path, [record(1, "x")])
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "replay", "--policy", policy, audit, "--json"],
+        [*proxy_cli(), "replay", "--policy", policy, audit, "--json"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from proxy.http_guard import GuardedAppRunner
 from proxy.policy import load_policy_text
 from proxy.server import make_runner
 from tests.conftest import ScriptedUpstream, completion, policy_from
+from tests.native_pass import proxy_cli
 from tests.test_operations import free_port, wait_http
 
 PARTIAL_HEAD = (
@@ -273,7 +273,7 @@ async def test_callgate_serve_applies_the_settings(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "CALLGATE_UPSTREAM_URL"}
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)),
+        *proxy_cli(), "serve", "--config", str(path), "--port", str(port),
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
